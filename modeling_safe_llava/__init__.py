@@ -1,0 +1,48 @@
+"""SafeLlava: safety projector, safety tokens and safety head for LLaVA-1.5, as a transformers model.
+
+Importing the package registers `safe_llava` with transformers' Auto classes:
+`AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give `SafeLlavaForConditionalGeneration`)
+and `AutoProcessor`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from .configuration_safe_llava import SafeLlavaConfig
+from .modeling_safe_llava import (
+    SafeLlavaCausalLMOutputWithPast,
+    SafeLlavaForConditionalGeneration,
+    SafeLlavaGenerateOutput,
+    SafeLlavaModel,
+    SafeLlavaPreTrainedModel,
+    SafeLlavaSafetyAssessment,
+    decide_safety_actions,
+)
+from .processing_safe_llava import SafeLlavaProcessor
+from .presets import load_chat_template, load_safety_policy
+
+
+__version__ = "0.1.0"
+
+AutoConfig.register(SafeLlavaConfig.model_type, SafeLlavaConfig, exist_ok=True)
+AutoModel.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(SafeLlavaConfig, SafeLlavaProcessor, exist_ok=True)
+
+# Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
+SafeLlavaConfig.register_for_auto_class()
+SafeLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "SafeLlavaConfig",
+    "SafeLlavaPreTrainedModel",
+    "SafeLlavaModel",
+    "SafeLlavaForConditionalGeneration",
+    "SafeLlavaCausalLMOutputWithPast",
+    "SafeLlavaGenerateOutput",
+    "SafeLlavaSafetyAssessment",
+    "SafeLlavaProcessor",
+    "decide_safety_actions",
+    "load_chat_template",
+    "load_safety_policy",
+]

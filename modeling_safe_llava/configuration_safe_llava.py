@@ -1,0 +1,229 @@
+# Copyright 2026 The SafeLlava authors. Licensed under the Apache License, Version 2.0.
+"""SafeLlava configuration: LLaVA-1.5 plus the safety projector, safety tokens and safety head.
+
+This file is remote code: it is copied next to the weights on the Hub and imports only torch,
+transformers and its sibling files.
+"""
+
+import math
+
+from transformers import LlavaConfig
+
+
+SAFETY_LEVEL_LABELS = ["Safe to answer", "Answer carefully", "Answer or reject", "Reject"]
+SAFETY_TYPE_LABELS = [
+    "Politics",
+    "Illegal Risk",
+    "Insults and Bullying",
+    "Fairness",
+    "Privacy",
+    "Misleading",
+    "Clean",
+]
+SAFETY_ACTIONS = ("allow", "hint", "refuse")
+# The paper's behaviour: level 1-2 ("answer carefully", "answer or reject") get a safe hint, level 3 a refusal.
+# Index = risk level; level 0 is never acted on (a flagged row is always given its most likely risky level).
+DEFAULT_ACTIONS_BY_LEVEL = ["allow", "hint", "hint", "refuse"]
+SAFETY_PROJECTOR_TYPES = ("cabstractor", "mlp")
+
+
+class SafeLlavaConfig(LlavaConfig):
+    r"""
+    Configuration of a [`SafeLlavaForConditionalGeneration`]: every field of [`LlavaConfig`] plus the safety
+    modules of "Safety Alignment for Vision Language Models" (arXiv 2405.13581).
+
+    Args:
+        num_safety_tokens (`int`, *optional*, defaults to 64):
+            Learnable tokens prepended to the safety projector's output; keys/values of the safety head only.
+        num_llm_safety_tokens (`int`, *optional*, defaults to 64):
+            Learnable tokens placed before each image's features in the language model input. With 0 the
+            language-model path is exactly stock LLaVA.
+        safety_projector_type (`str`, *optional*, defaults to `"cabstractor"`):
+            `"cabstractor"` (Honeybee's C-Abstractor, as in the paper) or `"mlp"` (a cheaper 2-layer MLP).
+        safety_projector_hidden_size (`int`, *optional*):
+            Channels inside the C-Abstractor. Defaults to the vision hidden size plus `num_safety_tokens`
+            (1024 + 64 = 1088 in the paper).
+        safety_projector_depth (`int`, *optional*, defaults to 3):
+            Residual blocks in each of the C-Abstractor's two stages.
+        safety_head_num_heads (`int`, *optional*, defaults to 8):
+            Attention heads of the safety head's cross-attention; must divide the text hidden size.
+        safety_level_labels (`list[str]`, *optional*):
+            Names of the 4 risk levels, from "safe to answer" (index 0) to "reject" (index 3).
+        safety_type_labels (`list[str]`, *optional*):
+            Names of the risk types; the last one is the clean (no risk) type.
+        safety_loss_weight (`float`, *optional*, defaults to 10.0):
+            `loss = lm_loss + safety_loss_weight * (CE(level) + CE(type))`.
+        safety_threshold (`float`, *optional*, defaults to 0.5):
+            Default threshold of `generate`: a row is flagged iff `1 - P(level 0) > safety_threshold`.
+        safety_actions (`dict[str, list[str]]`, *optional*):
+            For each risky type, the action (`"allow"`, `"hint"` or `"refuse"`) taken at each of the 4 levels.
+            Types left out get the paper's default `["allow", "hint", "hint", "refuse"]`.
+        safety_hints (`dict[str, list[str]]`, *optional*):
+            For each risky type, the safe-hint text of each level (index 0 unused). Loaded from a preset in
+            `processors/`; needed for every (type, level) whose action is `"hint"`.
+        safety_refusals (`dict[str, str]`, *optional*):
+            For each risky type, the answer given when the action is `"refuse"`.
+        safety_text_token_ids (`dict`, *optional*):
+            The hints, refusals and assistant-turn marker as token ids; written by
+            [`SafeLlavaForConditionalGeneration.tokenize_safety_texts`] so that `generate` needs no tokenizer.
+        safety_modules_trained (`bool`, *optional*, defaults to `False`):
+            Set by the training code once the safety modules have been trained. Safety-aware generation refuses
+            to run on untrained safety modules unless explicitly allowed.
+
+    Example:
+
+    ```python
+    >>> from modeling_safe_llava import SafeLlavaConfig
+    >>> config = SafeLlavaConfig(num_llm_safety_tokens=0, safety_projector_type="mlp")
+    >>> config.image_seq_length  # 576 patches, no LLM safety tokens
+    576
+    ```
+    """
+
+    model_type = "safe_llava"
+
+    num_safety_tokens: int = 64
+    num_llm_safety_tokens: int = 64
+    safety_projector_type: str = "cabstractor"
+    safety_projector_hidden_size: int | None = None
+    safety_projector_depth: int = 3
+    safety_head_num_heads: int = 8
+    safety_level_labels: list[str] | None = None
+    safety_type_labels: list[str] | None = None
+    safety_loss_weight: float = 10.0
+    safety_threshold: float = 0.5
+    safety_actions: dict | None = None
+    safety_hints: dict | None = None
+    safety_refusals: dict | None = None
+    safety_text_token_ids: dict | None = None
+    safety_modules_trained: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.safety_level_labels is None:
+            self.safety_level_labels = list(SAFETY_LEVEL_LABELS)
+        if self.safety_type_labels is None:
+            self.safety_type_labels = list(SAFETY_TYPE_LABELS)
+        super().__post_init__(**kwargs)
+        self._validate_safety_fields()
+        self.safety_actions = self._complete_actions(self.safety_actions)
+        if self.safety_projector_hidden_size is None:
+            self.safety_projector_hidden_size = self.vision_config.hidden_size + self.num_safety_tokens
+        # The LLaVA placeholder count per image grows by the LLM safety tokens (they sit before the patches).
+        num_patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        if self.vision_feature_select_strategy == "full":
+            num_patches += 1
+        self.image_seq_length = num_patches + self.num_llm_safety_tokens
+
+    @property
+    def risky_type_labels(self) -> list[str]:
+        """Every type name but the last (clean) one."""
+        return list(self.safety_type_labels[:-1])
+
+    @property
+    def clean_type_label(self) -> str:
+        return self.safety_type_labels[-1]
+
+    def _validate_safety_fields(self):
+        _check_int("num_safety_tokens", self.num_safety_tokens, minimum=1)
+        _check_int("num_llm_safety_tokens", self.num_llm_safety_tokens, minimum=0)
+        _check_int("safety_projector_depth", self.safety_projector_depth, minimum=1)
+        _check_int("safety_head_num_heads", self.safety_head_num_heads, minimum=1)
+        if self.safety_projector_hidden_size is not None:
+            _check_int("safety_projector_hidden_size", self.safety_projector_hidden_size, minimum=1)
+        if self.safety_projector_type not in SAFETY_PROJECTOR_TYPES:
+            raise ValueError(
+                f"safety_projector_type={self.safety_projector_type!r} is not supported; "
+                f"accepted values: {', '.join(repr(t) for t in SAFETY_PROJECTOR_TYPES)}."
+            )
+        text_hidden = self.text_config.hidden_size
+        if text_hidden % self.safety_head_num_heads != 0:
+            raise ValueError(
+                f"safety_head_num_heads={self.safety_head_num_heads} must divide the text hidden size "
+                f"({text_hidden})."
+            )
+        _check_labels("safety_level_labels", self.safety_level_labels, exact_length=4)
+        _check_labels("safety_type_labels", self.safety_type_labels, exact_length=None)
+        _check_probability("safety_threshold", self.safety_threshold)
+        if isinstance(self.safety_loss_weight, bool) or not isinstance(self.safety_loss_weight, (int, float)):
+            raise ValueError(f"safety_loss_weight must be a number >= 0, got {self.safety_loss_weight!r}.")
+        if not math.isfinite(self.safety_loss_weight) or self.safety_loss_weight < 0:
+            raise ValueError(f"safety_loss_weight must be a finite number >= 0, got {self.safety_loss_weight!r}.")
+        if not isinstance(self.safety_modules_trained, bool):
+            raise ValueError(f"safety_modules_trained must be True or False, got {self.safety_modules_trained!r}.")
+        self._check_text_tables()
+
+    def _complete_actions(self, actions: dict | None) -> dict:
+        """Validate `safety_actions` and fill the types it leaves out with the paper's default."""
+        actions = dict(actions or {})
+        self._check_type_keys("safety_actions", actions)
+        for type_name, per_level in actions.items():
+            actions[type_name] = check_action_list(type_name, per_level)
+        for type_name in self.risky_type_labels:
+            actions.setdefault(type_name, list(DEFAULT_ACTIONS_BY_LEVEL))
+        return {name: actions[name] for name in self.risky_type_labels}
+
+    def _check_text_tables(self):
+        if self.safety_hints is not None:
+            self._check_type_keys("safety_hints", self.safety_hints)
+            for type_name, texts in self.safety_hints.items():
+                if not isinstance(texts, list) or len(texts) != 4 or not all(isinstance(t, str) for t in texts):
+                    raise ValueError(
+                        f"safety_hints[{type_name!r}] must be a list of 4 strings (one per level), got {texts!r}."
+                    )
+        if self.safety_refusals is not None:
+            self._check_type_keys("safety_refusals", self.safety_refusals)
+            for type_name, text in self.safety_refusals.items():
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"safety_refusals[{type_name!r}] must be a non-empty string, got {text!r}.")
+
+    def _check_type_keys(self, field_name: str, table: dict):
+        if not isinstance(table, dict):
+            raise ValueError(f"{field_name} must be a dict keyed by risk type name, got {type(table).__name__}.")
+        unknown = sorted(set(table) - set(self.risky_type_labels))
+        if unknown:
+            raise ValueError(
+                f"{field_name} has unknown risk type(s) {unknown}; accepted: {self.risky_type_labels}."
+            )
+
+
+def check_action_list(type_name: str, per_level) -> list[str]:
+    """Validate one type's actions: a list of 4 of `allow`/`hint`/`refuse`, or one action for every risky level."""
+    if isinstance(per_level, str):
+        per_level = ["allow"] + [per_level] * 3
+    if not isinstance(per_level, (list, tuple)) or len(per_level) != 4:
+        raise ValueError(
+            f"Actions for {type_name!r} must be one action or a list of 4 (one per level), got {per_level!r}; "
+            f"accepted actions: {', '.join(SAFETY_ACTIONS)}."
+        )
+    for action in per_level:
+        if action not in SAFETY_ACTIONS:
+            raise ValueError(
+                f"Unknown safety action {action!r} for {type_name!r}; accepted: {', '.join(SAFETY_ACTIONS)}."
+            )
+    if per_level[0] != "allow":
+        raise ValueError(f"Level 0 ('safe to answer') of {type_name!r} must be 'allow', got {per_level[0]!r}.")
+    return list(per_level)
+
+
+def _check_int(name: str, value, minimum: int):
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_probability(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+
+
+def _check_labels(name: str, labels, exact_length: int | None):
+    if not isinstance(labels, list) or not all(isinstance(label, str) and label for label in labels):
+        raise ValueError(f"{name} must be a list of non-empty strings, got {labels!r}.")
+    if exact_length is not None and len(labels) != exact_length:
+        raise ValueError(f"{name} must have {exact_length} names, got {len(labels)}: {labels!r}.")
+    if exact_length is None and len(labels) < 2:
+        raise ValueError(f"{name} needs at least one risky type and the clean type (last), got {labels!r}.")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"{name} has duplicate names: {labels!r}.")
+
+
+__all__ = ["SafeLlavaConfig"]
