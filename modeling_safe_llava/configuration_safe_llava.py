@@ -25,6 +25,12 @@ SAFETY_ACTIONS = ("allow", "hint", "refuse")
 # Index = risk level; level 0 is never acted on (a flagged row is always given its most likely risky level).
 DEFAULT_ACTIONS_BY_LEVEL = ["allow", "hint", "hint", "refuse"]
 SAFETY_PROJECTOR_TYPES = ("cabstractor", "mlp")
+# Remote code: transformers records only one auto class per model class, so both entries are written here.
+AUTO_MAP = {
+    "AutoConfig": "configuration_safe_llava.SafeLlavaConfig",
+    "AutoModel": "modeling_safe_llava.SafeLlavaForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_safe_llava.SafeLlavaForConditionalGeneration",
+}
 
 
 class SafeLlavaConfig(LlavaConfig):
@@ -113,6 +119,7 @@ class SafeLlavaConfig(LlavaConfig):
         if self.vision_feature_select_strategy == "full":
             num_patches += 1
         self.image_seq_length = num_patches + self.num_llm_safety_tokens
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
 
     @property
     def risky_type_labels(self) -> list[str]:

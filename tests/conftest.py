@@ -1,0 +1,52 @@
+"""Shared fixtures: everything offline, a private HF_HOME, tiny models built from `configuration/tiny.json`."""
+
+import os
+import tempfile
+
+# Set before transformers is imported anywhere: no machine here reaches the Hub, and remote-code modules are cached
+# under HF_HOME, which must not be the user's.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="safe-llava-hf-home-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def random_image(seed: int, size: int = 20) -> Image.Image:
+    """A deterministic RGB noise image."""
+    pixels = (np.random.RandomState(seed).rand(size, size, 3) * 255).astype("uint8")
+    return Image.fromarray(pixels)
+
+
+def chat_prompt(processor, question: str = "What is shown in this image?", images: int = 1) -> str:
+    content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture
+def tiny_llava():
+    """A fresh random stock LLaVA and its processor (seed 0)."""
+    return build_tiny_llava(seed=0)
+
+
+@pytest.fixture
+def tiny_safe_llava():
+    """A fresh tiny SafeLlava (untrained safety modules, paper policy texts tokenized) and its processor."""
+    return build_tiny_safe_llava(seed=0)
+
+
+@pytest.fixture
+def trained_tiny_safe_llava(tiny_safe_llava):
+    """The tiny SafeLlava marked as trained (its random head stands in for a trained one in mechanics tests)."""
+    model, processor = tiny_safe_llava
+    model.config.safety_modules_trained = True
+    return model, processor

@@ -1,0 +1,116 @@
+"""Auto classes in-process, and trust_remote_code loading in a fresh process where the package cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from safetensors.torch import load_file
+from conftest import chat_prompt, random_image
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+
+from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
+
+
+def save(model, processor, folder):
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def test_auto_classes_in_process(trained_tiny_safe_llava, tmp_path):
+    model, processor = trained_tiny_safe_llava
+    save(model, processor, tmp_path)
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), SafeLlavaConfig)
+    assert type(AutoModel.from_pretrained(tmp_path)) is SafeLlavaForConditionalGeneration
+    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is SafeLlavaForConditionalGeneration
+    assert type(AutoProcessor.from_pretrained(tmp_path)) is SafeLlavaProcessor
+
+
+def test_saved_folder_carries_remote_code_and_auto_map(trained_tiny_safe_llava, tmp_path):
+    model, processor = trained_tiny_safe_llava
+    save(model, processor, tmp_path)
+    for name in ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py"):
+        assert (tmp_path / name).is_file(), name
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoConfig"] == "configuration_safe_llava.SafeLlavaConfig"
+    assert auto_map["AutoModel"] == "modeling_safe_llava.SafeLlavaForConditionalGeneration"
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_safe_llava.SafeLlavaForConditionalGeneration"
+    processor_map = json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]
+    assert processor_map["AutoProcessor"] == "processing_safe_llava.SafeLlavaProcessor"
+
+
+FRESH_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys, json, torch
+    sys.path = [p for p in sys.path if p not in ("", ".") and "work/main" not in p or "site-packages" in p]
+    try:
+        import modeling_safe_llava
+        raise SystemExit("the package must not be importable here")
+    except ImportError:
+        pass
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from pathlib import Path
+    from PIL import Image
+    from safetensors.torch import save_file
+    folder, inputs_dir, out_dir = map(Path, sys.argv[1:4])
+    spec = json.loads((inputs_dir / "inputs.json").read_text())
+    inputs = {"images": [Image.open(inputs_dir / name) for name in spec["images"]], "texts": spec["texts"]}
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    model2 = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__name__ == type(model2).__name__ == "SafeLlavaForConditionalGeneration"
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    reprocessed = processor(images=inputs["images"], text=inputs["texts"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**reprocessed)
+    tokens = model.generate(**reprocessed, max_new_tokens=4, do_sample=False, safety_threshold=0.0)
+    save_file({"input_ids": reprocessed["input_ids"], "logits": out.logits, "level": out.safety_level_logits,
+               "tokens": tokens}, str(out_dir / "out.safetensors"))
+    (out_dir / "out.json").write_text(json.dumps({"threshold": model.generation_config.safety_threshold,
+                                                   "processor": type(processor).__name__}))
+    """
+)
+
+
+def test_fresh_process_loads_model_and_processor_with_trust_remote_code(trained_tiny_safe_llava, tmp_path):
+    model, processor = trained_tiny_safe_llava
+    model.generation_config.safety_threshold = 0.25
+    folder = tmp_path / "safe-llava-tiny"
+    save(model, processor, folder)
+    images, texts = [random_image(0), random_image(1)], [chat_prompt(processor), chat_prompt(processor, "Describe.")]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"image{i}.png")
+    (tmp_path / "inputs.json").write_text(json.dumps({"images": ["image0.png", "image1.png"], "texts": texts}))
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf_home")
+    # -S: no site processing, so the editable install's hook never runs; site-packages comes back via PYTHONPATH.
+    result = subprocess.run(
+        [sys.executable, "-S", str(script), str(folder), str(tmp_path), str(tmp_path)],
+        cwd=tmp_path, env={**env, "PYTHONPATH": site_packages_without_editable_hook(tmp_path)},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    remote = {**load_file(tmp_path / "out.safetensors"), **json.loads((tmp_path / "out.json").read_text())}
+    with torch.no_grad():
+        local = model(**inputs)
+    local_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, safety_threshold=0.0)
+    assert remote["processor"] == "SafeLlavaProcessor"
+    assert torch.equal(remote["input_ids"], inputs["input_ids"])
+    assert (remote["logits"] - local.logits).abs().max().item() <= 1e-5
+    assert (remote["level"] - local.safety_level_logits).abs().max().item() <= 1e-5
+    assert torch.equal(remote["tokens"], local_tokens)
+    assert remote["threshold"] == 0.25  # the default threshold survives remote-code loading
+
+
+def site_packages_without_editable_hook(tmp_path) -> str:
+    """A copy-free view of site-packages in which `modeling_safe_llava` is not importable: run with `-S` (no site
+    processing, so the editable install's .pth hook never runs) and site-packages put back on PYTHONPATH."""
+    import transformers
+
+    return os.path.dirname(os.path.dirname(transformers.__file__))
