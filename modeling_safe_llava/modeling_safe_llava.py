@@ -769,6 +769,29 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         level_logits, type_logits, images_per_row, _ = self._judge_images(input_ids, pixel_values, attention_mask, image_sizes)
         return self.decide(level_logits, type_logits, images_per_row, safety_threshold, safety_actions)
 
+    def safety_forward(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor,
+        attention_mask: torch.Tensor | None = None,
+        safety_labels: torch.LongTensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        **unused_batch_fields,
+    ) -> SafeLlavaCausalLMOutputWithPast:
+        """
+        The safety branch alone (vision tower, safety projector, safety head; no language model), with gradients.
+        Returns `loss = safety_loss_weight * safety_loss` when `safety_labels` is given, and the safety logits.
+        Stage 1 can train on it when the LLM safety tokens stay frozen: it skips the language model's cost.
+        """
+        level_logits, type_logits, images_per_row, _ = self._judge_images(input_ids, pixel_values, attention_mask, image_sizes)
+        safety_loss = loss = None
+        if safety_labels is not None:
+            safety_loss = self.safety_loss(level_logits, type_logits, safety_labels, images_per_row)
+            loss = self.config.safety_loss_weight * safety_loss
+        return SafeLlavaCausalLMOutputWithPast(
+            loss=loss, safety_loss=safety_loss, safety_level_logits=level_logits, safety_type_logits=type_logits
+        )
+
     def _judge_images(self, input_ids, pixel_values, attention_mask, image_sizes=None, **vision_kwargs):
         """One vision pass: (level logits, type logits, images per row, image outputs reusable by generate)."""
         if input_ids is None:

@@ -193,3 +193,19 @@ def test_riskiest_image_decides_a_multi_image_row(trained_tiny_safe_llava):
     riskiest = max(range(2), key=lambda i: singles[i].risk.item())
     assert both.risk.item() == pytest.approx(singles[riskiest].risk.item(), abs=1e-5)
     assert both.images_per_row.tolist() == [2]
+
+
+def test_safety_forward_matches_forward_without_running_the_language_model(tiny_safe_llava):
+    model, processor = tiny_safe_llava
+    inputs = batch(processor)
+    safety_labels = torch.tensor([[3, 1], [0, 6]])
+    full = model(**inputs, safety_labels=safety_labels)
+    calls = []
+    handle = model.model.language_model.register_forward_hook(lambda *a: calls.append(1))
+    alone = model.safety_forward(**inputs, safety_labels=safety_labels)
+    handle.remove()
+    assert calls == []
+    assert torch.allclose(alone.safety_level_logits, full.safety_level_logits, atol=1e-6)
+    assert torch.allclose(alone.loss, model.config.safety_loss_weight * full.safety_loss, atol=1e-5)
+    alone.loss.backward()
+    assert model.model.safety_head.level_classifier.weight.grad.abs().sum() > 0

@@ -1,0 +1,51 @@
+"""The `safe-llava` console script: one subcommand per job, each backed by an importable module."""
+
+import argparse
+import importlib
+import logging
+import sys
+
+# subcommand -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+SUBCOMMANDS = {
+    "demo": ("modeling_safe_llava.demo", "build, train both stages, export, reload and judge held-out images"),
+    "evaluate": ("modeling_safe_llava.evaluation", "measure the safety head on a labelled dataset"),
+    "audit": ("modeling_safe_llava.audit", "scan an image folder or dataset for risky content (resumable)"),
+    "export": ("modeling_safe_llava.export", "write a Hub-ready folder with a model card, optionally push it"),
+    "benchmark-data": ("modeling_safe_llava.mini_benchmark", "write the offline mini safety benchmark to a folder"),
+}
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safe-llava", description="SafeLlava: safety modules for LLaVA-1.5.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = _requested_subcommand(argv)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        if wanted in (None, name):
+            importlib.import_module(module_name).add_cli_arguments(sub)
+        sub.set_defaults(module=module_name)
+    return parser
+
+
+def _requested_subcommand(argv):
+    """The subcommand named on the command line, so that only its module is imported (None: import all)."""
+    for arg in argv or []:
+        if arg in SUBCOMMANDS:
+            return arg
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return importlib.import_module(args.module).run_from_args(args) or 0
+    except ValueError as error:  # bad input: one clear line, no traceback
+        print(f"safe-llava {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

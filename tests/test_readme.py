@@ -1,0 +1,21 @@
+"""README's first usage snippet runs as written, and the quickstart commands it names exist."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_usage_snippet_runs(capsys):
+    readme = (ROOT / "README.md").read_text()
+    snippet = re.findall(r"```python\n(.*?)```", readme, flags=re.S)[0]
+    exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+    action, category = capsys.readouterr().out.split()[:2]
+    assert action in {"allow", "hint", "refuse"}
+
+
+def test_quickstart_commands_exist():
+    readme = (ROOT / "README.md").read_text()
+    for script in ("scripts/demo.sh", "scripts/test.sh"):
+        assert f"bash {script}" in readme and (ROOT / script).is_file()
+    assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
