@@ -28,6 +28,7 @@ setup(
         "transformers>=5.23,<5.24",
         "safetensors>=0.6",
         "huggingface_hub>=1.0",
+        "jinja2>=3.1",
         "pillow>=10.1",
         "numpy>=1.26",
         "tqdm>=4.66",

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "evaluate": ("modeling_safe_llava.evaluation", "measure the safety head on a labelled dataset"),
     "audit": ("modeling_safe_llava.audit", "scan an image folder or dataset for risky content (resumable)"),
     "export": ("modeling_safe_llava.export", "write a Hub-ready folder with a model card, optionally push it"),
+    "push": ("modeling_safe_llava.push", "upload an exported folder to the Hugging Face Hub"),
     "benchmark-data": ("modeling_safe_llava.mini_benchmark", "write the offline mini safety benchmark to a folder"),
 }
 

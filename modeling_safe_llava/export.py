@@ -1,0 +1,469 @@
+"""Hub export of a SafeLlava model: one folder that `from_pretrained(..., trust_remote_code=True)` loads anywhere.
+
+The folder holds safetensors weights, the three remote-code files with `auto_map` (written by the model's and the
+processor's `save_pretrained`), the processor (tokenizer, image processor, chat template), a generation config
+carrying the default `safety_threshold`, the policies (in `config.json`: `safety_actions`, `safety_hints`,
+`safety_refusals`) and `README.md`, the model card. It is written into a hidden sibling folder and renamed into
+place only once complete, so an interrupted export never leaves a half-written model at `output_dir`.
+
+```python
+>>> from modeling_safe_llava.export import export_for_hub
+>>> from modeling_safe_llava.push import push_to_hub
+>>> folder = export_for_hub(model, processor, "exports/safe-llava-7b", evaluation="runs/eval/metrics.json")
+>>> push_to_hub(folder, "org/safe-llava-7b")  # private by default
+```
+"""
+
+import argparse
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from transformers import GenerationConfig
+
+from .configuration_safe_llava import SafeLlavaConfig
+from .model_card import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_LICENSE,
+    card_metadata,
+    model_facts,
+    render_model_card,
+    training_context,
+)
+
+logger = logging.getLogger(__name__)
+
+REMOTE_CODE_FILES = ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py")
+REQUIRED_FILES = (
+    "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",
+    *REMOTE_CODE_FILES,
+)
+# Weight or state files that unpickle (and can run code) when loaded: never part of an export.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
+EVALUATION_FILE = "evaluation_metrics.json"
+TRAINING_FILE = "training_details.json"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def export_for_hub(
+    model,
+    processor,
+    output_dir,
+    evaluation=None,
+    training: dict | None = None,
+    base_model: str = DEFAULT_BASE_MODEL,
+    license: str = DEFAULT_LICENSE,
+    overwrite: bool = False,
+    *,
+    allow_untrained_safety: bool = False,
+    repo_id: str | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
+    """
+    Writes a Hub-ready folder for `model` and `processor`, atomically.
+
+    Args:
+        model (`SafeLlavaForConditionalGeneration`): a trained model (`config.safety_modules_trained`), LoRA merged.
+        processor (`SafeLlavaProcessor`): its processor, with the chat template.
+        output_dir (`str` or `os.PathLike`): the folder to create. It must not exist (or be empty) unless
+            `overwrite=True`, which replaces a previous SafeLlava export only once the new one is complete.
+        evaluation (`dict`, `str` or `os.PathLike`, *optional*): an evaluate run's metrics (the dict, or the path of
+            its metrics.json); written into the card and copied as `evaluation_metrics.json`. None: "not evaluated".
+        training (`dict`, *optional*): both training stages, `{"stage1": {"data", "recipe", "steps", ...},
+            "stage2": {...}, "notes": str}`; written into the card and copied as `training_details.json`.
+        base_model, license (`str`): the card's metadata.
+        allow_untrained_safety (`bool`): export untrained safety modules anyway (the card then says so loudly).
+        repo_id (`str`, *optional*): the Hub id shown in the card's usage snippet.
+        max_shard_size: largest weight file (`save_pretrained`'s argument).
+
+    Returns:
+        `Path` of the complete export.
+
+    Raises:
+        ValueError: untrained safety modules (without `allow_untrained_safety`), a PEFT/LoRA model, a processor that
+            does not fit the model, bad evaluation/training input, a pickle file in the folder, or an existing folder
+            that is not a SafeLlava export. FileExistsError: `output_dir` exists and `overwrite` is False.
+    """
+    output_dir = Path(output_dir).absolute()
+    check_exportable(model, processor, allow_untrained_safety)
+    evaluation, evaluation_source = load_evaluation(evaluation)
+    check_evaluation_matches(model.config, evaluation)
+    training = check_training(training)
+    card_metadata(base_model, license, is_demo=False)  # validates the metadata before any heavy work
+    check_output_dir(output_dir, overwrite)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Same filesystem as output_dir, so the final rename is atomic. The payload sits one level down: a crash that
+    # kills the process before cleanup leaves a hidden folder whose top level is no model folder.
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    payload = staging / "export"
+    try:
+        write_export_folder(
+            model, processor, payload, evaluation=evaluation, evaluation_source=evaluation_source, training=training,
+            base_model=base_model, license=license, repo_id=repo_id,
+            model_name=repo_id.split("/")[-1] if repo_id else output_dir.name,
+            max_shard_size=max_shard_size,
+        )
+        verify_export_folder(payload)
+        publish_folder(payload, output_dir, overwrite)
+    finally:
+        _remove_tree(staging)
+    logger.info("Exported SafeLlava to %s", output_dir)
+    return output_dir
+
+
+# -- checks before anything is written --------------------------------------------------------------------------
+
+
+def check_exportable(model, processor, allow_untrained_safety: bool = False):
+    """Refuses what must not reach the Hub: not a SafeLlava, unmerged LoRA, untrained safety modules, a processor
+    that does not fit the model, or policy texts that are missing or tokenized with another tokenizer."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) != SafeLlavaConfig.model_type:
+        raise ValueError(
+            f"export_for_hub takes a SafeLlavaForConditionalGeneration, got {type(model).__name__} with model_type "
+            f"{getattr(config, 'model_type', None)!r}."
+        )
+    if hasattr(model, "peft_config") or any("lora_" in name for name, _ in model.named_parameters()):
+        raise ValueError(
+            "This model carries LoRA/PEFT layers; merge them first (peft_model.merge_and_unload()) so that the export "
+            "is a plain SafeLlava checkpoint that loads without peft."
+        )
+    if not config.safety_modules_trained:
+        if not allow_untrained_safety:
+            raise ValueError(
+                "The safety modules of this model are untrained (config.safety_modules_trained is False): its safety "
+                "verdicts would be random. Train stage 1 first, or pass allow_untrained_safety=True to export a "
+                "debugging checkpoint whose card says so."
+            )
+        logger.warning(
+            "Exporting UNTRAINED safety modules (allow_untrained_safety=True): the model card marks this checkpoint "
+            "as giving no protection."
+        )
+    check_processor_fits(config, processor)
+    check_policy_texts(config, processor)
+
+
+def check_processor_fits(config, processor):
+    """The processor must expand `<image>` for this model's LLM safety tokens and carry a chat template."""
+    processor_tokens = getattr(processor, "num_llm_safety_tokens", None)
+    if processor_tokens != config.num_llm_safety_tokens:
+        raise ValueError(
+            f"The processor expands each image for {processor_tokens!r} LLM safety tokens, the model has "
+            f"{config.num_llm_safety_tokens}; export the SafeLlavaProcessor built for this model."
+        )
+    if getattr(processor, "chat_template", None) is None:
+        raise ValueError("The processor has no chat template; SafeLlava places safe hints with it, so it must ship.")
+
+
+def check_policy_texts(config, processor):
+    """Every `hint`/`refuse` action needs its text, tokenized by this processor into `config.safety_text_token_ids`."""
+    hints, refusals = config.safety_hints or {}, config.safety_refusals or {}
+    needs_texts = False
+    for type_name, actions in config.safety_actions.items():
+        for level, action in enumerate(actions):
+            if action == "hint" and not (hints.get(type_name) or [""] * 4)[level].strip():
+                raise ValueError(
+                    f"The policy hints at ({type_name!r}, level {level}) but config.safety_hints has no text for it."
+                )
+            if action == "refuse" and not refusals.get(type_name, "").strip():
+                raise ValueError(f"The policy refuses {type_name!r} but config.safety_refusals has no text for it.")
+            needs_texts = needs_texts or action != "allow"
+    if not needs_texts:
+        return
+    expected = processor.encode_safety_texts(hints=config.safety_hints, refusals=config.safety_refusals)
+    expected = json.loads(json.dumps(expected))  # the config holds them as JSON (lists, string keys)
+    if json.loads(json.dumps(config.safety_text_token_ids or {})) != expected:
+        raise ValueError(
+            "config.safety_text_token_ids does not match the hints/refusals tokenized by this processor; call "
+            "model.tokenize_safety_texts(processor) after the last change of the policy texts, then export."
+        )
+
+
+def load_evaluation(evaluation) -> tuple[dict | None, str | None]:
+    """`(metrics dict, where it came from)` from None, a dict, or the path of an evaluate run's metrics.json."""
+    if evaluation is None:
+        return None, None
+    if isinstance(evaluation, dict):
+        return copy.deepcopy(evaluation), None
+    if isinstance(evaluation, (str, os.PathLike)):
+        path = Path(evaluation)
+        if not path.is_file():
+            raise ValueError(f"evaluation={str(evaluation)!r} is not a file; pass a metrics.json path, a dict or None.")
+        loaded = json.loads(path.read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path} holds a {type(loaded).__name__}; an evaluation JSON must be an object.")
+        return loaded, path.name
+    raise ValueError(f"evaluation must be None, a dict or a path to metrics.json, got {type(evaluation).__name__}.")
+
+
+def check_evaluation_matches(config, evaluation: dict | None):
+    """
+    An evaluation that describes its model (`evaluation["model"]`, as `modeling_safe_llava.evaluation` writes it)
+    must describe this one: same level and type names, and not untrained safety modules when these are trained.
+    Otherwise its numbers would be printed on a card they do not belong to.
+    """
+    described = (evaluation or {}).get("model")
+    if not isinstance(described, dict):
+        return
+    for key, expected in (("level_labels", config.safety_level_labels), ("type_labels", config.safety_type_labels)):
+        if key in described and list(described[key]) != list(expected):
+            raise ValueError(
+                f"The evaluation was run on a model whose {key} are {described[key]!r}; this model has "
+                f"{list(expected)!r}. Evaluate this model and export with that metrics.json."
+            )
+    if described.get("safety_modules_trained") is False and config.safety_modules_trained:
+        raise ValueError(
+            "The evaluation was run on untrained safety modules (model.safety_modules_trained is false in the "
+            "evaluation JSON) but this model's are trained: its numbers do not describe this checkpoint. Evaluate "
+            "this model and export with that metrics.json."
+        )
+
+
+def check_training(training: dict | None) -> dict | None:
+    """Validates the training description (see `model_card.training_context`) and that it is JSON-serializable."""
+    training_context(training)
+    if training is None:
+        return None
+    try:
+        return json.loads(json.dumps(training))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"training must hold only JSON values (str, numbers, lists, dicts): {error}") from error
+
+
+def check_output_dir(output_dir: Path, overwrite: bool):
+    """`output_dir` must be absent or empty, or (with `overwrite`) a previous SafeLlava export to replace."""
+    if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise ValueError(f"output_dir {output_dir} exists and is not a folder.")
+    if not any(output_dir.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace a previous export.")
+    if not is_safe_llava_folder(output_dir):
+        raise ValueError(
+            f"Refusing to replace {output_dir}: it is not a SafeLlava checkpoint (no config.json with model_type "
+            f"{SafeLlavaConfig.model_type!r}). Choose another output_dir."
+        )
+
+
+def is_safe_llava_folder(folder: Path) -> bool:
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("model_type") == SafeLlavaConfig.model_type
+    except json.JSONDecodeError:
+        return False
+
+
+# -- writing ----------------------------------------------------------------------------------------------------
+
+
+def write_export_folder(
+    model,
+    processor,
+    folder: Path,
+    *,
+    evaluation: dict | None,
+    evaluation_source: str | None,
+    training: dict | None,
+    base_model: str,
+    license: str,
+    repo_id: str | None,
+    model_name: str,
+    max_shard_size,
+):
+    """Writes every file of the export into `folder` (no atomicity here: `export_for_hub` stages it)."""
+    folder.mkdir(parents=True)
+    logger.info("Writing weights (safetensors) and remote code")
+    model.save_pretrained(folder, max_shard_size=max_shard_size)  # transformers 5 writes safetensors only
+    logger.info("Writing the processor")
+    processor.save_pretrained(folder)
+    generation_config = export_generation_config(model)
+    generation_config.save_pretrained(folder)
+    if evaluation is not None:
+        (folder / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
+    if training is not None:
+        (folder / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    logger.info("Writing the model card")
+    card = render_model_card(
+        model.config,
+        evaluation,
+        training,
+        facts=model_facts(model),
+        threshold=generation_config.safety_threshold,
+        base_model=base_model,
+        license=license,
+        model_name=model_name,
+        repo_id=repo_id,
+        evaluation_source=evaluation_source,
+        evaluation_copied=evaluation is not None,
+    )
+    (folder / "README.md").write_text(card)
+
+
+def export_generation_config(model) -> GenerationConfig:
+    """The model's generation config with `safety_threshold` set (from the config when absent), built so that the
+    custom key survives reloading (a config flagged "from model config" would drop it)."""
+    values = {k: v for k, v in model.generation_config.to_diff_dict().items() if not k.startswith("_")}
+    values.pop("transformers_version", None)
+    threshold = values.get("safety_threshold")
+    threshold = model.config.safety_threshold if threshold is None else threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"generation_config.safety_threshold must be a number in [0, 1], got {threshold!r}.")
+    values["safety_threshold"] = float(threshold)
+    return GenerationConfig(**values)
+
+
+def verify_export_folder(folder) -> Path:
+    """
+    Checks that `folder` is a complete SafeLlava export: the required files, safetensors weights (every shard of an
+    index present) and no pickle file anywhere. Raises ValueError naming what is wrong.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder.")
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    pickles = sorted(str(path.relative_to(folder)) for path in files if path.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{folder} holds pickle files {pickles}; an export carries .safetensors weights only.")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a complete SafeLlava export: missing {missing}.")
+    _check_weights(folder)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("model_type") != SafeLlavaConfig.model_type or "AutoModel" not in config.get("auto_map", {}):
+        raise ValueError(f"{folder}/config.json is not a SafeLlava config with auto_map.")
+    if json.loads((folder / "generation_config.json").read_text()).get("safety_threshold") is None:
+        raise ValueError(f"{folder}/generation_config.json has no safety_threshold.")
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    if not (folder / "chat_template.jinja").is_file() and not processor_config.get("chat_template"):
+        raise ValueError(f"{folder} has no chat template.")
+    return folder
+
+
+def _check_weights(folder: Path):
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise ValueError(f"{folder} has no .safetensors weights.")
+    for index_file in folder.glob("*.safetensors.index.json"):
+        shards = set(json.loads(index_file.read_text())["weight_map"].values())
+        absent = sorted(shard for shard in shards if not (folder / shard).is_file())
+        if absent:
+            raise ValueError(f"{index_file.name} lists shards that are missing: {absent}.")
+
+
+# -- publishing -------------------------------------------------------------------------------------------------
+
+
+def publish_folder(payload: Path, output_dir: Path, overwrite: bool):
+    """
+    Moves the complete `payload` to `output_dir` by renames on one filesystem. An existing export (only with
+    `overwrite`) is renamed away first, then deleted once the new one is in place; if the second rename fails, it
+    is put back.
+    """
+    if output_dir.exists() and not any(output_dir.iterdir()):
+        output_dir.rmdir()  # an empty placeholder folder
+    if not output_dir.exists():
+        _move(payload, output_dir)
+        return
+    if not overwrite:  # appeared while exporting
+        raise FileExistsError(f"{output_dir} appeared during the export; pass overwrite=True to replace it.")
+    previous = output_dir.parent / f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}"
+    _move(output_dir, previous)
+    try:
+        _move(payload, output_dir)
+    except BaseException:
+        _move(previous, output_dir)
+        raise
+    _remove_tree(previous)
+
+
+def _move(source: Path, destination: Path):
+    os.rename(source, destination)
+
+
+def _remove_tree(path: Path):
+    if not path.exists():
+        return
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        logger.warning("Could not remove %s (%s); delete it by hand.", path, error)
+
+
+# -- command line -----------------------------------------------------------------------------------------------
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`safe-llava export` options."""
+    from .push import add_hub_options
+
+    parser.add_argument("--model", required=True, help="Folder of a trained SafeLlava checkpoint (save_pretrained).")
+    parser.add_argument("--processor", help="Folder of its processor (default: --model).")
+    parser.add_argument("--output", required=True, help="Export folder to create.")
+    parser.add_argument("--evaluation", help="metrics.json of an evaluate run, written into the card.")
+    parser.add_argument("--training", help="JSON file describing both training stages (data, recipe, steps).")
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base_model in the card metadata.")
+    parser.add_argument("--license", default=DEFAULT_LICENSE, help="license in the card metadata.")
+    parser.add_argument("--overwrite", action="store_true", help="Replace a previous export at --output.")
+    parser.add_argument(
+        "--allow-untrained-safety", action="store_true", help="Export untrained safety modules (debugging only)."
+    )
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="Largest weight file.")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="Upload the export to this Hub repository.")
+    add_hub_options(parser)
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> Path:
+    """Loads the checkpoint, exports it, and pushes it when `--push-to-hub` is given. Returns the export folder."""
+    from .modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from .processing_safe_llava import SafeLlavaProcessor
+    from .push import push_to_hub
+
+    model = SafeLlavaForConditionalGeneration.from_pretrained(args.model)
+    processor = SafeLlavaProcessor.from_pretrained(args.processor or args.model)
+    training = json.loads(Path(args.training).read_text()) if args.training else None
+    folder = export_for_hub(
+        model,
+        processor,
+        args.output,
+        evaluation=args.evaluation,
+        training=training,
+        base_model=args.base_model,
+        license=args.license,
+        overwrite=args.overwrite,
+        allow_untrained_safety=args.allow_untrained_safety,
+        repo_id=args.push_to_hub,
+        max_shard_size=args.max_shard_size,
+    )
+    print(f"Exported to {folder}")
+    if args.push_to_hub:
+        commit = push_to_hub(
+            folder,
+            args.push_to_hub,
+            private=not args.public,
+            revision=args.revision,
+            commit_message=args.commit_message,
+        )
+        print(f"Pushed to {args.push_to_hub}: {getattr(commit, 'commit_url', commit)}")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="safe-llava export", description="Export a SafeLlava checkpoint for the Hub.")
+    return run_from_args(add_cli_arguments(parser).parse_args(argv))
+
+
+__all__ = ["export_for_hub", "verify_export_folder", "check_exportable", "add_cli_arguments", "run_from_args"]
+
+
+if __name__ == "__main__":
+    main()
