@@ -35,7 +35,7 @@ setup(
     ],
     extras_require={
         "train": ["peft>=0.21,<0.22", "datasets>=4.0", "accelerate>=1.10"],
-        "eval": ["matplotlib>=3.8", "scikit-image>=0.24"],
+        "eval": ["matplotlib>=3.8", "scikit-image>=0.24", "datasets>=4.0"],
         "dev": [
             "peft>=0.21,<0.22",
             "datasets>=4.0",
