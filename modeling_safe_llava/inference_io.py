@@ -9,6 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from .processing_safe_llava import rgb_array
+
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def load_rgb_image(value) -> Image.Image:
         `ValueError` for an unsupported kind of value; Pillow's errors (`IMAGE_DECODE_ERRORS`) for unreadable data.
     """
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return Image.fromarray(rgb_array(value))
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -47,7 +49,7 @@ def load_rgb_image(value) -> Image.Image:
         )
     with Image.open(source) as image:
         image.load()
-        return image.convert("RGB")
+        return Image.fromarray(rgb_array(image))
 
 
 def first_user_question(conversations) -> str:

@@ -491,6 +491,7 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
         image_rows = torch.repeat_interleave(torch.arange(len(images_per_row), device=images_per_row.device), images_per_row)
         query = query_embeds.to(keys_values.dtype)[image_rows.to(query_embeds.device)]
         image_level_logits, image_type_logits = self.safety_head(query, keys_values)
+        _check_finite_safety_logits(image_level_logits, image_type_logits, image_rows)
         return self._riskiest_image_per_row(image_level_logits, image_type_logits, image_rows, len(images_per_row))
 
     def _riskiest_image_per_row(self, level_logits, type_logits, image_rows, batch_size):
@@ -651,7 +652,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         if llava_config.model_type != "llava":
             raise ValueError(f"from_llava expects a 'llava' checkpoint, {path!r} has model_type {llava_config.model_type!r}.")
         config = SafeLlavaConfig(**_llava_config_dict(llava_config), **config_overrides)
-        model, info = super().from_pretrained(path, config=config, output_loading_info=True, **load_kwargs)
+        model, info = super().from_pretrained(path, config=config, output_loading_info=True, **_safetensors_only(load_kwargs))
         _check_only_safety_weights_missing(info["missing_keys"], info["unexpected_keys"])
         model.config.safety_modules_trained = False
         return model
@@ -659,7 +660,9 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, plus a loud warning (and `safety_modules_trained=False`) when the
-        checkpoint lacks safety weights, so that a half-loaded model can never pass for a trained one."""
+        checkpoint lacks safety weights, so that a half-loaded model can never pass for a trained one. Weights are
+        read from safetensors files only (never a pickle)."""
+        kwargs = _safetensors_only(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         missing_safety = sorted(k for k in info["missing_keys"] if k.startswith(SAFETY_PARAMETER_PREFIXES))
@@ -739,12 +742,15 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         )
 
     def check_safety_ready(self, allow_untrained_safety: bool = False):
-        """Fails closed: safety-aware calls on untrained safety modules raise unless explicitly allowed."""
-        if not self.config.safety_modules_trained and not allow_untrained_safety:
+        """Fails closed: safety-aware calls on untrained safety modules raise unless explicitly allowed. Only the
+        boolean `True` counts (a string such as `"False"` is truthy and must not unlock anything)."""
+        if not isinstance(allow_untrained_safety, bool):
+            raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
+        if self.config.safety_modules_trained is not True and not allow_untrained_safety:
             raise ValueError(
-                "The safety modules of this model are untrained (config.safety_modules_trained is False), so its "
-                "safety verdicts are random. Train them (stage 1) or load a trained checkpoint; pass "
-                "allow_untrained_safety=True only for tests and debugging."
+                "The safety modules of this model are untrained (config.safety_modules_trained is "
+                f"{self.config.safety_modules_trained!r}), so its safety verdicts are random. Train them (stage 1) or "
+                "load a trained checkpoint; pass allow_untrained_safety=True only for tests and debugging."
             )
 
     @torch.no_grad()
@@ -796,6 +802,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         """One vision pass: (level logits, type logits, images per row, image outputs reusable by generate)."""
         if input_ids is None:
             raise ValueError("Safety-aware calls need input_ids (inputs_embeds cannot show where images are).")
+        check_model_inputs(self, input_ids, pixel_values, attention_mask, max_length=None)
         image_outputs = self.model.get_image_features(pixel_values, image_sizes=image_sizes, **vision_kwargs)
         images_per_row = self.model.count_images_per_row(input_ids, len(image_outputs.pooler_output))
         query = self.model.first_token_embeddings(input_ids, None, attention_mask)
@@ -834,6 +841,10 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             output_safety = True
             if pixel_values is None and mm_encoder_outputs is None:
                 raise ValueError("safety_labels were given without pixel_values: there is no image to classify.")
+        if past_key_values is None:  # a whole sequence (not a decoding step): check it as it enters
+            check_model_inputs(self, input_ids, pixel_values, attention_mask)
+            if mm_encoder_outputs is None:
+                check_placeholders_have_images(self, input_ids, pixel_values)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -936,10 +947,22 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             holds the refusal; a hinted row's hint is internal). With `return_dict_in_generate=True`, a
             [`SafeLlavaGenerateOutput`] that also carries the [`SafeLlavaSafetyAssessment`].
         """
+        max_new_tokens = kwargs.get("max_new_tokens")
+        check_model_inputs(self, input_ids, pixel_values, attention_mask, max_length=max_new_tokens or 0)
         if pixel_values is None:
-            # Nothing to judge: stock generation (text-only rows, or a prompt without images).
+            if kwargs.get("mm_encoder_outputs") is not None:
+                raise ValueError(
+                    "generate judges images from pixel_values; pre-encoded mm_encoder_outputs would reach the "
+                    "language model without a safety verdict. Pass pixel_values instead."
+                )
+            check_placeholders_have_images(self, input_ids, pixel_values)
+            # Nothing to judge: stock generation (text-only rows).
             return super().generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         self.check_safety_ready(allow_untrained_safety)
+        generation_config = kwargs.get("generation_config")
+        if safety_threshold is None and generation_config is not None:
+            # A threshold set on the generation config passed to this call wins over the model's default.
+            safety_threshold = getattr(generation_config, "safety_threshold", None)
         vision_kwargs = {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy") if k in kwargs}
         if vision_kwargs:
             raise ValueError(
@@ -977,7 +1000,12 @@ def decide_safety_actions(
     - A row's category is its most likely *risky* type (the clean type excluded), its threshold that type's.
     - Flagged iff `risk > threshold`: raising any threshold never adds a flag (the category does not depend on it).
     - A flagged row takes `actions[category][most likely risky level]`; an unflagged row is allowed.
+    - Non-finite probabilities raise: `nan > threshold` is False, so they would silently allow the row.
     """
+    for name, probs in (("level_probs", level_probs), ("type_probs", type_probs)):
+        bad_rows = (~torch.isfinite(probs).all(dim=-1)).nonzero().flatten().tolist()
+        if bad_rows:
+            raise ValueError(f"{name} of rows {bad_rows} are not finite; no safety decision can be made for them.")
     risk = 1.0 - level_probs[:, 0]
     risky_category = type_probs[:, :-1].argmax(dim=-1)
     threshold = thresholds.to(risk.device, risk.dtype)[risky_category]
@@ -1140,6 +1168,117 @@ class _SafetyPlan:
         return SafeLlavaGenerateOutput(
             sequences=sequences, safety_assessment=self.assessment, lm_row_indices=lm_rows, **fields
         )
+
+
+def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None, max_length: int | None = 0):
+    """
+    Rejects, with a message naming the bad input, what would otherwise crash deep inside torch or give a silently
+    wrong result.
+
+    Args:
+        model: the [`SafeLlavaForConditionalGeneration`] the inputs are meant for.
+        input_ids: `(batch_size, sequence_length)` int64/int32 token ids of this model's tokenizer.
+        pixel_values: `(num_images, num_channels, height, width)` floating point, as the processor returns them.
+        attention_mask: `(batch_size, sequence_length)`, every row attending to at least one token.
+        max_length: `None` skips the length check (the safety head reads only the first token); otherwise the
+            sequence length plus `max_length` new tokens must fit in `text_config.max_position_embeddings`.
+    """
+    for name, tensor in (("input_ids", input_ids), ("pixel_values", pixel_values), ("attention_mask", attention_mask)):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}; use return_tensors='pt'.")
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the 'meta' device and holds no data; pass real tensors.")
+        if getattr(model, "hf_device_map", None) is None and tensor.device != model.device:
+            raise ValueError(
+                f"{name} is on {tensor.device} but the model is on {model.device}; move the inputs with "
+                "inputs.to(model.device)."
+            )
+    if input_ids is not None:
+        _check_input_ids(model.config, input_ids, max_length)
+        if attention_mask is not None:
+            _check_attention_mask(input_ids, attention_mask)
+    if pixel_values is not None:
+        num_channels = model.config.vision_config.num_channels
+        if not pixel_values.is_floating_point():
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor normalised by the processor, got {pixel_values.dtype}; "
+                "raw integer pixels would give wrong safety verdicts."
+            )
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {num_channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}."
+            )
+
+
+def _check_input_ids(config, input_ids, max_length):
+    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.ndim != 2:
+        raise ValueError(
+            "input_ids must be an int64 or int32 tensor of shape (batch_size, sequence_length), got "
+            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}."
+        )
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids is empty (sequence length 0): a prompt needs at least one token, e.g. BOS.")
+    vocab_size = config.text_config.vocab_size
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"input_ids hold token ids outside [0, {vocab_size - 1}] (min {low}, max {high}); they do not come from "
+            "this model's tokenizer."
+        )
+    limit = config.text_config.max_position_embeddings
+    if max_length is not None and input_ids.shape[1] + max_length > limit:
+        raise ValueError(
+            f"The prompt has {input_ids.shape[1]} tokens (+ {max_length} new tokens), more than the language "
+            f"model's max_position_embeddings ({limit}); shorten or truncate it."
+        )
+
+
+def _check_attention_mask(input_ids, attention_mask):
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}; they must "
+            "be equal."
+        )
+    empty_rows = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(f"attention_mask rows {empty_rows} attend to no token; every row needs a prompt.")
+
+
+def check_placeholders_have_images(model, input_ids, pixel_values):
+    """Raises when `input_ids` hold `<image>` placeholders but no `pixel_values` came with them: the image would be
+    neither seen nor judged."""
+    if pixel_values is not None or input_ids is None:
+        return
+    rows = (input_ids == model.config.image_token_id).any(dim=1).nonzero().flatten().tolist()
+    if rows:
+        raise ValueError(
+            f"Rows {rows} hold <image> placeholders but no pixel_values were given; pass the processor's "
+            "pixel_values (the image must be judged) or remove the placeholders."
+        )
+
+
+def _check_finite_safety_logits(level_logits, type_logits, image_rows):
+    finite = torch.isfinite(level_logits).all(dim=-1) & torch.isfinite(type_logits).all(dim=-1)
+    if not bool(finite.all()):
+        images = (~finite).nonzero().flatten()
+        raise ValueError(
+            f"The safety head produced non-finite logits for image(s) {images.tolist()} (rows "
+            f"{image_rows[images.to(image_rows.device)].tolist()}); check pixel_values for NaN/inf and the model's "
+            "dtype (float16 overflow). No verdict is given rather than a wrong one."
+        )
+
+
+def _safetensors_only(load_kwargs: dict) -> dict:
+    """`from_pretrained` kwargs that read weights from safetensors files only, never from a pickle."""
+    if load_kwargs.get("use_safetensors") is False or load_kwargs.get("weights_only") is False:
+        raise ValueError(
+            "SafeLlava loads weights from safetensors files only: use_safetensors=False and weights_only=False "
+            "(pickle checkpoints) are refused. Convert the checkpoint to safetensors in a trusted environment."
+        )
+    return {**load_kwargs, "use_safetensors": True}
 
 
 def _select_images(image_outputs, images_per_row, rows):

@@ -5,12 +5,15 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 """
 
 from transformers import AutoProcessor, LlavaProcessor
+from transformers.image_transforms import convert_to_rgb
 from transformers.utils import logging
 
 
 logger = logging.get_logger(__name__)
 
 _PROBE_CONVERSATION = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
+# Pillow modes with 16-bit samples: Pillow's convert("RGB") clips them at 255 instead of scaling (65535 / 257 = 255).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 class SafeLlavaProcessor(LlavaProcessor):
@@ -88,6 +91,8 @@ class SafeLlavaProcessor(LlavaProcessor):
                 "SafeLlavaProcessor needs text with an <image> placeholder for each image (the safety head reads the "
                 "prompt's first token), e.g. processor.apply_chat_template(...) or 'USER: <image>\\n... ASSISTANT:'."
             )
+        if images is not None:
+            images = _prepare_images(images, counter=[0])
         return super().__call__(images=images, text=text, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -129,4 +134,64 @@ class SafeLlavaProcessor(LlavaProcessor):
         return prefix
 
 
-__all__ = ["SafeLlavaProcessor"]
+def _prepare_images(images, counter: list[int]):
+    """`images` (one image, a list, or a list of lists) with every PIL image decoded and converted by `to_rgb_image`;
+    `counter` numbers the images in order for error messages."""
+    if isinstance(images, (list, tuple)):
+        return [_prepare_images(image, counter) for image in images]
+    index = counter[0]
+    counter[0] += 1
+    return to_rgb_image(images, index)
+
+
+def rgb_array(image, index: int = 0):
+    """
+    `image` as the `(height, width, 3)` uint8 RGB array this processor feeds the image processor: 16-bit samples
+    scaled to 8 bits, transparency composited onto white. For code outside the processor that must decode images
+    exactly as it does (training data, audits).
+    """
+    return convert_to_rgb(to_rgb_image(image, index), return_numpy=True)
+
+
+def to_rgb_image(image, index: int = 0):
+    """
+    Decodes a PIL image fully and makes its samples 8-bit, so that the image processor's RGB conversion (which
+    composites transparency onto white) gives the right colours for every Pillow mode. Numpy arrays and torch tensors
+    are returned unchanged (the image processor checks them).
+
+    Args:
+        image: a `PIL.Image.Image`, `numpy.ndarray` or `torch.Tensor`. Strings are refused: this processor does no
+            file or network I/O (open files with `PIL.Image.open`).
+        index: the image's position in the call, named in error messages.
+
+    Raises:
+        ValueError: a string, an image that cannot be decoded, an empty image, or 32-bit samples without a known range.
+    """
+    if isinstance(image, str):
+        raise ValueError(
+            f"Image {index} is a string ({image[:60]!r}), not a decoded image: SafeLlavaProcessor takes PIL images, "
+            "numpy arrays or torch tensors and does no file or network I/O. Open files with PIL.Image.open(path)."
+        )
+    if not hasattr(image, "getbands"):  # not a PIL image
+        return image
+    try:
+        image.load()
+    except (OSError, SyntaxError, EOFError) as error:  # Pillow's errors for truncated and corrupt files
+        raise ValueError(f"Image {index} could not be decoded ({type(error).__name__}: {error}).") from error
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"Image {index} is empty ({width}x{height} pixels).")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    if image.mode in ("I", "F"):
+        low, high = image.getextrema()
+        if image.mode == "F" or low < 0 or high > 255:
+            raise ValueError(
+                f"Image {index} has mode {image.mode!r} with samples in [{low}, {high}]: no standard 8-bit range. "
+                "Convert it to 'L' or 'RGB' with the scaling you intend."
+            )
+        return image.convert("L")
+    return image
+
+
+__all__ = ["SafeLlavaProcessor", "rgb_array", "to_rgb_image"]

@@ -1,0 +1,851 @@
+"""Hostile and broken inputs, one table row each: every row either works correctly (and the row checks the result) or
+raises an error of the expected type whose message names the problem. Nothing may crash deep inside torch with an
+opaque message, and nothing may come back silently wrong.
+
+Rows marked `xfail(strict=True)` fail today because a guard is missing where the input enters. Each mark names the
+patch that adds it: P1-P8 for the model and the processor, C1 for the CLI, and D1/D2 for the image decoding of the
+training-data and audit helpers. Once a patch is applied its rows pass, strict xfail turns them red, and the mark is
+removed.
+"""
+
+import io
+import logging
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from conftest import chat_prompt, random_image
+from PIL import Image
+from transformers import GenerationConfig
+
+from modeling_safe_llava import SafeLlavaForConditionalGeneration, decide_safety_actions
+from modeling_safe_llava.configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
+from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava, safety_fields
+
+DROP = object()  # an override value meaning "leave this processor output out"
+GREEDY = {"max_new_tokens": 2, "do_sample": False}
+
+PATCHES = {
+    "P1": "P1 (check_safety_ready accepts only booleans)",
+    "P2": "P2 (non-finite safety logits/probabilities raise)",
+    "P3": "P3 (generate honours generation_config.safety_threshold)",
+    "P4": "P4 (no image reaches the LLM unjudged / placeholders need pixel_values)",
+    "P5": "P5 (check_model_inputs: dtypes, shapes, devices, vocabulary, length)",
+    "P6": "P6 (safetensors-only loading)",
+    "P7": "P7 (processor decodes images eagerly and scales 16/32-bit modes)",
+    "P8": "P8 (processor refuses strings: no file or network I/O)",
+    "D1": "D1 (training/data.py load_image must composite alpha like the processor; owner: data loading)",
+    "D2": "D2 (inference_io.load_rgb_image must composite alpha like the processor; owner: audit/evaluate)",
+    "C1": "C1 (cli.build_parser imports no subcommand module for an unknown command)",
+}
+
+
+class Env:
+    """One tiny SafeLlava (safety modules marked trained) and its processor, shared by every row of this module."""
+
+    def __init__(self, tmp_dir):
+        self.model, self.processor = build_tiny_safe_llava(seed=0)
+        self.model.config.safety_modules_trained = True
+        self.prompt = chat_prompt(self.processor)
+        self.tmp = tmp_dir
+
+    def inputs(self, images, texts=None, **kwargs):
+        texts = texts if texts is not None else [self.prompt] * len(images)
+        return self.processor(images=images, text=texts, return_tensors="pt", padding=True, **kwargs)
+
+    @cached_property
+    def one(self):
+        return self.inputs([random_image(0)])
+
+    @cached_property
+    def two(self):
+        return self.inputs([random_image(0), random_image(1)], [self.prompt, chat_prompt(self.processor, "Hi?")])
+
+    @cached_property
+    def long(self):
+        """One image and a prompt longer than the language model's max_position_embeddings."""
+        return self.inputs([random_image(0)], [chat_prompt(self.processor, "coffee " * 300)])
+
+    def pixels(self, image):
+        return self.inputs([image])["pixel_values"]
+
+    def merged(self, base, overrides):
+        merged = {**(base if base is not None else self.one), **overrides}
+        return {name: value for name, value in merged.items() if value is not DROP}
+
+    def assess(self, base=None, **overrides):
+        return self.model.assess_safety(**self.merged(base, overrides))
+
+    def generate(self, base=None, **overrides):
+        return self.model.generate(**self.merged(base, {**GREEDY, **overrides}))
+
+    def forward(self, base=None, **overrides):
+        with torch.no_grad():
+            return self.model(**self.merged(base, overrides))
+
+    def file(self, name, data: bytes) -> str:
+        path = self.tmp / name
+        path.write_bytes(data)
+        return str(path)
+
+    @cached_property
+    def saved_dir(self):
+        """The env model saved with `save_pretrained` (safetensors)."""
+        folder = self.tmp / "saved"
+        self.model.save_pretrained(folder)
+        return folder
+
+    @cached_property
+    def pickle_only_dir(self):
+        """A checkpoint folder whose weights exist only as a pickle (`pytorch_model.bin`)."""
+        folder = self.tmp / "pickle_only"
+        self.model.config.save_pretrained(folder)
+        torch.save(self.model.state_dict(), folder / "pytorch_model.bin")
+        return folder
+
+    @cached_property
+    def no_safety_weights_dir(self):
+        """A config that claims trained safety modules next to stock LLaVA weights (no safety parameters)."""
+        llava, _ = build_tiny_llava(seed=0)
+        model = SafeLlavaForConditionalGeneration.from_llava(llava, **safety_fields())
+        model.config.safety_modules_trained = True
+        folder = self.tmp / "no_safety_weights"
+        model.config.save_pretrained(folder)
+        llava.save_pretrained(self.tmp / "stock_llava")
+        (folder / "model.safetensors").write_bytes((self.tmp / "stock_llava" / "model.safetensors").read_bytes())
+        return folder
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    return Env(tmp_path_factory.mktemp("bad_inputs"))
+
+
+@dataclass
+class Row:
+    """One input: `call(env)` feeds it in; either it raises `error` with `fragment` in the message, or `check(env,
+    result)` asserts that the result is right."""
+
+    call: Callable[[Env], Any]
+    error: type[BaseException] | tuple | None = None
+    fragment: str = ""
+    check: Callable[[Env, Any], None] | None = None
+
+
+def fails(row_id, call, error, fragment, patch=None):
+    return _param(row_id, Row(call, error=error, fragment=fragment), patch)
+
+
+def works(row_id, call, check, patch=None):
+    return _param(row_id, Row(call, check=check), patch)
+
+
+def _param(row_id, row, patch):
+    marks = [pytest.mark.xfail(reason=f"needs patch {PATCHES[patch]}", strict=True)] if patch else []
+    return pytest.param(row, id=row_id, marks=marks)
+
+
+# -- images ------------------------------------------------------------------------------------------------------
+
+
+def halves(mode, left, right, size=16):
+    """A `size`x`size` image of `mode`: the left half `left`, the right half `right`."""
+    image = Image.new(mode, (size, size), right)
+    image.paste(left, (0, 0, size // 2, size))
+    return image
+
+
+def gray16(left, right, size=16):
+    """A 16-bit grayscale (`I;16`) image, as Pillow opens a 16-bit PNG."""
+    samples = np.full((size, size), right, dtype=np.uint16)
+    samples[:, : size // 2] = left
+    return Image.fromarray(samples)
+
+
+def palette(transparent_right=False):
+    image = halves("RGB", (10, 200, 30), (200, 30, 60)).convert("P", palette=Image.Palette.ADAPTIVE, colors=2)
+    if transparent_right:
+        image.info["transparency"] = int(np.array(image)[0, -1])
+    return image
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def truncated_png(env):
+    data = png_bytes(random_image(3, size=64))
+    return Image.open(env.file("truncated.png", data[: len(data) // 2]))
+
+
+def corrupt_png(env):
+    data = bytearray(png_bytes(random_image(4, size=64)))
+    start = data.find(b"IDAT") + 20
+    data[start : start + 40] = bytes(byte ^ 0xFF for byte in data[start : start + 40])
+    return Image.open(env.file("corrupt.png", bytes(data)))
+
+
+def same_pixels_as(expected_image):
+    """Check: the processor gives exactly the pixels of `expected_image` (the correct RGB rendering)."""
+
+    def check(env, pixel_values):
+        expected = env.pixels(expected_image)
+        assert pixel_values.shape == expected.shape
+        assert torch.allclose(pixel_values, expected, atol=1e-5), (pixel_values - expected).abs().max()
+
+    return check
+
+
+def url_without_network(env):
+    """A URL given as an image must be refused before any connection is attempted."""
+    no_network = AssertionError("the processor attempted a network connection")
+    with mock.patch("socket.socket.connect", side_effect=no_network), mock.patch("socket.getaddrinfo", side_effect=no_network):
+        return env.inputs(["http://127.0.0.1:9/image.png"])
+
+
+IMAGE_ROWS = [
+    works("mode-L", lambda env: env.pixels(halves("L", 77, 180)), same_pixels_as(halves("RGB", (77,) * 3, (180,) * 3))),
+    works(
+        "mode-LA-transparent-half-is-white",
+        lambda env: env.pixels(halves("LA", (40, 255), (200, 0))),
+        same_pixels_as(halves("RGB", (40,) * 3, (255,) * 3)),
+    ),
+    works("mode-P", lambda env: env.pixels(palette()), same_pixels_as(halves("RGB", (10, 200, 30), (200, 30, 60)))),
+    works(
+        "mode-P-with-transparency",
+        lambda env: env.pixels(palette(transparent_right=True)),
+        same_pixels_as(halves("RGB", (10, 200, 30), (255,) * 3)),
+    ),
+    works(
+        "mode-RGBA-transparent-half-is-white",
+        lambda env: env.pixels(halves("RGBA", (220, 20, 20, 255), (20, 220, 20, 0))),
+        same_pixels_as(halves("RGB", (220, 20, 20), (255,) * 3)),
+    ),
+    works(
+        "mode-CMYK",
+        lambda env: env.pixels(halves("CMYK", (0, 255, 255, 0), (255, 0, 255, 0))),
+        same_pixels_as(halves("RGB", (255, 0, 0), (0, 255, 0))),
+    ),
+    works("mode-1", lambda env: env.pixels(halves("1", 1, 0)), same_pixels_as(halves("RGB", (255,) * 3, (0,) * 3))),
+    works(
+        "mode-I;16-is-scaled-not-clipped",
+        lambda env: env.pixels(gray16(257 * 20, 257 * 100)),
+        same_pixels_as(halves("RGB", (20,) * 3, (100,) * 3)),
+    ),
+    fails(
+        "mode-I-beyond-8-bit",
+        lambda env: env.pixels(Image.fromarray(np.full((16, 16), 1000, dtype=np.int32))),
+        ValueError,
+        "has mode 'I' with samples in [1000, 1000]",
+    ),
+    fails(
+        "mode-F-float-samples",
+        lambda env: env.pixels(Image.fromarray(np.full((16, 16), 0.5, dtype=np.float32))),
+        ValueError,
+        "has mode 'F'",
+    ),
+    works(
+        "size-1x1",
+        lambda env: env.pixels(Image.new("RGB", (1, 1), (9, 99, 199))),
+        same_pixels_as(Image.new("RGB", (16, 16), (9, 99, 199))),
+    ),
+    works(
+        "size-10000x10",
+        lambda env: env.pixels(Image.new("RGB", (10000, 10), (9, 99, 199))),
+        same_pixels_as(Image.new("RGB", (16, 16), (9, 99, 199))),
+    ),
+    fails("size-0x0", lambda env: env.pixels(Image.new("RGB", (0, 0))), ValueError, "Image 0 is empty (0x0"),
+    fails(
+        "truncated-png-second-image",
+        lambda env: env.inputs([random_image(0), truncated_png(env)]),
+        ValueError,
+        "Image 1 could not be decoded (OSError: image file is truncated",
+    ),
+    fails(
+        "corrupt-png-data",
+        lambda env: env.inputs([corrupt_png(env)]),
+        ValueError,
+        "Image 0 could not be decoded (OSError: broken data stream",
+    ),
+    fails("non-image-bytes", lambda env: env.inputs([b"hello, not an image"]), TypeError, "got type=<class 'bytes'>"),
+    fails(
+        "non-image-file-path",
+        lambda env: env.inputs([env.file("notes.txt", b"hello, not an image")]),
+        ValueError,
+        "is a string",
+    ),
+    fails("url-string-no-network", url_without_network, ValueError, "does no file or network I/O"),
+]
+
+# -- processor: placeholders and prompts --------------------------------------------------------------------------
+
+def bos_only_and_generates(env, inputs):
+    assert inputs["input_ids"].tolist() == [[env.processor.tokenizer.bos_token_id]]
+    sequences = env.model.generate(**inputs, **GREEDY)  # text only: stock generation, nothing to judge
+    assert sequences.shape == (1, 1 + GREEDY["max_new_tokens"])
+
+
+PROCESSOR_ROWS = [
+    fails(
+        "placeholder-without-image",
+        lambda env: env.processor(text=[env.prompt], return_tensors="pt"),
+        ValueError,
+        "Found 1 <image> tokens in the text but no images were passed",
+    ),
+    fails(
+        "image-without-placeholder",
+        lambda env: env.inputs([random_image(0)], ["USER: Hi ASSISTANT:"]),
+        ValueError,
+        "Found total 0 <image> tokens and 1 images",
+    ),
+    fails(
+        "more-images-than-placeholders",
+        lambda env: env.inputs([random_image(0), random_image(1)], [env.prompt]),
+        ValueError,
+        "Found total 1 <image> tokens and 2 images",
+    ),
+    works("empty-prompt-is-bos-only-and-generates", lambda env: env.processor(text=[""], return_tensors="pt"), bos_only_and_generates),
+]
+
+# -- model: images and placeholders -------------------------------------------------------------------------------
+
+
+def nan_pixels(env):
+    pixel_values = env.one["pixel_values"].clone()
+    pixel_values[0, 0, 0, 0] = float("nan")
+    return pixel_values
+
+
+def same_verdict_as_short_prompt(env, assessment):
+    short = env.assess()
+    assert assessment.actions == short.actions
+    assert torch.allclose(assessment.risk, short.risk, atol=1e-6)
+
+
+def close_to_float32_verdict(env, assessment):
+    reference = env.assess()
+    assert assessment.actions == reference.actions
+    assert torch.allclose(assessment.risk, reference.risk, atol=1e-3)
+
+
+MODEL_ROWS = [
+    fails(
+        "generate-placeholders-without-pixel-values",
+        lambda env: env.generate(pixel_values=DROP),
+        ValueError,
+        "hold <image> placeholders but no pixel_values",
+    ),
+    fails(
+        "forward-placeholders-without-pixel-values",
+        lambda env: env.forward(pixel_values=DROP),
+        ValueError,
+        "hold <image> placeholders but no pixel_values",
+    ),
+    fails(
+        "generate-pre-encoded-images-skip-the-safety-head",
+        lambda env: env.generate(
+            pixel_values=DROP, mm_encoder_outputs={"image": env.model.model.get_image_features(env.one["pixel_values"])}
+        ),
+        ValueError,
+        "would reach the language model without a safety verdict",
+    ),
+    fails("assess-without-pixel-values", lambda env: env.assess(pixel_values=DROP), TypeError, "'pixel_values'"),
+    fails(
+        "pixel-values-without-placeholders",
+        lambda env: env.forward(base=env.processor(text=["USER: Hi ASSISTANT:"], return_tensors="pt"), pixel_values=env.one["pixel_values"]),
+        ValueError,
+        "1 image(s) need 20 <image> placeholders",
+    ),
+    fails(
+        "more-images-than-placeholder-rows",
+        lambda env: env.assess(pixel_values=env.two["pixel_values"]),
+        ValueError,
+        "2 image(s) need 40 <image> placeholders",
+    ),
+    fails(
+        "batch-size-mismatch-ids-2-images-1",
+        lambda env: env.assess(base=env.two, pixel_values=env.one["pixel_values"]),
+        ValueError,
+        "the rows hold [20, 20]",
+    ),
+    fails(
+        "attention-mask-batch-mismatch",
+        lambda env: env.assess(base=env.two, attention_mask=env.one["attention_mask"]),
+        ValueError,
+        "attention_mask has shape (1,",
+    ),
+    fails(
+        "attention-mask-row-attends-nothing",
+        lambda env: env.assess(attention_mask=torch.zeros_like(env.one["attention_mask"])),
+        ValueError,
+        "attention_mask rows [0] attend to no token",
+    ),
+    fails(
+        "empty-input-ids",
+        lambda env: env.model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), **GREEDY),
+        ValueError,
+        "input_ids is empty",
+    ),
+    fails(
+        "prompt-over-max-length-forward",
+        lambda env: env.forward(base=env.long),
+        ValueError,
+        "max_position_embeddings (512)",
+    ),
+    fails(
+        "prompt-over-max-length-generate",
+        lambda env: env.generate(base=env.long),
+        ValueError,
+        "max_position_embeddings (512)",
+    ),
+    works("prompt-over-max-length-assess-reads-first-token-only", lambda env: env.assess(base=env.long), same_verdict_as_short_prompt),
+    # dtypes and devices
+    fails(
+        "float-input-ids",
+        lambda env: env.assess(input_ids=env.one["input_ids"].float()),
+        ValueError,
+        "input_ids must be an int64 or int32 tensor",
+    ),
+    fails(
+        "input-ids-outside-vocabulary",
+        lambda env: env.forward(input_ids=env.one["input_ids"].masked_fill(env.one["input_ids"] == 1, 10**6)),
+        ValueError,
+        "outside [0, 599]",
+    ),
+    fails(
+        "int-pixel-values-raw-pixels",
+        lambda env: env.assess(pixel_values=(env.one["pixel_values"] * 127 + 128).to(torch.uint8)),
+        ValueError,
+        "pixel_values must be a floating-point tensor",
+    ),
+    works("float16-pixel-values", lambda env: env.assess(pixel_values=env.one["pixel_values"].half()), close_to_float32_verdict),
+    fails(
+        "pixel-values-one-channel",
+        lambda env: env.assess(pixel_values=env.one["pixel_values"][:, :1]),
+        ValueError,
+        "pixel_values must have shape (num_images, 3, height, width)",
+    ),
+    fails(
+        "pixel-values-without-batch-dim",
+        lambda env: env.assess(pixel_values=env.one["pixel_values"][0]),
+        ValueError,
+        "pixel_values must have shape (num_images, 3, height, width)",
+    ),
+    fails(
+        "pixel-values-wrong-size",
+        lambda env: env.assess(pixel_values=torch.zeros(1, 3, 32, 32)),
+        ValueError,
+        "Input image size (32*32) doesn't match model (16*16)",
+    ),
+    fails(
+        "meta-pixel-values",
+        lambda env: env.assess(pixel_values=env.one["pixel_values"].to("meta")),
+        ValueError,
+        "pixel_values is on the 'meta' device",
+    ),
+    fails(
+        "meta-input-ids-generate",
+        lambda env: env.generate(input_ids=env.one["input_ids"].to("meta")),
+        ValueError,
+        "input_ids is on the 'meta' device",
+    ),
+    # non-finite values must never become an "allow"
+    fails("nan-pixel-values-assess", lambda env: env.assess(pixel_values=nan_pixels(env)), ValueError, "non-finite logits"),
+    fails(
+        "nan-pixel-values-generate-threshold-0",
+        lambda env: env.generate(pixel_values=nan_pixels(env), safety_threshold=0.0),
+        ValueError,
+        "non-finite logits",
+    ),
+    fails(
+        "decision-rule-nan-probabilities",
+        lambda env: decide_safety_actions(
+            torch.tensor([[float("nan"), 0.2, 0.3, 0.5]]),
+            torch.full((1, 7), 1 / 7),
+            torch.full((6,), 0.5),
+            env.model.config.safety_actions,
+            SAFETY_LEVEL_LABELS,
+            SAFETY_TYPE_LABELS,
+        ),
+        ValueError,
+        "level_probs of rows [0] are not finite",
+    ),
+]
+
+# -- thresholds, policies, labels ----------------------------------------------------------------------------------
+
+def threshold_zero_was_applied(env, out):
+    assert out.safety_assessment.threshold.tolist() == [0.0]
+    assert out.safety_assessment.flagged.tolist() == [True]
+
+
+THRESHOLD_ROWS = [
+    fails(f"threshold-{name}", lambda env, value=value: env.assess(safety_threshold=value), ValueError, fragment)
+    for name, value, fragment in [
+        ("nan", float("nan"), "nan cannot be applied"),
+        ("negative", -0.1, "-0.1 cannot be applied"),
+        ("above-one", 1.5, "1.5 cannot be applied"),
+        ("infinite", float("inf"), "inf cannot be applied"),
+        ("string", "0.5", "'0.5' cannot be applied"),
+        ("numpy-float32", np.float32(0.3), "cannot be applied; accepted: None, a number in [0, 1]"),
+        ("dict-nan", {"Privacy": float("nan")}, "nan cannot be applied"),
+        ("dict-unknown-category", {"Weather": 0.5}, "unknown categories ['Weather']"),
+    ]
+] + [
+    works(
+        "threshold-from-generation-config-is-applied",
+        lambda env: env.generate(
+            generation_config=GenerationConfig(safety_threshold=0.0, max_new_tokens=2, return_dict_in_generate=True),
+            max_new_tokens=DROP,
+            do_sample=DROP,
+        ),
+        threshold_zero_was_applied,
+    ),
+    fails(
+        "action-unknown-category",
+        lambda env: env.assess(safety_actions={"Weather": "allow"}),
+        ValueError,
+        "safety_actions has unknown categories ['Weather']",
+    ),
+    fails(
+        "action-unknown-name",
+        lambda env: env.assess(safety_actions={"Privacy": "block"}),
+        ValueError,
+        "Unknown safety action 'block' for 'Privacy'",
+    ),
+    fails(
+        "action-list-of-three",
+        lambda env: env.assess(safety_actions={"Privacy": ["allow", "hint", "refuse"]}),
+        ValueError,
+        "must be one action or a list of 4",
+    ),
+    fails(
+        "action-level-0-refuse",
+        lambda env: env.assess(safety_actions={"Privacy": ["refuse"] * 4}),
+        ValueError,
+        "Level 0 ('safe to answer') of 'Privacy' must be 'allow'",
+    ),
+    fails("actions-not-a-dict", lambda env: env.assess(safety_actions=["allow"]), ValueError, "safety_actions must be a dict"),
+    fails(
+        "safety-label-negative",
+        lambda env: env.forward(base=env.two, safety_labels=torch.tensor([[-1, 0], [0, 6]])),
+        ValueError,
+        "safety level labels must be in [0, 3] or -100, got [-1]",
+    ),
+    fails(
+        "safety-label-type-out-of-range",
+        lambda env: env.forward(base=env.two, safety_labels=torch.tensor([[0, 7], [0, 6]])),
+        ValueError,
+        "safety type labels must be in [0, 6] or -100, got [7]",
+    ),
+    fails(
+        "safety-labels-float",
+        lambda env: env.forward(base=env.two, safety_labels=torch.tensor([[1.0, 2.0], [0.0, 6.0]])),
+        ValueError,
+        "safety_labels must be an integer tensor of shape (batch_size, 2)",
+    ),
+]
+
+# -- fail closed and safe loading -----------------------------------------------------------------------------------
+
+
+@contextmanager
+def trained_flag(env, value):
+    previous = env.model.config.safety_modules_trained
+    env.model.config.safety_modules_trained = value
+    try:
+        yield
+    finally:
+        env.model.config.safety_modules_trained = previous
+
+
+def with_flag(value, call):
+    def run(env):
+        with trained_flag(env, value):
+            return call(env)
+
+    return run
+
+
+def load_and_generate(folder_attribute):
+    def run(env):
+        loaded = SafeLlavaForConditionalGeneration.from_pretrained(getattr(env, folder_attribute)).eval()
+        return loaded.generate(**{**env.one, **GREEDY})
+
+    return run
+
+
+def one_finite_verdict(env, assessment):
+    assert assessment.risk.shape == (1,) and bool(torch.isfinite(assessment.risk).all())
+    assert assessment.actions[0] in ("allow", "hint", "refuse")
+
+
+FAIL_CLOSED_ROWS = [
+    fails("untrained-generate", with_flag(False, lambda env: env.generate()), ValueError, "safety modules of this model are untrained"),
+    fails("untrained-assess", with_flag(False, lambda env: env.assess()), ValueError, "safety modules of this model are untrained"),
+    works(
+        "untrained-explicitly-allowed",
+        with_flag(False, lambda env: env.assess(allow_untrained_safety=True)),
+        one_finite_verdict,
+    ),
+    fails(
+        "allow-untrained-safety-string-False",
+        with_flag(False, lambda env: env.assess(allow_untrained_safety="False")),
+        ValueError,
+        "allow_untrained_safety must be True or False, got 'False'",
+    ),
+    fails(
+        "trained-flag-string-no",
+        with_flag("no", lambda env: env.assess()),
+        ValueError,
+        "config.safety_modules_trained is 'no'",
+    ),
+    fails(
+        "checkpoint-without-safety-weights-refuses-to-judge",
+        load_and_generate("no_safety_weights_dir"),
+        ValueError,
+        "safety modules of this model are untrained",
+    ),
+    fails(
+        "pickle-only-checkpoint-is-not-loaded",
+        lambda env: SafeLlavaForConditionalGeneration.from_pretrained(env.pickle_only_dir),
+        OSError,
+        "model.safetensors",
+    ),
+    fails(
+        "use-safetensors-false-is-refused",
+        lambda env: SafeLlavaForConditionalGeneration.from_pretrained(env.saved_dir, use_safetensors=False),
+        ValueError,
+        "loads weights from safetensors files only",
+    ),
+    fails(
+        "weights-only-false-is-refused",
+        lambda env: SafeLlavaForConditionalGeneration.from_pretrained(env.saved_dir, weights_only=False),
+        ValueError,
+        "loads weights from safetensors files only",
+    ),
+]
+
+# -- helpers around the model: training data, audit image decoding, CLI -------------------------------------------
+
+
+def record(image, **changes):
+    base = {
+        "image": image,
+        "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "A cat."}],
+        "safe_level": 0,
+        "safe_type": 6,
+    }
+    return {**base, **changes}
+
+
+def check_record(env, **changes):
+    from modeling_safe_llava.training.data import check_record as check
+
+    image = changes.pop("image", None) or env.file("ok.png", png_bytes(random_image(5)))
+    return check(record(image, **changes), num_levels=4, num_types=7)
+
+
+def reason_starts_with(prefix):
+    def check(env, reason):
+        assert isinstance(reason, str) and reason.startswith(prefix), reason
+
+    return check
+
+
+def transparent_rgba():
+    return halves("RGBA", (220, 20, 20, 255), (20, 220, 20, 0))
+
+
+def decoded_like_the_processor(env, decoded):
+    """Check: a helper's decoded image gives the pixels the processor gives the original (white behind alpha)."""
+    assert torch.equal(env.pixels(decoded), env.pixels(transparent_rgba()))
+
+
+def load_training_data(source):
+    from modeling_safe_llava.training.data import load_safety_dataset
+
+    return load_safety_dataset(source)
+
+
+def data_load_image(env):
+    from modeling_safe_llava.training.data import load_image
+
+    return load_image(env.file("data_transparent.png", png_bytes(transparent_rgba())))
+
+
+def audit_load_image(env, path=None):
+    from modeling_safe_llava.inference_io import load_rgb_image
+
+    return load_rgb_image(path or env.file("audit_transparent.png", png_bytes(transparent_rgba())))
+
+
+def run_cli(argv):
+    """`safe-llava ARGV` in-process: (exit code, stderr)."""
+    from modeling_safe_llava.cli import main
+
+    stderr = io.StringIO()
+    with redirect_stderr(stderr):
+        code = main(argv)
+    return code, stderr.getvalue()
+
+
+def cli_with_a_subcommand_missing_its_dependencies(env):
+    """`safe-llava typo` must print argparse's usage error even when one subcommand's module cannot be imported
+    (e.g. `demo` without the `[train]` extra installed)."""
+    from modeling_safe_llava import cli
+
+    broken = {"broken": ("modeling_safe_llava.no_such_module", "a subcommand whose dependencies are missing")}
+    with mock.patch.dict(cli.SUBCOMMANDS, broken):
+        return run_cli(["no-such-command"])
+
+
+def exits_with_one_clear_line(fragment):
+    def check(env, result):
+        code, stderr = result
+        assert code == 2 and fragment in stderr and "Traceback" not in stderr, (code, stderr)
+
+    return check
+
+
+def image_folder(env, name, files: dict) -> Path:
+    folder = env.tmp / name
+    folder.mkdir(exist_ok=True)
+    for file_name, data in files.items():
+        (folder / file_name).write_bytes(data)
+    return folder
+
+
+def audit(env, folder, output, **kwargs):
+    from modeling_safe_llava.audit import audit_images
+
+    return audit_images(env.model, env.processor, folder, env.tmp / output, **{"batch_size": 2, **kwargs})
+
+
+def audit_broken_files(env):
+    good = png_bytes(random_image(6))
+    folder = image_folder(
+        env, "audit_broken", {"good.png": good, "truncated.png": good[: len(good) // 2], "notes.png": b"not an image"}
+    )
+    return audit(env, folder, "audit_broken_out")
+
+
+def broken_files_are_error_rows(env, summary):
+    assert (summary["num_images"], summary["num_assessed"], summary["num_errors"]) == (3, 1, 2)
+    errors = {error["id"]: error["error"] for error in summary["errors"]}
+    assert "truncated" in errors["truncated.png"] and "cannot identify image file" in errors["notes.png"]
+
+
+def audit_resumed_with_another_threshold(env):
+    folder = image_folder(env, "audit_resume", {"good.png": png_bytes(random_image(7))})
+    audit(env, folder, "audit_resume_out", safety_threshold=0.5)
+    return audit(env, folder, "audit_resume_out", safety_threshold=0.3)
+
+
+def audit_results_with_a_corrupt_line(env):
+    from modeling_safe_llava.audit import read_results
+
+    path = env.tmp / "corrupt_results.jsonl"
+    path.write_text('{"id": "a.png", "status": "ok"}\nnot json\n{"id": "b.png", "status": "ok"}\n')
+    return read_results(path)
+
+
+HELPER_ROWS = [
+    works(
+        "data-truncated-image",
+        lambda env: check_record(env, image=env.file("data_truncated.png", png_bytes(random_image(3, 64))[:200])),
+        reason_starts_with("unreadable image"),
+    ),
+    works(
+        "data-non-image-file",
+        lambda env: check_record(env, image=env.file("data_notes.txt", b"hello, not an image")),
+        reason_starts_with("unreadable image"),
+    ),
+    works("data-level-out-of-range", lambda env: check_record(env, safe_level=4), reason_starts_with("safe_level=4 is out of range [0, 3]")),
+    works("data-type-not-an-integer", lambda env: check_record(env, safe_type="2"), reason_starts_with("safe_type='2' is not an integer")),
+    works(
+        "data-no-placeholder",
+        lambda env: check_record(env, conversations=[{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]),
+        reason_starts_with("the conversation has no <image> placeholder"),
+    ),
+    fails(
+        "data-unsupported-source",
+        lambda env: load_training_data(env.file("rows.csv", b"a,b\n")),
+        ValueError,
+        "is not an existing .json or .jsonl file",
+    ),
+    works("data-transparent-png-decoded-like-processor", data_load_image, decoded_like_the_processor, patch="D1"),
+    works("audit-transparent-png-decoded-like-processor", lambda env: audit_load_image(env), decoded_like_the_processor),
+    fails(
+        "audit-non-image-file",
+        lambda env: audit_load_image(env, env.file("audit_notes.txt", b"not an image")),
+        OSError,
+        "cannot identify image file",
+    ),
+    works("audit-truncated-and-non-image-files-become-error-rows", audit_broken_files, broken_files_are_error_rows),
+    fails(
+        "audit-untrained-model",
+        with_flag(False, lambda env: audit(env, image_folder(env, "audit_untrained", {}), "audit_untrained_out")),
+        ValueError,
+        "safety modules of this model are untrained",
+    ),
+    fails(
+        "audit-batch-size-zero",
+        lambda env: audit(env, env.tmp, "audit_batch_out", batch_size=0),
+        ValueError,
+        "batch_size must be an integer >= 1, got 0",
+    ),
+    fails(
+        "audit-missing-folder",
+        lambda env: audit(env, env.tmp / "no_such_folder", "audit_missing_out"),
+        ValueError,
+        "does not exist or is not a folder",
+    ),
+    fails("audit-resume-with-other-threshold", audit_resumed_with_another_threshold, ValueError, "Cannot resume the audit"),
+    fails("audit-corrupt-results-line", audit_results_with_a_corrupt_line, ValueError, "corrupt_results.jsonl:2 is not a JSON record"),
+    works(
+        "cli-audit-missing-model-folder",
+        lambda env: run_cli(["audit", "--model", str(env.tmp / "no_model"), "--output", str(env.tmp / "cli_out"), "--images", str(env.tmp)]),
+        exits_with_one_clear_line("safe-llava audit: error: --model must be a folder"),
+    ),
+    fails("cli-audit-missing-required-option", lambda env: run_cli(["audit", "--model", "x"]), SystemExit, "2"),
+    fails("cli-unknown-command", lambda env: run_cli(["no-such-command"]), SystemExit, "2"),
+    fails(
+        "cli-unknown-command-while-a-subcommand-lacks-its-dependencies",
+        cli_with_a_subcommand_missing_its_dependencies,
+        SystemExit,
+        "2",
+    ),
+]
+
+ROWS = IMAGE_ROWS + PROCESSOR_ROWS + MODEL_ROWS + THRESHOLD_ROWS + FAIL_CLOSED_ROWS + HELPER_ROWS
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_bad_input(env, row):
+    if row.error is not None:
+        with pytest.raises(row.error) as error:
+            row.call(env)
+        assert row.fragment in str(error.value), f"message {str(error.value)!r} lacks {row.fragment!r}"
+    else:
+        row.check(env, row.call(env))
+
+
+def test_the_table_is_large_and_every_row_is_unique():
+    ids = [param.id for param in ROWS]
+    assert len(ids) >= 25 and len(set(ids)) == len(ids)
+
+
+def test_loading_a_checkpoint_without_safety_weights_names_them(env, caplog):
+    with caplog.at_level(logging.WARNING):
+        loaded = SafeLlavaForConditionalGeneration.from_pretrained(env.no_safety_weights_dir)
+    assert "model.safety_head" in caplog.text and "model.llm_safety_tokens" in caplog.text
+    assert loaded.config.safety_modules_trained is False

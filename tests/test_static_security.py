@@ -1,0 +1,231 @@
+"""Static audit of the code users run with `trust_remote_code=True`, and of pickle-loading paths in the whole repository.
+
+The three remote-code files are copied next to the weights on the Hub and executed by whoever loads the model, so
+they may import only torch, transformers, their sibling files and a few stdlib modules that do no I/O, and may not
+evaluate code, spawn processes or open connections. The scanner below parses the files with `ast` (nothing is
+imported or run) and is itself checked against planted bad snippets.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = REPO_ROOT / "modeling_safe_llava"
+REMOTE_CODE_FILES = ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py")
+REMOTE_CODE_SIBLINGS = {Path(name).stem for name in REMOTE_CODE_FILES}
+# Top-level modules remote code may import: the two libraries, and stdlib modules that do no I/O.
+ALLOWED_MODULES = {"torch", "transformers", "math", "dataclasses", "typing"}
+# Builtins that run code from strings, open files or reach into the interpreter.
+FORBIDDEN_BUILTINS = {"eval", "exec", "compile", "__import__", "open", "breakpoint", "input"}
+# Dotted names (or their prefixes) that load pickles, run processes or talk to the network.
+FORBIDDEN_DOTTED_PREFIXES = (
+    "torch.load",
+    "torch.hub",
+    "torch.package",
+    "torch.jit.load",
+    "torch.serialization",
+    "builtins.",
+    "os.",
+    "subprocess.",
+    "socket.",
+    "urllib.",
+    "requests.",
+    "httpx.",
+    "http.",
+    "pickle.",
+    "shutil.",
+    "importlib.",
+)
+# Names that, imported from transformers or huggingface_hub, fetch files or URLs.
+FORBIDDEN_IMPORTED_NAMES = {"load_image", "hf_hub_download", "snapshot_download", "cached_file", "http_get"}
+# `keyword=value` pairs that switch on pickle loading or chain-load more remote code.
+FORBIDDEN_KEYWORDS = {("use_safetensors", False), ("weights_only", False), ("allow_pickle", True), ("trust_remote_code", True)}
+# Modules that deserialise pickles: forbidden anywhere in the repository, not just in remote code.
+PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
+PICKLE_CALLS = ("torch.load", "torch.jit.load", "torch.serialization.load", "pandas.read_pickle", "pd.read_pickle")
+
+
+def dotted_name(node: ast.AST) -> str | None:
+    """`a.b.c` for a chain of attributes on a name, else `None`."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return None
+
+
+def _keyword_findings(node: ast.Call) -> list[str]:
+    findings = []
+    for keyword in node.keywords:
+        if isinstance(keyword.value, ast.Constant) and (keyword.arg, keyword.value.value) in FORBIDDEN_KEYWORDS:
+            findings.append(f"forbidden argument {keyword.arg}={keyword.value.value!r}")
+    return findings
+
+
+def _call_findings(node: ast.Call) -> list[str]:
+    findings = _keyword_findings(node)
+    if isinstance(node.func, ast.Name) and node.func.id in FORBIDDEN_BUILTINS:
+        findings.append(f"forbidden call {node.func.id}()")
+    if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "setattr") and len(node.args) >= 2:
+        name = node.args[1]
+        if isinstance(name, ast.Constant) and name.value in FORBIDDEN_BUILTINS:
+            findings.append(f"forbidden {node.func.id}(..., {name.value!r})")
+    return findings
+
+
+def _import_findings(node: ast.AST) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [
+            f"forbidden import {alias.name}" for alias in node.names if alias.name.split(".")[0] not in ALLOWED_MODULES
+        ]
+    if node.level > 0:  # relative import: only the sibling remote-code files travel with the weights
+        if node.module is None or node.level != 1 or node.module not in REMOTE_CODE_SIBLINGS:
+            return [f"forbidden relative import {'.' * node.level}{node.module or ''}"]
+        return []
+    findings = []
+    if (node.module or "").split(".")[0] not in ALLOWED_MODULES:
+        findings.append(f"forbidden import from {node.module}")
+    findings += [f"forbidden import of {alias.name}" for alias in node.names if alias.name in FORBIDDEN_IMPORTED_NAMES]
+    return findings
+
+
+def scan_remote_code(source: str, filename: str = "<snippet>") -> list[str]:
+    """
+    Every rule a remote-code file breaks, as `"filename:line: reason"` strings (empty: the file is clean).
+
+    Rules: imports only from `ALLOWED_MODULES` and the sibling files (flat relative imports); no
+    `FORBIDDEN_BUILTINS` calls (also not through `getattr`); no attribute chain under `FORBIDDEN_DOTTED_PREFIXES`;
+    no `FORBIDDEN_KEYWORDS` arguments. Method calls that merely share a builtin's name (`model.eval()`,
+    `torch.compile`) are allowed.
+    """
+    findings = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        reasons = []
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            reasons = _import_findings(node)
+        elif isinstance(node, ast.Call):
+            reasons = _call_findings(node)
+        elif isinstance(node, ast.Attribute):
+            name = dotted_name(node)
+            if name and any(name == p.rstrip(".") or name.startswith(p) for p in FORBIDDEN_DOTTED_PREFIXES):
+                reasons = [f"forbidden name {name}"]
+        elif isinstance(node, ast.Name) and node.id in ("__builtins__", "__loader__", "__spec__"):
+            reasons = [f"forbidden name {node.id}"]
+        findings += [f"{filename}:{node.lineno}: {reason}" for reason in reasons]
+    return sorted(set(findings))
+
+
+def scan_pickle_paths(source: str, filename: str = "<snippet>") -> list[str]:
+    """Every way `source` could deserialise a pickle: pickle-family imports, `torch.load`-style calls, and
+    `weights_only=False` / `use_safetensors=False` / `allow_pickle=True` arguments."""
+    findings = []
+    for node in ast.walk(ast.parse(source, filename=filename)):
+        reasons = []
+        if isinstance(node, ast.Import):
+            reasons = [f"pickle module {a.name}" for a in node.names if a.name.split(".")[0] in PICKLE_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PICKLE_MODULES:
+            reasons = [f"pickle module {node.module}"]
+        elif isinstance(node, ast.Call):
+            name = dotted_name(node.func)
+            reasons = [r for r in _keyword_findings(node) if "trust_remote_code" not in r]
+            if name in PICKLE_CALLS:
+                reasons.append(f"pickle-loading call {name}()")
+        findings += [f"{filename}:{node.lineno}: {reason}" for reason in reasons]
+    return sorted(set(findings))
+
+
+def repository_python_files() -> list[Path]:
+    """Our Python files: the package, scripts, examples and benchmarks. Not the virtual environment, and not the
+    tests, which pass `use_safetensors=False` and the like on purpose to check that they are refused."""
+    skipped = {".venv", "venv", ".git", "build", "dist", ".hypothesis", "__pycache__", ".eggs", "tests"}
+    return sorted(
+        path for path in REPO_ROOT.rglob("*.py") if not skipped.intersection(path.relative_to(REPO_ROOT).parts)
+    )
+
+
+# -- the real files ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_name", REMOTE_CODE_FILES)
+def test_remote_code_imports_and_calls_only_what_is_allowed(file_name):
+    path = PACKAGE_DIR / file_name
+    assert scan_remote_code(path.read_text(), file_name) == []
+
+
+def test_no_pickle_loading_path_anywhere_in_the_repository():
+    files = repository_python_files()
+    assert PACKAGE_DIR / "modeling_safe_llava.py" in files  # the walk really covers the package
+    findings = [finding for path in files for finding in scan_pickle_paths(path.read_text(), str(path.relative_to(REPO_ROOT)))]
+    assert findings == []
+
+
+# -- the scanner catches what it must, and only that -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "snippet, fragment",
+    [
+        ("import os", "forbidden import os"),
+        ("import subprocess\nsubprocess.run(['ls'])", "forbidden import subprocess"),
+        ("import os.path", "forbidden import os.path"),
+        ("from urllib.request import urlopen", "forbidden import from urllib.request"),
+        ("import requests", "forbidden import requests"),
+        ("import socket", "forbidden import socket"),
+        ("import pickle", "forbidden import pickle"),
+        ("from PIL import Image", "forbidden import from PIL"),
+        ("eval('1 + 1')", "forbidden call eval()"),
+        ("exec('x = 1')", "forbidden call exec()"),
+        ("code = compile('x', 'f', 'exec')", "forbidden call compile()"),
+        ("module = __import__('os')", "forbidden call __import__()"),
+        ("handle = open('/etc/passwd')", "forbidden call open()"),
+        ("run = getattr(__builtins__, 'eval')", "forbidden getattr(..., 'eval')"),
+        ("import torch\nstate = torch.load('model.bin')", "forbidden name torch.load"),
+        ("import torch\nmodel = torch.hub.load('a/b', 'c')", "forbidden name torch.hub"),
+        ("model = Model.from_pretrained(path, use_safetensors=False)", "forbidden argument use_safetensors=False"),
+        ("state = load(path, weights_only=False)", "forbidden argument weights_only=False"),
+        ("config = AutoConfig.from_pretrained(path, trust_remote_code=True)", "forbidden argument trust_remote_code=True"),
+        ("from transformers.image_utils import load_image", "forbidden import of load_image"),
+        ("from .helpers import thing", "forbidden relative import .helpers"),
+        ("from ..configuration_safe_llava import SafeLlavaConfig", "forbidden relative import ..configuration_safe_llava"),
+        ("def f():\n    import os\n    return os.system('id')", "forbidden import os"),
+    ],
+)
+def test_scanner_catches_a_planted_bad_snippet(snippet, fragment):
+    findings = scan_remote_code(snippet)
+    assert any(fragment in finding for finding in findings), findings
+
+
+def test_scanner_accepts_what_remote_code_legitimately_does():
+    clean = (
+        "import math\nfrom dataclasses import dataclass\nimport torch\nfrom torch import nn\n"
+        "from transformers import AutoProcessor, LlavaConfig\n"
+        "from .configuration_safe_llava import SafeLlavaConfig\n"
+        "model = nn.Linear(2, 2).eval()\ncompiled = torch.compile(model)\n"
+        "value = getattr(model, 'weight', None)\nprocessor = AutoProcessor.from_pretrained(path)\n"
+    )
+    assert scan_remote_code(clean) == []
+
+
+@pytest.mark.parametrize(
+    "snippet, fragment",
+    [
+        ("import torch\nstate = torch.load(path)", "pickle-loading call torch.load()"),
+        ("import dill", "pickle module dill"),
+        ("from joblib import load", "pickle module joblib"),
+        ("import numpy as np\nx = np.load(path, allow_pickle=True)", "forbidden argument allow_pickle=True"),
+        ("model = Model.from_pretrained(path, use_safetensors=False)", "forbidden argument use_safetensors=False"),
+        ("state = torch.load(path, weights_only=False)", "forbidden argument weights_only=False"),
+    ],
+)
+def test_pickle_scanner_catches_a_planted_loading_path(snippet, fragment):
+    assert any(fragment in finding for finding in scan_pickle_paths(snippet))
+
+
+def test_pickle_scanner_accepts_safetensors_loading():
+    clean = "from safetensors.torch import load_file\nstate = load_file(path)\nmodel = Model.from_pretrained(path)\n"
+    assert scan_pickle_paths(clean) == []
