@@ -391,6 +391,9 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
         else:
             self.register_parameter("llm_safety_tokens", None)
         self.safety_head = SafeLlavaSafetyHead(config)
+        # LlavaModel.__init__ already ran post_init() and marked this module initialised, which would skip
+        # _init_weights for the safety tokens created since (they would stay all zeros).
+        self._is_hf_initialized = False
         self.post_init()
 
     def _num_vision_feature_layers(self) -> int:
@@ -602,6 +605,8 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
 
     config: SafeLlavaConfig
     config_class = SafeLlavaConfig
+    # The safety loss is a per-row mean, not a per-token sum: the Trainer must not rescale it by the token count.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: SafeLlavaConfig):
         # Skip LlavaForConditionalGeneration.__init__ (it would build a stock LlavaModel), keep PreTrainedModel's.

@@ -18,7 +18,12 @@ from PIL import Image  # noqa: E402
 
 from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two xdist workers share two cores: more threads per worker only oversubscribe them.
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end checks (seconds to a minute); CI runs them too")
 
 
 def random_image(seed: int, size: int = 20) -> Image.Image:

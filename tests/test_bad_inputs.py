@@ -782,7 +782,7 @@ HELPER_ROWS = [
         ValueError,
         "is not an existing .json or .jsonl file",
     ),
-    works("data-transparent-png-decoded-like-processor", data_load_image, decoded_like_the_processor, patch="D1"),
+    works("data-transparent-png-decoded-like-processor", data_load_image, decoded_like_the_processor),
     works("audit-transparent-png-decoded-like-processor", lambda env: audit_load_image(env), decoded_like_the_processor),
     fails(
         "audit-non-image-file",

@@ -1,0 +1,224 @@
+"""`safe-llava demo`: the whole product on the embedded default, end to end, offline, in minutes on 2 CPU cores.
+
+1. builds the offline mini safety benchmark (train / validation / test);
+2. builds the embedded default SafeLlava: a small random vision tower in front of SmolLM2-135M (or a tiny LM);
+3. stage 1: trains the safety modules (head-only objective: the language model is not run);
+4. stage 2: LoRA on the language model, merged;
+5. evaluates the safety head on the test split (metrics, confusion matrices, threshold sweep);
+6. exports a Hub-ready folder (safetensors, remote code, model card) and reloads it through
+   the classes of its own remote-code files (as `AutoModel.from_pretrained(..., trust_remote_code=True)` does);
+7. judges held-out test images with the reloaded model and prints category, level, risk, action and answer;
+   writes `report.html`, `report.png` and `demo_results.json`.
+
+The vision tower is random and the benchmark synthetic: the demo shows that the mechanics work, not how safe a
+real SafeLlava-7B is.
+"""
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .embedded import LANGUAGE_MODELS, build_embedded_default
+from .evaluation import evaluate_safety_head
+from .export import export_for_hub
+from .mini_benchmark import build_mini_benchmark
+from .report import format_table, verdict_rows, write_html_report, write_png_report
+from .training import train_stage1, train_stage2
+from .training.arguments import load_recipe
+
+logger = logging.getLogger(__name__)
+
+STAGE1_RECIPE = "recipe_stage1_demo.json"
+STAGE2_RECIPE = "recipe_stage2_demo.json"
+
+
+def run_demo(
+    output_dir="outputs/demo",
+    language_model: str = "smollm2",
+    seed: int = 0,
+    num_per_category: int = 24,
+    stage1_epochs: float | None = None,
+    stage2_steps: int | None = None,
+    shown_per_source: int = 2,
+    max_new_tokens: int = 24,
+) -> dict:
+    """
+    Runs the demo and returns its results (also written to `output_dir/demo_results.json`).
+
+    Args:
+        output_dir: where everything goes (`stage1/`, `stage2/`, `evaluation/`, `export/`, reports).
+        language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM).
+        seed: seed of the benchmark, the random vision tower and training.
+        num_per_category: benchmark images per source (6 sources, 60/20/20 split).
+        stage1_epochs, stage2_steps: override the demo recipes (e.g. smaller for CI).
+        shown_per_source: held-out images per source judged with a generated answer.
+        max_new_tokens: answer length for the judged images.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    clock = _StepClock(total=7)
+
+    clock.step("building the mini safety benchmark")
+    data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
+
+    clock.step(f"building the embedded default SafeLlava ({language_model} language model)")
+    model, processor = build_embedded_default(language_model, seed=seed)
+
+    clock.step("stage 1: training the safety projector, safety tokens and safety head")
+    stage1_overrides = {"seed": seed, **({"num_train_epochs": stage1_epochs} if stage1_epochs else {})}
+    model = train_stage1(
+        model, processor, data["train"], output_dir / "stage1", recipe=STAGE1_RECIPE,
+        eval_dataset=data["validation"], **stage1_overrides,
+    )
+
+    clock.step("stage 2: LoRA on the language model")
+    stage2_overrides = {"seed": seed, **({"max_steps": stage2_steps} if stage2_steps else {})}
+    model = train_stage2(
+        model, processor, data["train"], output_dir / "stage2", recipe=STAGE2_RECIPE, merge_adapter=True,
+        **stage2_overrides,
+    ).eval()
+
+    clock.step("evaluating the safety head on the test split")
+    metrics = evaluate_safety_head(model, processor, data["test"], output_dir / "evaluation")
+
+    clock.step("exporting a Hub-ready folder and reloading it through remote code")
+    training = _training_summary(output_dir, language_model, num_per_category, len(data["train"]))
+    export_dir = export_for_hub(model, processor, output_dir / "export", evaluation=metrics, training=training, overwrite=True)
+    reloaded, reloaded_processor = _reload_with_remote_code(export_dir)
+
+    clock.step("judging held-out images with the reloaded model")
+    shown = _pick_examples(data["test"], shown_per_source)
+    rows = _judge(reloaded, reloaded_processor, shown, max_new_tokens)
+    results = _write_results(output_dir, rows, shown, metrics, export_dir, reloaded, clock.elapsed())
+    print("\n" + format_table(rows))
+    print(_closing_summary(results))
+    return results
+
+
+class _StepClock:
+    """Prints numbered steps with the time each took."""
+
+    def __init__(self, total: int):
+        self.total, self.index, self.start, self.last = total, 0, time.perf_counter(), None
+
+    def step(self, message: str):
+        now = time.perf_counter()
+        if self.last is not None:
+            print(f"      done in {now - self.last:.1f} s", flush=True)
+        self.index += 1
+        self.last = now
+        print(f"[{self.index}/{self.total}] {message}", flush=True)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _training_summary(output_dir: Path, language_model: str, num_per_category: int, train_rows: int) -> dict:
+    def eval_results(stage):
+        path = output_dir / stage / "eval_results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    data = f"offline mini safety benchmark (synthetic), {num_per_category} images per source, {train_rows} training rows"
+    return {
+        "stage1": {"recipe": load_recipe(STAGE1_RECIPE, 1), "data": data, "validation": eval_results("stage1")},
+        "stage2": {"recipe": load_recipe(STAGE2_RECIPE, 2), "data": data},
+        "notes": f"embedded default: random vision tower + {language_model} language model (configuration/demo.json)",
+    }
+
+
+def _reload_with_remote_code(export_dir: Path):
+    """Loads the export with the classes of its own remote-code files (what `trust_remote_code=True` runs on a
+    machine without this package), not with the classes this package registered in the current process."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    auto_map = json.loads((export_dir / "config.json").read_text())["auto_map"]
+    processor_map = json.loads((export_dir / "processor_config.json").read_text())["auto_map"]
+    model_class = get_class_from_dynamic_module(auto_map["AutoModelForImageTextToText"], export_dir)
+    processor_class = get_class_from_dynamic_module(processor_map["AutoProcessor"], export_dir)
+    if not model_class.__module__.startswith("transformers_modules"):
+        raise RuntimeError(f"Expected the exported remote code, got {model_class.__module__}.")
+    return model_class.from_pretrained(export_dir).eval(), processor_class.from_pretrained(export_dir)
+
+
+def _pick_examples(test_split, per_source: int) -> list[dict]:
+    picked, counts = [], {}
+    for row in test_split:
+        if counts.get(row["source"], 0) < per_source:
+            counts[row["source"]] = counts.get(row["source"], 0) + 1
+            picked.append(row)
+    return picked
+
+
+def _judge(model, processor, rows: list[dict], max_new_tokens: int) -> list[dict]:
+    prompts = [_prompt(processor, row) for row in rows]
+    inputs = processor(images=[row["image"] for row in rows], text=prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True)
+    answers = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    type_names = model.config.safety_type_labels
+    records = [{"id": row["id"], "type_name": type_names[row["safe_type"]], "safe_level": row["safe_level"]} for row in rows]
+    return verdict_rows(records, out.safety_assessment.to_records(), answers)
+
+
+def _prompt(processor, row) -> str:
+    question = row["conversations"][0]["value"].replace("<image>", "").strip()
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def _write_results(output_dir, rows, shown, metrics, export_dir, model, seconds) -> dict:
+    notes = (
+        "Embedded default: random vision tower + small language model, trained on the synthetic mini benchmark. "
+        "These verdicts show the mechanics; they say nothing about a real SafeLlava-7B."
+    )
+    images = [row["image"] for row in shown]
+    write_html_report(rows, images, output_dir / "report.html", "SafeLlava demo: held-out test images", notes)
+    write_png_report(rows, images, output_dir / "report.png")
+    results = {
+        "seconds": round(seconds, 1),
+        "level_accuracy": metrics["level"]["accuracy"],
+        "type_accuracy": metrics["type"]["accuracy"],
+        "export_dir": str(export_dir),
+        "reloaded_class": f"{type(model).__module__}.{type(model).__name__}",
+        "judged": rows,
+    }
+    (output_dir / "demo_results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _closing_summary(results: dict) -> str:
+    return (
+        f"\nsafety head on the held-out test split: level accuracy {results['level_accuracy']:.3f}, "
+        f"type accuracy {results['type_accuracy']:.3f}\n"
+        f"exported to {results['export_dir']} (reloaded as {results['reloaded_class']})\n"
+        f"reports: report.html, report.png, evaluation/ in {Path(results['export_dir']).parent}\n"
+        f"finished in {results['seconds']:.0f} s"
+    )
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="outputs/demo", help="where models, reports and metrics go")
+    parser.add_argument("--language-model", choices=LANGUAGE_MODELS, default="smollm2",
+                        help="smollm2: real SmolLM2-135M-Instruct (offline wheel); tiny: 2-layer random LM")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the random vision tower and training")
+    parser.add_argument("--num-per-category", type=int, default=24, help="benchmark images per source (6 sources)")
+    parser.add_argument("--stage1-epochs", type=float, default=None, help="override the stage-1 demo recipe")
+    parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 demo recipe")
+    parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length of the judged images")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    run_demo(
+        output_dir=args.output_dir,
+        language_model=args.language_model,
+        seed=args.seed,
+        num_per_category=args.num_per_category,
+        stage1_epochs=args.stage1_epochs,
+        stage2_steps=args.stage2_steps,
+        max_new_tokens=args.max_new_tokens,
+    )
+    return 0
