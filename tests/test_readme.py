@@ -19,3 +19,12 @@ def test_quickstart_commands_exist():
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert f"bash {script}" in readme and (ROOT / script).is_file()
     assert "bash scripts/test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_quickstart_example_runs(capsys):
+    import runpy
+
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threshold")]
+    assert lines[0].split()[2] == "allow"  # threshold 1.0 flags nothing
+    assert lines[1].split()[2] in {"hint", "refuse"}  # threshold 0.0 flags every row

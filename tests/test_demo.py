@@ -1,0 +1,32 @@
+"""The main job end to end (tiny language model, default benchmark size): trains, exports, reloads through the
+export's own remote code, and the trained head beats chance by a wide margin on the held-out test split."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from modeling_safe_llava.demo import run_demo
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_the_head_beats_chance(tmp_path, capsys):
+    results = run_demo(output_dir=tmp_path, language_model="tiny", seed=0, max_new_tokens=8)
+
+    # 4 levels, 7 types; the majority class of the test split is a third of it: 0.6 is far above both.
+    assert results["level_accuracy"] >= 0.6
+    assert results["type_accuracy"] >= 0.6
+    assert results["reloaded_class"].startswith("transformers_modules.")
+    printed = capsys.readouterr().out
+    for row in results["judged"]:
+        assert row["id"] in printed and row["action"] in {"allow", "hint", "refuse"}
+    assert {row["true"].split(" / ")[0] for row in results["judged"]} >= {"Clean", "Illegal Risk", "Privacy", "Misleading"}
+
+    saved = json.loads((tmp_path / "demo_results.json").read_text())
+    assert saved["level_accuracy"] == results["level_accuracy"]
+    metrics = json.loads((tmp_path / "evaluation" / "metrics.json").read_text())
+    assert metrics["level"]["accuracy"] == results["level_accuracy"]
+    assert Image.open(tmp_path / "report.png").size[0] > 0
+    assert "<img src=\"data:image/png;base64," in (tmp_path / "report.html").read_text()
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert f"{results['level_accuracy']:.3f}"[:4] in card
