@@ -12,16 +12,6 @@ from modeling_safe_llava.training import SafeLlavaPromptCollator, SafeLlavaTrain
 from modeling_safe_llava.training.collator import IGNORE_INDEX
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the suite runs two pytest workers on two cores, and two threads per worker make these
-    tiny ops many times slower (spinning OpenMP threads fight over the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def image(colour) -> Image.Image:
     return Image.fromarray(np.full((20, 20, 3), colour, dtype="uint8"))
 

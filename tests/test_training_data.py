@@ -24,16 +24,6 @@ from modeling_safe_llava.training.data import BAD_ROWS_FILE, SKIPPED_ROWS_FILE
 NUM_LEVELS, NUM_TYPES = 4, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the suite runs two pytest workers on two cores, and two threads per worker make these
-    tiny ops many times slower (spinning OpenMP threads fight over the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def solid_image(colour, size=12) -> Image.Image:
     return Image.fromarray(np.full((size, size, 3), colour, dtype="uint8"))
 

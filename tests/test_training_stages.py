@@ -41,16 +41,6 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CLASSES = [(0, 6, (40, 160, 60)), (3, 0, (200, 30, 30)), (2, 1, (30, 30, 200)), (1, 5, (220, 200, 40))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: the suite runs two pytest workers on two cores, and two threads per worker make these
-    tiny ops many times slower (spinning OpenMP threads fight over the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def colour_records(rows_per_class: int, seed: int, answer: str = "Fine.") -> list[dict]:
     rng = np.random.RandomState(seed)
     records = []
