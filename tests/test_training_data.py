@@ -7,7 +7,6 @@ import json
 import datasets
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from modeling_safe_llava.training import (
