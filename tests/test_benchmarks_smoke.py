@@ -1,0 +1,136 @@
+"""The benchmark machinery end to end on the `micro` config (seconds): every measurement is written, the sanity
+checks the benchmark records hold, and the GPU config refuses cleanly without CUDA. No timing is asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# `benchmarks/` is a folder of the repository, not an installed package: `python -m pytest` (scripts/test.sh) puts
+# the repository root on sys.path, the bare `pytest` entry point does not.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import run as benchmark_run  # noqa: E402
+from benchmarks.scenarios import repeats_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def micro_results(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("benchmark-results")
+    exit_code = benchmark_run.main(["--config", "micro", "--output-dir", str(output_dir)])
+    results = json.loads((output_dir / "micro.json").read_text())
+    config, _ = benchmark_run.load_config("micro")
+    return exit_code, output_dir, results, config
+
+
+def test_run_writes_json_markdown_and_latest(micro_results):
+    exit_code, output_dir, results, _ = micro_results
+    assert exit_code == 0
+    markdown = (output_dir / "micro.md").read_text()
+    assert (output_dir / "LATEST.md").read_text() == markdown
+    for heading in ("## Targets", "## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "## Parameters and FLOPs", "## Method"):
+        assert heading in markdown
+    # one PASS/FAIL verdict in the table per evaluated target
+    verdicts = markdown.count("**PASS**") + markdown.count("**FAIL**")
+    assert verdicts == len(results["targets"])
+
+
+def test_run_is_stamped(micro_results):
+    _, _, results, _ = micro_results
+    meta = results["metadata"]
+    assert meta["config"] == "micro"
+    assert meta["torch"] == torch.__version__
+    for key in ("transformers", "peft", "device", "date_utc", "git_commit", "load_average_before", "load_average_after"):
+        assert meta[key], key
+    assert set(meta["load_average_per_item"]) == set(benchmark_run.ITEMS)
+    assert meta["timer"] == results["config"]["timer"]
+
+
+def test_every_measurement_is_present(micro_results):
+    _, _, results, config = micro_results
+    for batch in config["generate_batch_sizes"]:
+        entry = results["generate_overhead"][f"batch_{batch}"]
+        for phase in ("end_to_end", "prefill"):
+            assert set(entry[phase]) == {"stock", "safe", "head_only"}
+            repeats = repeats_for(config, "generate" if phase == "end_to_end" else "prefill", batch)
+            for timing in entry[phase].values():
+                assert len(timing["wall_runs_s"]) == len(timing["process_cpu_runs_s"]) == repeats
+        for name in ("stock", "safe", "head_only"):
+            memory = entry["memory"][name]
+            assert memory["peak_bytes"] == memory["resident_bytes"] + memory["transient_peak_bytes"]
+            assert memory["transient_peak_bytes"] > 0
+        for ratio in ("end_to_end_safe_vs_stock", "prefill_head_only_vs_stock", "peak_memory_safe_vs_stock"):
+            assert entry["ratios"][ratio] > 0
+    for batch in config["paper_way_batch_sizes"]:
+        assert results["paper_way"][f"batch_{batch}"]["ratios"]["paper_way_vs_ours"] > 0
+    assert results["refusal"]["ratios"]["all_refused_vs_full"] > 0
+    for batch in config["throughput_batch_sizes"]:
+        assert results["assess_throughput"][f"batch_{batch}"]["images_per_second"]["assess_safety"] > 0
+    training = results["training"]
+    assert set(training["timing"]) == set(training["memory"]) == {"stock_lora", "stage1", "stage2"}
+    trainable = training["trainable_parameters"]
+    # stage 1 trains exactly the safety modules; stage 2 the same LoRA as the stock baseline
+    assert trainable["stage1"] == results["flops"]["config"]["parameters"]["safety_total"]
+    assert trainable["stage2"] == trainable["stock_lora"] > 0
+    assert all(training["flops_per_step"][name] > 0 for name in trainable)
+
+
+def test_compared_calls_do_what_they_claim(micro_results):
+    """The recorded checks: each side generated the asked tokens, head-only SafeLlava's tokens are stock LLaVA's,
+    ours encodes images once and the paper's way twice, an all-refused batch never reaches the language model."""
+    _, _, results, config = micro_results
+    for entry in results["generate_overhead"].values():
+        checks = entry["checks"]
+        assert checks["stock_new_tokens"] == checks["safe_new_tokens"] == checks["head_only_new_tokens"] == config["new_tokens"]
+        assert checks["head_only_tokens_equal_stock"] is True
+    for entry in results["paper_way"].values():
+        assert entry["checks"]["vision_tower_calls"] == {"ours": 1, "paper_way": 2}
+        assert entry["checks"]["same_tokens"] is True
+    refusal = results["refusal"]["checks"]
+    assert refusal["all_rows_refused"] is True
+    assert refusal["language_model_calls_when_refused"] == 0
+    for entry in results["assess_throughput"].values():
+        assert entry["checks"]["language_model_calls_in_assess"] == 0
+
+
+def test_flop_and_parameter_accounting(micro_results):
+    _, _, results, _ = micro_results
+    flops = results["flops"]
+    verification = flops["verification"]
+    assert verification["meta_equals_real"] is True  # FlopCounterMode on meta counts what real tensors count
+    assert verification["components_add_up"] is True  # per-module counts cover the whole forward
+    parameters = flops["reference_7b"]["parameters"]
+    assert parameters["non_safety_params_match_stock"] is True
+    assert parameters["safety_total"] == sum(parameters["safety_by_module"].values())
+    for section in (flops["reference_7b"], flops["config"]):
+        totals = section["totals"]
+        assert totals["safe_prefill"] > totals["head_only_prefill"] > totals["stock_prefill"] > totals["assess_safety"]
+    memory = flops["reference_7b"]["memory_estimate_bf16"]["by_batch"]
+    assert all(entry["safe_vs_stock"] > entry["head_only_vs_stock"] > 1.0 for entry in memory.values())
+
+
+def test_targets_have_verdicts(micro_results):
+    _, _, results, config = micro_results
+    rows = results["targets"]
+    assert {row["item"] for row in rows} == {1, 2, 3, 4}
+    expected = 4 * len(config["generate_batch_sizes"]) + 1 + len(config["paper_way_batch_sizes"]) + 1
+    expected += len(config["throughput_batch_sizes"])
+    assert len(rows) == expected
+    assert all(isinstance(row["passed"], bool) for row in rows)
+
+
+def test_gpu_config_refuses_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    exit_code = benchmark_run.main(["--config", "gpu-7b", "--output-dir", str(tmp_path)])
+    assert exit_code == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_config_lists_available():
+    with pytest.raises(ValueError, match="cpu-small"):
+        benchmark_run.load_config("no-such-config")
