@@ -2,10 +2,8 @@
 raises an error of the expected type whose message names the problem. Nothing may crash deep inside torch with an
 opaque message, and nothing may come back silently wrong.
 
-Rows marked `xfail(strict=True)` fail today because a guard is missing where the input enters. Each mark names the
-patch that adds it: P1-P8 for the model and the processor, C1 for the CLI, and D1/D2 for the image decoding of the
-training-data and audit helpers. Once a patch is applied its rows pass, strict xfail turns them red, and the mark is
-removed.
+A row may be marked `xfail(strict=True)` while the guard it needs is missing (the `patch` argument names it);
+strict xfail turns the row red as soon as the guard lands, and the mark is then removed. No row is marked today.
 """
 
 import io

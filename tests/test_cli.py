@@ -1,0 +1,28 @@
+"""The `safe-llava` console script: `--help` works and documents every subcommand."""
+
+import pytest
+
+from modeling_safe_llava.cli import SUBCOMMANDS, main
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert f"safe-llava {command}" in help_text and "--" in help_text
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(command in help_text for command in SUBCOMMANDS)
+
+
+def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, capsys):
+    code = main(["audit", "--model", str(tmp_path / "missing"), "--images", str(tmp_path), "--output", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safe-llava audit: error:") and "Traceback" not in err
