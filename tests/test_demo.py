@@ -11,7 +11,7 @@ from modeling_safe_llava.demo import run_demo
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_the_head_beats_chance(tmp_path, capsys):
-    results = run_demo(output_dir=tmp_path, language_model="tiny", seed=0, max_new_tokens=8)
+    results = run_demo(output_dir=tmp_path, language_model="tiny", seed=0, stage1_epochs=30, max_new_tokens=8)
 
     # 4 levels, 7 types; the majority class of the test split is a third of it: 0.6 is far above both.
     assert results["level_accuracy"] >= 0.6
