@@ -777,7 +777,9 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         self.check_safety_ready(allow_untrained_safety)
         if pixel_values is None:
             raise ValueError("assess_safety needs pixel_values: there is no image to assess.")
-        level_logits, type_logits, images_per_row, _ = self._judge_images(input_ids, pixel_values, attention_mask, image_sizes)
+        level_logits, type_logits, images_per_row, _ = self._judge_images(
+            input_ids, pixel_values, attention_mask, image_sizes, for_language_model=False
+        )
         return self.decide(level_logits, type_logits, images_per_row, safety_threshold, safety_actions)
 
     def safety_forward(
@@ -794,7 +796,9 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         Returns `loss = safety_loss_weight * safety_loss` when `safety_labels` is given, and the safety logits.
         Stage 1 can train on it when the LLM safety tokens stay frozen: it skips the language model's cost.
         """
-        level_logits, type_logits, images_per_row, _ = self._judge_images(input_ids, pixel_values, attention_mask, image_sizes)
+        level_logits, type_logits, images_per_row, _ = self._judge_images(
+            input_ids, pixel_values, attention_mask, image_sizes, for_language_model=False
+        )
         safety_loss = loss = None
         if safety_labels is not None:
             safety_loss = self.safety_loss(level_logits, type_logits, safety_labels, images_per_row)
@@ -803,13 +807,20 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             loss=loss, safety_loss=safety_loss, safety_level_logits=level_logits, safety_type_logits=type_logits
         )
 
-    def _judge_images(self, input_ids, pixel_values, attention_mask, image_sizes=None, **vision_kwargs):
-        """One vision pass: (level logits, type logits, images per row, image outputs reusable by generate)."""
+    def _judge_images(self, input_ids, pixel_values, attention_mask, image_sizes=None, for_language_model=True):
+        """
+        One vision pass: (level logits, type logits, images per row, image outputs). With `for_language_model`, the
+        image outputs also hold what the language model needs (LLaVA's projection, LLM safety tokens first), so
+        `generate` reuses them; without it only the vision tower runs, which is all the safety head reads.
+        """
         if input_ids is None:
             raise ValueError("Safety-aware calls need input_ids (inputs_embeds cannot show where images are).")
         check_model_inputs(self, input_ids, pixel_values, attention_mask, max_length=None)
-        image_outputs = self.model.get_image_features(pixel_values, image_sizes=image_sizes, **vision_kwargs)
-        images_per_row = self.model.count_images_per_row(input_ids, len(image_outputs.pooler_output))
+        if for_language_model:
+            image_outputs = self.model.get_image_features(pixel_values, image_sizes=image_sizes)
+        else:
+            image_outputs = self.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        images_per_row = self.model.count_images_per_row(input_ids, pixel_values.shape[0])
         query = self.model.first_token_embeddings(input_ids, None, attention_mask)
         level_logits, type_logits = self.model.get_safety_logits(image_outputs, images_per_row, query)
         return level_logits, type_logits, images_per_row, image_outputs

@@ -242,9 +242,12 @@ def test_assess_safety_never_calls_the_language_model(trained_tiny_safe_llava):
     model, processor = trained_tiny_safe_llava
     inputs = processor(images=[random_image(5)], text=[chat_prompt(processor)], return_tensors="pt")
     calls, handle = count_calls(model.model.language_model)
+    projector_calls, projector_handle = count_calls(model.model.multi_modal_projector)
     assessment = model.assess_safety(**inputs)
     handle.remove()
+    projector_handle.remove()
     assert calls == [] and assessment.risk.shape == (1,)
+    assert projector_calls == []  # the safety head reads the vision tower only; LLaVA's projection is not needed
 
 
 def test_all_refused_batch_makes_no_decode_step(trained_tiny_safe_llava):
