@@ -36,10 +36,13 @@ setup(
     extras_require={
         "train": ["peft>=0.21,<0.22", "datasets>=4.0", "accelerate>=1.10"],
         "eval": ["matplotlib>=3.8", "scikit-image>=0.24", "datasets>=4.0"],
+        # Multi-GPU training as in the paper: --deepspeed configuration/deepspeed_zero2.json
+        "deepspeed": ["deepspeed>=0.16"],
         "dev": [
             "peft>=0.21,<0.22",
             "datasets>=4.0",
             "accelerate>=1.10",
+            "deepspeed>=0.16",
             "matplotlib>=3.8",
             "scikit-image>=0.24",
             "pytest>=8",

@@ -22,6 +22,8 @@ The output folder holds a full SafeLlava (safetensors, remote code, processor) w
 `config.safety_modules_trained = True`; stage 2 (examples/train_stage2.py) starts from it.
 """
 
+from accelerate import PartialState
+
 from modeling_safe_llava.training import (
     load_model_and_processor,
     parse_command_line,
@@ -44,5 +46,6 @@ eval_data = eval_file if eval_file is not None or train_file is not None else sy
 
 model = train_stage1(model, processor, train_data, output_dir, recipe=recipe, eval_dataset=eval_data, **overrides)
 
-print(f"Stage 1 done: SafeLlava with trained safety modules saved in {output_dir}")
-print(f"Next: python examples/train_stage2.py --model_name_or_path {output_dir} --output_dir <stage-2 folder>")
+if PartialState().is_main_process:  # under torchrun / accelerate launch, one summary rather than one per rank
+    print(f"Stage 1 done: SafeLlava with trained safety modules saved in {output_dir}")
+    print(f"Next: python examples/train_stage2.py --model_name_or_path {output_dir} --output_dir <stage-2 folder>")

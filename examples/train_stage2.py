@@ -23,6 +23,8 @@ The output folder holds the LoRA adapter (adapter_config.json, adapter_model.saf
 it on the stage-1 model (`modeling_safe_llava.training.load_stage2_model(stage1_folder, output_dir)`).
 """
 
+from accelerate import PartialState
+
 from modeling_safe_llava.training import (
     load_model_and_processor,
     parse_command_line,
@@ -45,6 +47,7 @@ eval_data = eval_file
 
 model = train_stage2(model, processor, train_data, output_dir, recipe=recipe, eval_dataset=eval_data, **overrides)
 
-print(f"Stage 2 done: LoRA adapter saved in {output_dir}")
-if overrides.get("merge_adapter"):
-    print(f"Merged model saved in {output_dir}/merged")
+if PartialState().is_main_process:  # under torchrun / accelerate launch, one summary rather than one per rank
+    print(f"Stage 2 done: LoRA adapter saved in {output_dir}")
+    if overrides.get("merge_adapter"):
+        print(f"Merged model saved in {output_dir}/merged")

@@ -1,11 +1,18 @@
-"""Stage 1 under `torchrun --nproc_per_node 2` on CPU (gloo): the ranks train on different rows and end with identical
-weights (gradients are synchronized), only the safety modules changed."""
+"""Training beyond one process, on CPU (gloo):
+
+- stage 1 under `torchrun --nproc_per_node 2` and under `accelerate launch --multi_gpu --num_processes 2`: the ranks
+  train on different rows and end with identical weights (gradients are synchronized), only the safety modules changed;
+- examples/train_stage1.py and examples/train_stage2.py under `accelerate launch` with the paper's DeepSpeed ZeRO-2
+  config (configuration/deepspeed_zero2.json): the optimizer state is partitioned across the ranks.
+"""
 
 import json
 import os
 import subprocess
 import sys
 import textwrap
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +21,19 @@ from safetensors.torch import load_file
 from modeling_safe_llava import SafeLlavaForConditionalGeneration
 from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 from modeling_safe_llava.tiny import build_tiny_safe_llava
+from modeling_safe_llava.training.stages import language_model_prefix
+
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # --multi_gpu picks accelerate's torch.distributed launcher; with no GPU the ranks run on CPU with gloo
+    # (`--cpu` would pick its single-process launcher instead).
+    "accelerate": [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--main_process_port", "0", "--mixed_precision", "no", "--dynamo_backend", "no",
+    ],
+}  # fmt: skip
 
 WORKER = textwrap.dedent(
     """
@@ -51,15 +71,19 @@ WORKER = textwrap.dedent(
 )
 
 
+def launch_two_processes(launcher: str, script_and_args: list[str], timeout: int = 180):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = LAUNCHERS[launcher] + [str(argument) for argument in script_and_args]
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+
 @pytest.mark.slow
-def test_stage1_under_torchrun_with_two_cpu_processes_ends_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_stage1_with_two_cpu_processes_ends_with_identical_weights(tmp_path, launcher):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += [str(worker), str(tmp_path)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=90)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    launch_two_processes(launcher, [worker, tmp_path])
 
     rows = []
     for rank in (0, 1):
@@ -77,3 +101,37 @@ def test_stage1_under_torchrun_with_two_cpu_processes_ends_with_identical_weight
         assert torch.equal(rank0[name], rank1[name]), name
         assert torch.equal(saved[name], rank0[name]), name
         assert torch.equal(rank0[name], initial[name]) != name.startswith(SAFETY_PARAMETER_PREFIXES), name
+
+
+@pytest.mark.slow
+def test_training_scripts_under_accelerate_launch_with_deepspeed_zero2_partition_the_optimizer(tmp_path):
+    stage1_dir, stage2_dir = tmp_path / "stage1", tmp_path / "stage2"
+    common = ["--deepspeed", REPO / "configuration" / "deepspeed_zero2.json", "--max_steps", "2", "--disable_tqdm", "true"]
+    stage1 = [REPO / "examples" / "train_stage1.py", "--output_dir", stage1_dir, "--save_strategy", "steps"]
+    launch_two_processes("accelerate", stage1 + ["--save_steps", "2", *common])
+
+    # ZeRO-2: each rank holds its own slice of the fp32 master weights and Adam moments of the trainable parameters.
+    initial = build_tiny_safe_llava(seed=0)[0].state_dict()  # the scripts' tiny model (--seed_for_tiny_model 0)
+    safety_numel = sum(value.numel() for name, value in initial.items() if name.startswith(SAFETY_PARAMETER_PREFIXES))
+    step_dir = stage1_dir / "checkpoint-2" / "global_step2"
+    partitions = [
+        torch.load(step_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt", weights_only=False)
+        for rank in (0, 1)
+    ]
+    partitions = [saved["optimizer_state_dict"] for saved in partitions]
+    sizes = [sum(slice_.numel() for slice_ in p["single_partition_of_fp32_groups"]) for p in partitions]
+    assert [int(p["zero_stage"]) for p in partitions] == [2, 2]
+    assert all(set(p["partition_count"]) == {2} for p in partitions)
+    assert sum(sizes) == safety_numel and max(sizes) < safety_numel  # saved without the alignment padding
+
+    trained = SafeLlavaForConditionalGeneration.from_pretrained(stage1_dir)
+    assert trained.config.safety_modules_trained
+    for name, value in trained.state_dict().items():
+        assert torch.equal(value, initial[name]) != name.startswith(SAFETY_PARAMETER_PREFIXES), name
+
+    stage2 = [REPO / "examples" / "train_stage2.py", "--model_name_or_path", stage1_dir, "--output_dir", stage2_dir]
+    launch_two_processes("accelerate", stage2 + common)
+    adapter = load_file(str(stage2_dir / "adapter_model.safetensors"))
+    language_model = language_model_prefix(trained)
+    assert adapter and all(f".{language_model}." in name and ".lora_" in name for name in adapter)
+    assert any(value.abs().max() > 0 for name, value in adapter.items() if ".lora_B." in name)  # B starts at zero
