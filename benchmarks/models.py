@@ -8,6 +8,7 @@ import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
+from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 from modeling_safe_llava.presets import load_json_preset, load_safety_policy
 from modeling_safe_llava.tiny import build_tiny_llava_processor, build_tiny_tokenizer
 
@@ -18,7 +19,8 @@ NOTHING_FLAGGED = {"safety_threshold": 1.0}
 
 @dataclass
 class BenchmarkModels:
-    """The three models every measurement compares, sharing the stock weights (copied bit-identically).
+    """The three models every measurement compares. They share one copy of the stock weights (the same tensors), so
+    a 7B shape needs the memory of one model, not three.
 
     Attributes:
         stock: `LlavaForConditionalGeneration` with random weights.
@@ -93,6 +95,7 @@ def build_models(config: dict) -> BenchmarkModels:
     """
     Builds stock LLaVA with random weights (seeded), then SafeLlava (LLM safety tokens as configured) and a head-only
     SafeLlava from it with `SafeLlavaForConditionalGeneration.from_llava`, both marked trained and in eval mode.
+    The SafeLlava models hold stock's own weight tensors; head-only SafeLlava also holds SafeLlava's safety modules.
     """
     device, dtype = config["device"], resolve_dtype(config["dtype"])
     tokenizer = build_tiny_tokenizer()
@@ -102,11 +105,41 @@ def build_models(config: dict) -> BenchmarkModels:
     torch.manual_seed(config["seed"])
     with build_context(device, dtype):
         stock = LlavaForConditionalGeneration(llava_config).eval()
-        safe = _safe_from_stock(stock, tokenizer, safety_fields, policy)
-        head_only = _safe_from_stock(stock, tokenizer, {**safety_fields, "num_llm_safety_tokens": 0}, policy)
+        safety_modules = _safe_from_stock(_shallow_stock(llava_fields), tokenizer, safety_fields, policy)
+    with build_context("meta", dtype):
+        safe = _safe_from_stock(LlavaForConditionalGeneration(llava_config), tokenizer, safety_fields, policy)
+        head_only_fields = {**safety_fields, "num_llm_safety_tokens": 0}
+        head_only = _safe_from_stock(LlavaForConditionalGeneration(llava_config), tokenizer, head_only_fields, policy)
+    share_tensors(safe, stock_weights=stock, safety_weights=safety_modules)
+    share_tensors(head_only, stock_weights=stock, safety_weights=safe)
     for model in (stock, safe, head_only):
         _pin_generation_config(model, config["new_tokens"])
     return BenchmarkModels(stock, safe, head_only, tokenizer, safety_fields)
+
+
+def _shallow_stock(llava_fields: dict) -> LlavaForConditionalGeneration:
+    """Stock LLaVA of the same widths with one layer per tower: enough to initialise safety modules of the right
+    shapes (they depend on widths and token counts only) without a second full-size model."""
+    fields = copy.deepcopy(llava_fields)
+    fields["vision_config"]["num_hidden_layers"] = 1
+    fields["text_config"]["num_hidden_layers"] = 1
+    return LlavaForConditionalGeneration(LlavaConfig(**fields))
+
+
+def share_tensors(model, stock_weights, safety_weights):
+    """
+    Points every parameter and buffer of `model` (built on the meta device) at the tensor of the same name in
+    `safety_weights` (safety modules) or `stock_weights` (everything else): no copy, no new memory.
+    """
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        source = safety_weights if name.startswith(SAFETY_PARAMETER_PREFIXES) else stock_weights
+        owner_name, _, leaf = name.rpartition(".")
+        owner, source_owner = model.get_submodule(owner_name), source.get_submodule(owner_name)
+        slot = "_parameters" if isinstance(tensor, torch.nn.Parameter) else "_buffers"
+        shared = getattr(source_owner, slot).get(leaf)
+        if shared is None or shared.shape != tensor.shape:
+            raise ValueError(f"{type(source).__name__} has no {name} of shape {tuple(tensor.shape)} to share.")
+        getattr(owner, slot)[leaf] = shared
 
 
 def _safe_from_stock(stock, tokenizer, safety_fields, policy):

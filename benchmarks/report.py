@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 MIB = 2**20
+# Result sections holding `generate` peak memory: the timed benchmark, or memory alone (shapes too slow to time here)
+MEMORY_SECTIONS = ("generate_overhead", "generate_memory")
 
 
 def _fmt(value, digits=3):
@@ -54,12 +56,14 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
             ratios["end_to_end_head_only_vs_stock"], f"<= {limit:.2f}", ratios["end_to_end_head_only_vs_stock"] <= limit,
             flops_config["generate_head_only_vs_stock"], flops_7b["generate_head_only_vs_stock"],
             spread["end_to_end_head_only_vs_stock"])
-        limit = targets["peak_memory_ratio_max"]
-        for variant, label in (("safe", f"{tokens} LLM safety tokens"), ("head_only", "head only")):
-            value = ratios[f"peak_memory_{variant}_vs_stock"]
-            predicted = memory_7b.get(key, {}).get(f"{variant}_vs_stock")
-            add(1, f"generate peak memory, {label} / stock, batch {batch}", value, f"<= {limit:.2f}", value <= limit,
-                None, predicted)
+    for section in MEMORY_SECTIONS:
+        for key, entry in results.get(section, {}).items():
+            limit = targets["peak_memory_ratio_max"]
+            for variant, label in (("safe", f"{tokens} LLM safety tokens"), ("head_only", "head only")):
+                value = entry["ratios"][f"peak_memory_{variant}_vs_stock"]
+                predicted = memory_7b.get(key, {}).get(f"{variant}_vs_stock")
+                add(1, f"generate peak memory, {label} / stock, batch {entry['batch_size']}", value, f"<= {limit:.2f}",
+                    value <= limit, None, predicted)
     if "flops" in results:
         share = results["flops"]["reference_7b"]["parameters"]["safety_share_of_stock"]
         limit = targets["safety_parameter_share_7b_max"]
@@ -103,7 +107,7 @@ def explain_misses(results: dict) -> list[str]:
         if "peak memory" in row["name"]:
             batch = row["name"].rsplit(" ", 1)[-1]
             variant = "head_only" if "head only" in row["name"] else "safe"
-            entry = results["generate_overhead"][f"batch_{batch}"]
+            entry = next(results[s][f"batch_{batch}"] for s in MEMORY_SECTIONS if s in results)
             stock, other = entry["memory"]["stock"], entry["memory"][variant]
             mib = 2**20
             note += (
@@ -139,13 +143,18 @@ def explain_misses(results: dict) -> list[str]:
 
 
 def write_results(results: dict, output_dir: Path, name: str) -> dict:
-    """Writes `<name>.json`, `<name>.md` and `LATEST.md` (a copy of this run's markdown); returns their paths."""
+    """
+    Writes `<name>.json`, `<name>.md` and `LATEST.md` (a copy of this run's markdown, unless the config says
+    `"update_latest": false`, as partial runs do); returns their paths.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"json": output_dir / f"{name}.json", "markdown": output_dir / f"{name}.md", "latest": output_dir / "LATEST.md"}
+    paths = {"json": output_dir / f"{name}.json", "markdown": output_dir / f"{name}.md"}
     paths["json"].write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
     markdown = render_markdown(results)
     paths["markdown"].write_text(markdown)
-    paths["latest"].write_text(markdown)
+    if results["config"].get("update_latest", True):
+        paths["latest"] = output_dir / "LATEST.md"
+        paths["latest"].write_text(markdown)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -177,6 +186,8 @@ def render_markdown(results: dict) -> str:
     lines += _targets_section(results)
     if "generate_overhead" in results:
         lines += _generate_section(results)
+    if "generate_memory" in results:
+        lines += _generate_memory_section(results)
     if "paper_way" in results:
         lines += _paper_way_section(results)
     if "refusal" in results:
@@ -256,6 +267,29 @@ def _generate_section(results):
         "",
     ]
     return lines
+
+
+def _generate_memory_section(results):
+    lines = [
+        "## 1. `generate` peak memory with safety on, nothing flagged (`safety_threshold=1.0`) vs stock `generate`",
+        "",
+        "Memory only (no timings: this shape is too slow to time repeatedly on this machine). One profiled call each; "
+        "its wall time is given for information.",
+        "",
+        "| batch | model | peak MiB | ratio | resident MiB | transient MiB | ratio | new tokens | profiled call s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for entry in results["generate_memory"].values():
+        r = entry["ratios"]
+        for name in ("stock", "safe", "head_only"):
+            mem = entry["memory"][name]
+            ratio = lambda key: "1" if name == "stock" else _fmt(r[f"{key}_{name}_vs_stock"])  # noqa: E731
+            lines.append(
+                f"| {entry['batch_size']} | {_variant_label(name, results)} | {mem['peak_bytes'] / MIB:,.1f} | "
+                f"{ratio('peak_memory')} | {mem['resident_bytes'] / MIB:,.1f} | {mem['transient_peak_bytes'] / MIB:,.1f} | "
+                f"{ratio('transient_memory')} | {entry['checks'][f'{name}_new_tokens']} | {entry['profiled_wall_s'][name]:.0f} |"
+            )
+    return lines + [""]
 
 
 def _variant_label(name, results):
@@ -415,8 +449,9 @@ def _method_section(meta):
     return [
         "## Method",
         "",
-        "- Stock and SafeLlava models hold identical weights: `SafeLlavaForConditionalGeneration.from_llava(stock, ...)` "
-        "copies every stock tensor; the safety modules are random and marked trained. Inputs: one prompt "
+        "- Stock and SafeLlava models hold identical weights: SafeLlava is built with "
+        "`SafeLlavaForConditionalGeneration.from_llava(stock, ...)` on the meta device and then given stock's own "
+        "tensors (one copy of the weights in memory); the safety modules are random and marked trained. Inputs: one prompt "
         "`USER: <image>\\n... ASSISTANT:` with `config.image_seq_length` placeholders (stock "
         f"{seq['stock']}, SafeLlava {seq['safe']}: patches + LLM safety tokens) and the same random images.",
         "- Both sides decode greedily exactly the configured number of tokens (`min_new_tokens = max_new_tokens`). "
@@ -453,8 +488,11 @@ def main(argv=None) -> int:
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     markdown = render_markdown(results)
     path.with_suffix(".md").write_text(markdown)
-    (path.parent / "LATEST.md").write_text(markdown)
-    print(f"Wrote {path.with_suffix('.md')} and {path.parent / 'LATEST.md'}")
+    written = [path.with_suffix(".md")]
+    if results["config"].get("update_latest", True):
+        (path.parent / "LATEST.md").write_text(markdown)
+        written.append(path.parent / "LATEST.md")
+    print(f"Wrote {' and '.join(map(str, written))}")
     return 0
 
 

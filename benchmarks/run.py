@@ -28,7 +28,10 @@ from tqdm.auto import tqdm  # noqa: E402
 BENCHMARK_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = BENCHMARK_DIR / "configs"
 DEFAULT_OUTPUT_DIR = BENCHMARK_DIR / "results"
-ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "training")
+ITEMS = ("generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "training")
+# What a config runs unless it names its own "items" (or --only overrides): generate_memory repeats
+# generate_overhead's memory part, for shapes too slow to time here.
+DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "training")
 REQUIRED_KEYS = (
     "name", "device", "dtype", "timer", "seed", "reference_preset", "model", "prompt", "new_tokens", "generate_batch_sizes",
     "paper_way_batch_sizes", "refusal_batch_size", "throughput_batch_sizes", "train_batch_size",
@@ -70,13 +73,14 @@ def check_device(config: dict):
         raise ValueError(f"Config {config['name']!r} runs on CUDA: its timer must be 'wall', got {config['timer']!r}.")
 
 
-def run_benchmark(config: dict, config_path: Path, items=ITEMS, command: str = "") -> dict:
+def run_benchmark(config: dict, config_path: Path, items=None, command: str = "") -> dict:
     """Builds the models, runs the selected measurements and returns the results dict (nothing written)."""
     from . import flops, scenarios
     from .models import build_meta_pair, build_models, prompt_token_ids
     from .report import evaluate_targets, explain_misses
 
     check_device(config)
+    items = config.get("items", DEFAULT_ITEMS) if items is None else items
     unknown = sorted(set(items) - set(ITEMS))
     if unknown:
         raise ValueError(f"Unknown benchmark items {unknown}; accepted: {list(ITEMS)}.")
@@ -96,6 +100,7 @@ def run_benchmark(config: dict, config_path: Path, items=ITEMS, command: str = "
 
     steps = {
         "generate_overhead": (scenarios.generate_overhead, scenarios.generate_steps),
+        "generate_memory": (scenarios.generate_memory, scenarios.generate_memory_steps),
         "paper_way": (scenarios.paper_way, scenarios.paper_way_steps),
         "refusal": (scenarios.refusal, scenarios.refusal_steps),
         "assess_throughput": (scenarios.assess_throughput, scenarios.assess_steps),
@@ -226,7 +231,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="config name in benchmarks/configs/ or a path to a JSON file")
     parser.add_argument("--output-dir", default=str(DEFAULT_OUTPUT_DIR), help="where results are written")
-    parser.add_argument("--only", default=",".join(ITEMS), help=f"comma-separated subset of {','.join(ITEMS)}")
+    parser.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated subset of {','.join(ITEMS)} (default: the config's \"items\", else {','.join(DEFAULT_ITEMS)})",
+    )
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads, overriding the config's num_threads (CPU only)"
     )
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}.")
         config["num_threads"] = args.threads
-    items = [item.strip() for item in args.only.split(",") if item.strip()]
+    items = None if args.only is None else [item.strip() for item in args.only.split(",") if item.strip()]
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         results = run_benchmark(config, config_path, items, command)
@@ -253,7 +262,7 @@ def main(argv=None) -> int:
     paths = write_results(results, Path(args.output_dir), config["name"])
     for row in results["targets"]:
         print(f"{'PASS' if row['passed'] else 'FAIL'}  ({row['item']}) {row['name']}: {row['measured']:.4f} (target {row['target']})")
-    print(f"Results: {paths['json']}, {paths['markdown']}, {paths['latest']}")
+    print(f"Results: {', '.join(paths.values())}")
     return 0
 
 

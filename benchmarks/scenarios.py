@@ -7,6 +7,7 @@ vision-tower passes, rows refused).
 
 import contextlib
 import copy
+import time
 
 import torch
 
@@ -121,12 +122,7 @@ def generate_overhead(bm, config: dict, bar) -> dict:
                 "end_to_end_head_only_vs_stock": end_to_end.ratio("head_only", "stock"),
                 "prefill_safe_vs_stock": prefill.ratio("safe", "stock"),
                 "prefill_head_only_vs_stock": prefill.ratio("head_only", "stock"),
-                "peak_memory_safe_vs_stock": memory["safe"]["peak_bytes"] / memory["stock"]["peak_bytes"],
-                "peak_memory_head_only_vs_stock": memory["head_only"]["peak_bytes"] / memory["stock"]["peak_bytes"],
-                "transient_memory_safe_vs_stock": memory["safe"]["transient_peak_bytes"]
-                / memory["stock"]["transient_peak_bytes"],
-                "transient_memory_head_only_vs_stock": memory["head_only"]["transient_peak_bytes"]
-                / memory["stock"]["transient_peak_bytes"],
+                **memory_ratios(memory),
             },
             "checks": checks,
         }
@@ -139,6 +135,52 @@ def generate_steps(config: dict) -> int:
         3 * (repeats_for(config, "generate", b) + repeats_for(config, "prefill", b)) + 3
         for b in config["generate_batch_sizes"]
     )
+
+
+def memory_ratios(memory: dict) -> dict:
+    """Peak and transient memory of SafeLlava and head-only SafeLlava over stock's."""
+    return {
+        f"{kind}_memory_{name}_vs_stock": memory[name][f"{key}_bytes"] / memory["stock"][f"{key}_bytes"]
+        for kind, key in (("peak", "peak"), ("transient", "transient_peak"))
+        for name in ("safe", "head_only")
+    }
+
+
+def generate_memory(bm, config: dict, bar) -> dict:
+    """
+    Peak memory of one end-to-end `generate` of stock LLaVA, SafeLlava with LLM safety tokens and head-only SafeLlava
+    (nothing flagged), without timings: for shapes too slow to time on the machine at hand (the 7B shape on a CPU).
+    The wall time of each measured call is recorded for information (the memory profiler slows it down).
+    """
+    device, prompt, new_tokens = config["device"], config["prompt"], config["new_tokens"]
+    models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
+    results = {}
+    for batch_size in config["generate_batch_sizes"]:
+        inputs = {name: make_inputs(model, bm.tokenizer, prompt, batch_size) for name, model in models.items()}
+        memory, new, wall = {}, {}, {}
+        for name, model in models.items():
+            extra = {} if name == "stock" else NOTHING_FLAGGED
+            outputs = []
+            started = time.perf_counter()
+            memory[name] = peak_memory(
+                lambda: outputs.append(model.generate(**inputs[name], **extra)), device, model_bytes(model)
+            )
+            wall[name] = time.perf_counter() - started
+            new[f"{name}_new_tokens"] = _sequences(outputs[0]).shape[1] - inputs[name]["input_ids"].shape[1]
+            bar.update(1)
+        results[f"batch_{batch_size}"] = {
+            "batch_size": batch_size,
+            "new_tokens": new_tokens,
+            "memory": memory,
+            "profiled_wall_s": wall,
+            "ratios": memory_ratios(memory),
+            "checks": new,
+        }
+    return results
+
+
+def generate_memory_steps(config: dict) -> int:
+    return 3 * len(config["generate_batch_sizes"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

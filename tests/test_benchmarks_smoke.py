@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import run as benchmark_run  # noqa: E402
+from benchmarks.models import build_models  # noqa: E402
 from benchmarks.scenarios import repeats_for  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def test_run_is_stamped(micro_results):
     assert meta["torch"] == torch.__version__
     for key in ("transformers", "peft", "device", "date_utc", "git_commit", "load_average_before", "load_average_after"):
         assert meta[key], key
-    assert set(meta["load_average_per_item"]) == set(benchmark_run.ITEMS)
+    assert set(meta["load_average_per_item"]) == set(benchmark_run.DEFAULT_ITEMS)
     assert meta["timer"] == results["config"]["timer"]
 
 
@@ -121,6 +122,46 @@ def test_targets_have_verdicts(micro_results):
     expected += len(config["throughput_batch_sizes"])
     assert len(rows) == expected
     assert all(isinstance(row["passed"], bool) for row in rows)
+
+
+def test_compared_models_share_one_copy_of_the_stock_weights():
+    config, _ = benchmark_run.load_config("micro")
+    bm = build_models(config)
+
+    def storages(model, safety: bool):
+        return {
+            tensor.untyped_storage().data_ptr()
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if name.startswith(("model.safety_", "model.llm_safety_tokens")) == safety
+        }
+
+    stock = storages(bm.stock, safety=False)
+    assert storages(bm.safe, safety=False) == storages(bm.head_only, safety=False) == stock
+    assert storages(bm.head_only, safety=True) < storages(bm.safe, safety=True)  # all but the LLM safety tokens
+    assert not storages(bm.safe, safety=True) & stock
+    assert not any(tensor.is_meta for model in (bm.safe, bm.head_only) for tensor in model.state_dict().values())
+    assert bm.safe.model.safety_tokens.std() > 0 and bm.safe.model.llm_safety_tokens.std() > 0  # initialised
+
+
+def test_memory_only_item_measures_every_model_without_touching_latest(tmp_path):
+    config, _ = benchmark_run.load_config("micro")
+    config_path = tmp_path / "micro-memory.json"
+    config_path.write_text(json.dumps({**config, "name": "micro-memory", "items": ["generate_memory"], "update_latest": False}))
+    assert benchmark_run.main(["--config", str(config_path), "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "micro-memory.json").read_text())
+    assert not (tmp_path / "LATEST.md").exists()
+    assert set(results) >= {"generate_memory", "flops", "targets"} and "generate_overhead" not in results
+    for batch in config["generate_batch_sizes"]:
+        entry = results["generate_memory"][f"batch_{batch}"]
+        assert set(entry["checks"].values()) == {config["new_tokens"]}
+        for name, memory in entry["memory"].items():
+            assert memory["peak_bytes"] == memory["resident_bytes"] + memory["transient_peak_bytes"] > 0, name
+        assert entry["ratios"]["peak_memory_safe_vs_stock"] == pytest.approx(
+            entry["memory"]["safe"]["peak_bytes"] / entry["memory"]["stock"]["peak_bytes"]
+        )
+    memory_rows = [row for row in results["targets"] if "peak memory" in row["name"]]
+    assert len(memory_rows) == 2 * len(config["generate_batch_sizes"])
+    assert "## 1. `generate` peak memory" in (tmp_path / "micro-memory.md").read_text()
 
 
 def test_gpu_config_refuses_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
