@@ -28,3 +28,12 @@ def test_quickstart_example_runs(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("threshold")]
     assert lines[0].split()[2] == "allow"  # threshold 1.0 flags nothing
     assert lines[1].split()[2] in {"hint", "refuse"}  # threshold 0.0 flags every row
+
+
+def test_readme_cites_the_paper_as_the_model_card_does():
+    """One citation, from arXiv's author list (first author Zhendong Liu), in both places users copy it from."""
+    readme = (ROOT / "README.md").read_text()
+    card = (ROOT / "hub_cards" / "model_card_template.md").read_text()
+    citations = [re.findall(r"```bibtex\n(.*?)```", text, flags=re.S) for text in (readme, card)]
+    assert citations[0] and citations[0] == citations[1]
+    assert "author={Zhendong Liu and" in citations[0][0] and "2405.13581" in citations[0][0]
