@@ -94,7 +94,6 @@ def explain_misses(results: dict) -> list[str]:
     """For every missed target: the measured value, what the FLOP count predicts, and the numbers behind it."""
     notes = []
     components = results["flops"]["config"]["components"]
-    positions = components["sequence_length_safe"] / components["sequence_length_stock"]
     for row in results["targets"]:
         if row["passed"]:
             continue

@@ -1,7 +1,10 @@
 """Shared fixtures: everything offline, a private HF_HOME, tiny models built from `configuration/tiny.json`."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 # Set before transformers is imported anywhere: no machine here reaches the Hub, and remote-code modules are cached
 # under HF_HOME, which must not be the user's.
@@ -24,6 +27,37 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (seconds to a minute); CI runs them too")
+
+
+def run_without_the_package(script: str, *args, work_dir) -> subprocess.CompletedProcess:
+    """
+    Runs `script` in a fresh `python -S` process in which `modeling_safe_llava` cannot be imported (as on a machine
+    that only downloaded a Hub repo): offline, with its own HF_HOME. -S skips site processing, so the editable
+    install's .pth hook never runs; site-packages comes back through PYTHONPATH. The script first checks that the
+    package is really absent. Fails the test, with the child's stderr, unless it exits with 0.
+    """
+    import transformers
+
+    site_packages = os.path.dirname(os.path.dirname(transformers.__file__))
+    guard = textwrap.dedent(
+        """
+        try:
+            import modeling_safe_llava
+            raise SystemExit("the package must not be importable here")
+        except ImportError:
+            pass
+        """
+    )
+    path = work_dir / "fresh_process.py"
+    path.write_text(guard + textwrap.dedent(script))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(work_dir / "hf_home"), PYTHONPATH=site_packages)
+    result = subprocess.run(
+        [sys.executable, "-S", str(path), *map(str, args)],
+        cwd=work_dir, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def random_image(seed: int, size: int = 20) -> Image.Image:

@@ -4,7 +4,6 @@ a kill without rescanning finished batches."""
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import textwrap

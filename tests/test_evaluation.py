@@ -4,7 +4,6 @@ import csv
 import json
 
 import pytest
-import torch
 from PIL import Image
 
 from modeling_safe_llava import evaluation

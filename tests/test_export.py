@@ -5,14 +5,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
-import sys
-import textwrap
 from unittest import mock
 
 import pytest
 import torch
-from conftest import chat_prompt, random_image
+from conftest import chat_prompt, random_image, run_without_the_package
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
@@ -59,14 +56,6 @@ TRAINING = {
 }
 
 
-def site_packages_without_editable_hook() -> str:
-    """site-packages for a `python -S` child: the editable install's .pth hook never runs, so the package is absent
-    (as in tests/test_remote_code.py)."""
-    import transformers
-
-    return os.path.dirname(os.path.dirname(transformers.__file__))
-
-
 def numeric_leaves(value):
     """Every number inside a JSON value."""
     if isinstance(value, dict):
@@ -99,14 +88,8 @@ def exported(tmp_path_factory):
     return model, processor, folder
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
+FRESH_PROCESS_SCRIPT = """
     import sys, json, torch
-    try:
-        import modeling_safe_llava
-        raise SystemExit("the package must not be importable here")
-    except ImportError:
-        pass
     from pathlib import Path
     from PIL import Image
     from safetensors.torch import save_file
@@ -129,8 +112,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
         "processor": type(processor).__name__, "threshold": model.generation_config.safety_threshold,
         "actions": config.safety_actions, "hints": config.safety_hints, "refusals": config.safety_refusals,
         "text_token_ids": config.safety_text_token_ids, "trained": config.safety_modules_trained}))
-    """
-)
+"""
 
 
 def test_export_loads_in_fresh_process_without_the_package(exported, tmp_path):
@@ -139,15 +121,7 @@ def test_export_loads_in_fresh_process_without_the_package(exported, tmp_path):
     for i, image in enumerate(images):
         image.save(tmp_path / f"image{i}.png")
     (tmp_path / "inputs.json").write_text(json.dumps({"images": ["image0.png", "image1.png"], "texts": texts}))
-    (tmp_path / "load.py").write_text(FRESH_PROCESS_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), PYTHONPATH=site_packages_without_editable_hook())
-    # -S: no site processing, so the editable install's hook never runs and the package cannot be imported.
-    result = subprocess.run(
-        [sys.executable, "-S", str(tmp_path / "load.py"), str(folder), str(tmp_path)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_the_package(FRESH_PROCESS_SCRIPT, folder, tmp_path, work_dir=tmp_path)
     remote, facts = load_file(tmp_path / "out.safetensors"), json.loads((tmp_path / "out.json").read_text())
 
     inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)

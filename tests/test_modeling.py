@@ -5,12 +5,10 @@ import logging
 import pytest
 import torch
 from conftest import chat_prompt, random_image
-from transformers import LlavaForConditionalGeneration
 
 from modeling_safe_llava import SafeLlavaForConditionalGeneration, SafeLlavaProcessor
 from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
-from modeling_safe_llava.presets import load_safety_policy
-from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava, safety_fields
+from modeling_safe_llava.tiny import safety_fields
 
 
 def batch(processor, num_rows=2, seed=0):

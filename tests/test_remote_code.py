@@ -1,14 +1,10 @@
 """Auto classes in-process, and trust_remote_code loading in a fresh process where the package cannot be imported."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 from safetensors.torch import load_file
-from conftest import chat_prompt, random_image
+from conftest import chat_prompt, random_image, run_without_the_package
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
@@ -41,14 +37,8 @@ def test_saved_folder_carries_remote_code_and_auto_map(trained_tiny_safe_llava, 
     assert processor_map["AutoProcessor"] == "processing_safe_llava.SafeLlavaProcessor"
 
 
-FRESH_PROCESS_SCRIPT = textwrap.dedent(
-    """
+FRESH_PROCESS_SCRIPT = """
     import sys, json, torch
-    try:
-        import modeling_safe_llava
-        raise SystemExit("the package must not be importable here")
-    except ImportError:
-        pass
     from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
     from pathlib import Path
     from PIL import Image
@@ -69,8 +59,7 @@ FRESH_PROCESS_SCRIPT = textwrap.dedent(
                "tokens": tokens}, str(out_dir / "out.safetensors"))
     (out_dir / "out.json").write_text(json.dumps({"threshold": model.generation_config.safety_threshold,
                                                    "processor": type(processor).__name__}))
-    """
-)
+"""
 
 
 def test_fresh_process_loads_model_and_processor_with_trust_remote_code(trained_tiny_safe_llava, tmp_path):
@@ -83,18 +72,7 @@ def test_fresh_process_loads_model_and_processor_with_trust_remote_code(trained_
     for i, image in enumerate(images):
         image.save(tmp_path / f"image{i}.png")
     (tmp_path / "inputs.json").write_text(json.dumps({"images": ["image0.png", "image1.png"], "texts": texts}))
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_PROCESS_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_HOME"] = str(tmp_path / "hf_home")
-    # -S: no site processing, so the editable install's hook never runs; site-packages comes back via PYTHONPATH.
-    result = subprocess.run(
-        [sys.executable, "-S", str(script), str(folder), str(tmp_path), str(tmp_path)],
-        cwd=tmp_path, env={**env, "PYTHONPATH": site_packages_without_editable_hook(tmp_path)},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_without_the_package(FRESH_PROCESS_SCRIPT, folder, tmp_path, tmp_path, work_dir=tmp_path)
     remote = {**load_file(tmp_path / "out.safetensors"), **json.loads((tmp_path / "out.json").read_text())}
     with torch.no_grad():
         local = model(**inputs)
@@ -105,11 +83,3 @@ def test_fresh_process_loads_model_and_processor_with_trust_remote_code(trained_
     assert (remote["level"] - local.safety_level_logits).abs().max().item() <= 1e-5
     assert torch.equal(remote["tokens"], local_tokens)
     assert remote["threshold"] == 0.25  # the default threshold survives remote-code loading
-
-
-def site_packages_without_editable_hook(tmp_path) -> str:
-    """A copy-free view of site-packages in which `modeling_safe_llava` is not importable: run with `-S` (no site
-    processing, so the editable install's .pth hook never runs) and site-packages put back on PYTHONPATH."""
-    import transformers
-
-    return os.path.dirname(os.path.dirname(transformers.__file__))
