@@ -60,6 +60,7 @@ def _empty(device, dtype, *shape):
     return torch.zeros(*shape, device=device, dtype=dtype)
 
 
+@torch.no_grad()  # on real tensors, autograd would keep every layer's activations (gigabytes at the 7B shape)
 def component_flops(stock, safe, num_text_tokens: int, new_tokens: int, device: str = "meta") -> dict:
     """
     FLOPs of one row (one image) per component, counted on `device` with zero inputs of the right shapes.
