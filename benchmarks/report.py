@@ -240,6 +240,11 @@ def _targets_section(results):
     ]
 
 
+def _ratio_vs_stock(ratios: dict, key: str, name: str) -> str:
+    """`ratios["<key>_<name>_vs_stock"]` as table text; stock's own ratio is 1."""
+    return "1" if name == "stock" else _fmt(ratios[f"{key}_{name}_vs_stock"])
+
+
 def _generate_section(results):
     lines = [
         "## 1. `generate` with safety on, nothing flagged (`safety_threshold=1.0`) vs stock `generate`",
@@ -250,9 +255,8 @@ def _generate_section(results):
     for entry in results["generate_overhead"].values():
         r = entry["ratios"]
         for name in ("stock", "safe", "head_only"):
-            suffix = {"stock": None, "safe": "safe", "head_only": "head_only"}[name]
             e2e, pre, mem = entry["end_to_end"][name], entry["prefill"][name], entry["memory"][name]
-            ratio = lambda key: "1" if suffix is None else _fmt(r[f"{key}_{suffix}_vs_stock"])  # noqa: E731
+            ratio = lambda key: _ratio_vs_stock(r, key, name)  # noqa: E731
             lines.append(
                 f"| {entry['batch_size']} | {_variant_label(name, results)} | {e2e['median_s']:.3f} | {ratio('end_to_end')} "
                 f"| {pre['median_s']:.4f} | {ratio('prefill')} | {mem['peak_bytes'] / MIB:.1f} | {ratio('peak_memory')} "
@@ -282,7 +286,7 @@ def _generate_memory_section(results):
         r = entry["ratios"]
         for name in ("stock", "safe", "head_only"):
             mem = entry["memory"][name]
-            ratio = lambda key: "1" if name == "stock" else _fmt(r[f"{key}_{name}_vs_stock"])  # noqa: E731
+            ratio = lambda key: _ratio_vs_stock(r, key, name)  # noqa: E731
             lines.append(
                 f"| {entry['batch_size']} | {_variant_label(name, results)} | {mem['peak_bytes'] / MIB:,.1f} | "
                 f"{ratio('peak_memory')} | {mem['resident_bytes'] / MIB:,.1f} | {mem['transient_peak_bytes'] / MIB:,.1f} | "
