@@ -12,11 +12,13 @@ Peak memory, the same definition on both devices:
            allocated when it started (its transient peak).
 - CUDA: transient peak = `torch.cuda.max_memory_allocated()` - `torch.cuda.memory_allocated()` at the start
   (after `reset_peak_memory_stats`).
-- CPU: PyTorch's CPU allocator reports every allocation and free to the profiler
-  (`torch.profiler.profile(profile_memory=True)`); summing those events in time order gives the live bytes
-  allocated through PyTorch at every moment, and their maximum is the transient peak. Unlike RSS this is exact,
-  independent of glibc's caching and of other threads' Python objects; unlike `tracemalloc` it sees tensor memory
-  (tracemalloc only traces Python's own allocator, not PyTorch's). The profiler slows the call down, so memory is
+- CPU: `LiveTensorBytes`, a dispatcher mode that sees every tensor an operator creates, adds its storage's bytes
+  when it is created and takes them off when the storage is freed; the maximum of that running sum is the transient
+  peak. Unlike RSS this is exact, independent of glibc's caching and of other threads' Python objects; unlike
+  `tracemalloc` it sees tensor memory. It gives the same numbers as summing `torch.profiler`'s memory events (checked
+  on `cpu-small`: equal to 0.1 MiB for every model and batch size) without the profiler's own records, which grew by
+  gigabytes over one 128-token `generate` at the 7B shape and ran a 24 GB machine out of memory. Temporaries that a
+  single kernel allocates and frees internally are not seen (on `cpu-small` they did not move the peak). Memory is
   measured in a separate run from the timings.
 """
 
@@ -25,10 +27,12 @@ import ctypes.util
 import itertools
 import statistics
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 CLOCKS = ("wall", "process_cpu")
@@ -166,6 +170,43 @@ def optimizer_state_bytes(optimizer) -> int:
     )
 
 
+class LiveTensorBytes(TorchDispatchMode):
+    """
+    Bytes of the tensor storages that operators created inside the block and that are still alive: `live` now,
+    `peak` at most. Outputs that alias an input (views, in-place and `out=` operators) create nothing and are skipped.
+
+        with LiveTensorBytes() as tracker:
+            model.generate(...)
+        tracker.peak
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._bytes_by_pointer = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        if all(result.alias_info is None for result in func._schema.returns):
+            for leaf in tree_leaves(output):
+                if isinstance(leaf, torch.Tensor):
+                    self._track(leaf.untyped_storage())
+        return output
+
+    def _track(self, storage):
+        pointer, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or pointer in self._bytes_by_pointer:  # several outputs of one operator may share a storage
+            return
+        self._bytes_by_pointer[pointer] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, pointer)
+
+    def _release(self, pointer):
+        self.live -= self._bytes_by_pointer.pop(pointer)
+
+
 def transient_peak_bytes(fn, device: str) -> int:
     """Highest bytes allocated by `fn()` beyond what was allocated when it started (see the module docstring)."""
     if str(device).startswith("cuda"):
@@ -175,15 +216,9 @@ def transient_peak_bytes(fn, device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - start
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with LiveTensorBytes() as tracker:
         fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]"
-    )
-    live = itertools.accumulate(nbytes for _, nbytes in events)
-    return max(itertools.chain([0], live))
+    return tracker.peak
 
 
 def peak_memory(fn, device: str, resident_bytes: int) -> dict:

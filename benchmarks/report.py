@@ -464,10 +464,10 @@ def _method_section(meta):
         "interleaved with alternating order; times are medians of the repeats, ratios medians of the paired ratios of "
         "calls that ran back to back.",
         "- Peak memory = resident bytes (parameters and buffers, plus AdamW state for training) + transient peak of the "
-        "call. Transient peak on CPU: PyTorch's CPU allocator reports each allocation and free to "
-        "`torch.profiler` (`profile_memory=True`); their running sum in time order is the live allocated bytes, "
-        "whose maximum is the transient peak (exact, unaffected by malloc caching, unlike RSS; tracemalloc cannot see "
-        "tensor memory). On CUDA: `max_memory_allocated() - memory_allocated()` at the start. Memory runs are separate "
+        "call. Transient peak on CPU: a dispatcher mode (`benchmarks.measure.LiveTensorBytes`) adds the bytes of "
+        "every tensor storage an operator creates and takes them off when it is freed; the maximum of that live sum "
+        "is the transient peak (exact, unaffected by malloc caching, unlike RSS; tracemalloc cannot see tensor "
+        "memory). On CUDA: `max_memory_allocated() - memory_allocated()` at the start. Memory runs are separate "
         "from timed runs.",
         "- FLOPs: `torch.utils.flop_counter.FlopCounterMode` per module (vision tower, projectors, safety head, LLM "
         "prefill, decode steps, lm_head) on meta tensors; checked against real tensors (see above). PyTorch's CPU "

@@ -15,6 +15,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks import run as benchmark_run  # noqa: E402
+from benchmarks.measure import LiveTensorBytes  # noqa: E402
 from benchmarks.models import build_models  # noqa: E402
 from benchmarks.scenarios import repeats_for  # noqa: E402
 
@@ -162,6 +163,20 @@ def test_memory_only_item_measures_every_model_without_touching_latest(tmp_path)
     memory_rows = [row for row in results["targets"] if "peak memory" in row["name"]]
     assert len(memory_rows) == 2 * len(config["generate_batch_sizes"])
     assert "## 1. `generate` peak memory" in (tmp_path / "micro-memory.md").read_text()
+
+
+def test_live_tensor_bytes_counts_what_the_block_creates_until_it_is_freed():
+    existing = torch.zeros(1024)
+    with LiveTensorBytes() as tracker:
+        view, _ = existing[:512], existing.add_(1)  # a view and an in-place operator create nothing
+        assert tracker.peak == 0
+        first, second = torch.ones(256), torch.ones(512)  # 1 KiB + 2 KiB
+        del first
+        third = torch.ones(128)  # 0.5 KiB, into the room the first one left
+        assert tracker.live == 2048 + 512
+        assert (second.sum() + third.sum()).item() == 640  # a 0-d result: 4 bytes, freed at once
+        del second, third
+    assert tracker.peak == 1024 + 2048 and tracker.live == 0
 
 
 def test_gpu_config_refuses_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
