@@ -276,10 +276,10 @@ def _generate_memory_section(results):
     lines = [
         "## 1. `generate` peak memory with safety on, nothing flagged (`safety_threshold=1.0`) vs stock `generate`",
         "",
-        "Memory only (no timings: this shape is too slow to time repeatedly on this machine). One profiled call each; "
+        "Memory only (no timings: this shape is too slow to time repeatedly on this machine). One measured call each; "
         "its wall time is given for information.",
         "",
-        "| batch | model | peak MiB | ratio | resident MiB | transient MiB | ratio | new tokens | profiled call s |",
+        "| batch | model | peak MiB | ratio | resident MiB | transient MiB | ratio | new tokens | measured call s |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in results["generate_memory"].values():

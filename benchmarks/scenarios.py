@@ -150,7 +150,8 @@ def generate_memory(bm, config: dict, bar) -> dict:
     """
     Peak memory of one end-to-end `generate` of stock LLaVA, SafeLlava with LLM safety tokens and head-only SafeLlava
     (nothing flagged), without timings: for shapes too slow to time on the machine at hand (the 7B shape on a CPU).
-    The wall time of each measured call is recorded for information (the memory profiler slows it down).
+    The wall time of each measured call is recorded for information (memory tracking adds some Python work per
+    operator).
     """
     device, prompt, new_tokens = config["device"], config["prompt"], config["new_tokens"]
     models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
