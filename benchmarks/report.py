@@ -118,7 +118,8 @@ def explain_misses(results: dict) -> list[str]:
                 f"{components['sequence_length_safe'] if variant == 'safe' else components['sequence_length_stock']}, "
                 "and KV cache and activations with them). Weights are "
                 f"{stock['resident_bytes'] / stock['peak_bytes']:.0%} of stock's peak here; the analytic bf16 estimate "
-                f"at the 7B shape, where weights dominate, is {row['flops_7b']:.3f}."
+                f"at the 7B shape, where weights dominate, is {row['flops_7b']:.3f}; `--config cpu-7b-memory` measures "
+                "the 7B shape itself (results/cpu-7b-memory.md)."
             )
         if row["item"] == 2:
             batch = row["name"].rsplit(" ", 1)[-1]
