@@ -184,24 +184,26 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     lines += _targets_section(results)
-    if "generate_overhead" in results:
-        lines += _generate_section(results)
-    if "generate_memory" in results:
-        lines += _generate_memory_section(results)
-    if "paper_way" in results:
-        lines += _paper_way_section(results)
-    if "refusal" in results:
-        lines += _refusal_section(results)
-    if "assess_throughput" in results:
-        lines += _assess_section(results)
-    if "training" in results:
-        lines += _training_section(results)
-    if "flops" in results:
-        lines += _flops_section(results)
+    for key, render_section in _sections():
+        if key in results:
+            lines += render_section(results)
     if results.get("analysis"):
         lines += ["## Analysis", ""] + [f"- {line}" for line in results["analysis"]] + [""]
     lines += _method_section(meta)
     return "\n".join(lines) + "\n"
+
+
+def _sections():
+    """`(results key, renderer)` in the order the markdown shows them."""
+    return (
+        ("generate_overhead", _generate_section),
+        ("generate_memory", _generate_memory_section),
+        ("paper_way", _paper_way_section),
+        ("refusal", _refusal_section),
+        ("assess_throughput", _assess_section),
+        ("training", _training_section),
+        ("flops", _flops_section),
+    )
 
 
 _CLOCK_TEXT = {
