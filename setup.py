@@ -19,6 +19,8 @@ setup(
     packages=[
         "modeling_safe_llava",
         "modeling_safe_llava.training",
+        "modeling_safe_llava.tools",
+        "modeling_safe_llava.data",
         *[f"modeling_safe_llava.presets.{kind}" for kind in PRESET_KINDS],
     ],
     package_dir={f"modeling_safe_llava.presets.{kind}": kind for kind in PRESET_KINDS},
@@ -50,5 +52,5 @@ setup(
             "hypothesis>=6.100",
         ],
     },
-    entry_points={"console_scripts": ["safe-llava=modeling_safe_llava.cli:main"]},
+    entry_points={"console_scripts": ["safe-llava=modeling_safe_llava.tools.cli:main"]},
 )

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from modeling_safe_llava.cli import main
-from modeling_safe_llava.audit import audit_images, read_results
-from modeling_safe_llava.inference_io import DEFAULT_QUESTION, image_prompt
+from modeling_safe_llava.tools.cli import main
+from modeling_safe_llava.tools.audit import audit_images, read_results
+from modeling_safe_llava.tools.loading import DEFAULT_QUESTION, image_prompt
 from modeling_safe_llava.tiny import build_tiny_safe_llava
 
 
@@ -170,7 +170,7 @@ def test_resuming_with_another_threshold_is_refused(tiny_model, tmp_path):
 KILLED_SCAN_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from modeling_safe_llava.audit import audit_images
+    from modeling_safe_llava.tools.audit import audit_images
     from modeling_safe_llava.tiny import build_tiny_safe_llava
 
     class Slow:

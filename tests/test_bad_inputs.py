@@ -38,8 +38,8 @@ PATCHES = {
     "P6": "P6 (safetensors-only loading)",
     "P7": "P7 (processor decodes images eagerly and scales 16/32-bit modes)",
     "P8": "P8 (processor refuses strings: no file or network I/O)",
-    "D1": "D1 (training/data.py load_image must composite alpha like the processor; owner: data loading)",
-    "D2": "D2 (inference_io.load_rgb_image must composite alpha like the processor; owner: audit/evaluate)",
+    "D1": "D1 (tools/loading.py load_image (training data) must composite alpha like the processor; owner: data loading)",
+    "D2": "D2 (tools/loading.py load_image (audit/evaluate) must composite alpha like the processor; owner: audit/evaluate)",
     "C1": "C1 (cli.build_parser imports no subcommand module for an unknown command)",
 }
 
@@ -675,20 +675,20 @@ def load_training_data(source):
 
 
 def data_load_image(env):
-    from modeling_safe_llava.training.data import load_image
+    from modeling_safe_llava.tools.loading import load_image
 
     return load_image(env.file("data_transparent.png", png_bytes(transparent_rgba())))
 
 
 def audit_load_image(env, path=None):
-    from modeling_safe_llava.inference_io import load_rgb_image
+    from modeling_safe_llava.tools.loading import load_image
 
-    return load_rgb_image(path or env.file("audit_transparent.png", png_bytes(transparent_rgba())))
+    return load_image(path or env.file("audit_transparent.png", png_bytes(transparent_rgba())))
 
 
 def run_cli(argv):
     """`safe-llava ARGV` in-process: (exit code, stderr)."""
-    from modeling_safe_llava.cli import main
+    from modeling_safe_llava.tools.cli import main
 
     stderr = io.StringIO()
     with redirect_stderr(stderr):
@@ -699,9 +699,11 @@ def run_cli(argv):
 def cli_with_a_subcommand_missing_its_dependencies(env):
     """`safe-llava typo` must print argparse's usage error even when one subcommand's module cannot be imported
     (e.g. `demo` without the `[train]` extra installed)."""
-    from modeling_safe_llava import cli
+    from modeling_safe_llava.tools import cli
 
-    broken = {"broken": ("modeling_safe_llava.no_such_module", "a subcommand whose dependencies are missing")}
+    broken = {
+        "broken": ("modeling_safe_llava.no_such_module", "add_cli_arguments", "run_from_args", "a subcommand whose deps are missing")
+    }
     with mock.patch.dict(cli.SUBCOMMANDS, broken):
         return run_cli(["no-such-command"])
 
@@ -723,7 +725,7 @@ def image_folder(env, name, files: dict) -> Path:
 
 
 def audit(env, folder, output, **kwargs):
-    from modeling_safe_llava.audit import audit_images
+    from modeling_safe_llava.tools.audit import audit_images
 
     return audit_images(env.model, env.processor, folder, env.tmp / output, **{"batch_size": 2, **kwargs})
 
@@ -749,7 +751,7 @@ def audit_resumed_with_another_threshold(env):
 
 
 def audit_results_with_a_corrupt_line(env):
-    from modeling_safe_llava.audit import read_results
+    from modeling_safe_llava.tools.audit import read_results
 
     path = env.tmp / "corrupt_results.jsonl"
     path.write_text('{"id": "a.png", "status": "ok"}\nnot json\n{"id": "b.png", "status": "ok"}\n')
@@ -785,7 +787,7 @@ HELPER_ROWS = [
     fails(
         "audit-non-image-file",
         lambda env: audit_load_image(env, env.file("audit_notes.txt", b"not an image")),
-        OSError,
+        ValueError,
         "cannot identify image file",
     ),
     works("audit-truncated-and-non-image-files-become-error-rows", audit_broken_files, broken_files_are_error_rows),

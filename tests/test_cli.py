@@ -2,7 +2,7 @@
 
 import pytest
 
-from modeling_safe_llava.cli import SUBCOMMANDS, main
+from modeling_safe_llava.tools.cli import SUBCOMMANDS, main
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
@@ -26,3 +26,14 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("safe-llava audit: error:") and "Traceback" not in err
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_safe_llava", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(command in result.stdout for command in SUBCOMMANDS)

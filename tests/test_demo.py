@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from modeling_safe_llava.demo import run_demo
+from modeling_safe_llava.tools.demo import run_demo
 
 
 @pytest.mark.slow

@@ -6,17 +6,17 @@ import json
 import pytest
 from PIL import Image
 
-from modeling_safe_llava import evaluation
-from modeling_safe_llava.cli import main
-from modeling_safe_llava.evaluation import (
+from modeling_safe_llava.tools import evaluation
+from modeling_safe_llava.tools.cli import main
+from modeling_safe_llava.tools.evaluation import (
     classification_metrics,
     evaluate_safety_head,
     is_refusal,
     suggest_threshold,
     threshold_sweep,
 )
-from modeling_safe_llava.inference_io import first_user_question, image_prompt
-from modeling_safe_llava.mini_benchmark import build_mini_benchmark, write_mini_benchmark
+from modeling_safe_llava.tools.loading import first_user_question, image_prompt
+from modeling_safe_llava.data.mini_benchmark import build_mini_benchmark, write_mini_benchmark
 from modeling_safe_llava.tiny import build_tiny_safe_llava
 
 PNG_FILES = ("confusion_level.png", "confusion_type.png", "threshold_sweep.png")

@@ -13,16 +13,14 @@ from conftest import chat_prompt, random_image, run_without_the_package
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
-from modeling_safe_llava import export as export_module
+from modeling_safe_llava.tools import hub as hub_module
 from modeling_safe_llava import load_safety_policy
-from modeling_safe_llava import push as push_module
-from modeling_safe_llava.export import export_for_hub, verify_export_folder
-from modeling_safe_llava.model_card import ModelFacts, format_metric, model_facts, render_model_card
-from modeling_safe_llava.push import push_to_hub
+from modeling_safe_llava.tools.hub import export_for_hub, push_to_hub, verify_export_folder
+from modeling_safe_llava.tools.model_card import ModelFacts, format_metric, model_facts, render_model_card
 from modeling_safe_llava.tiny import build_tiny_safe_llava
 
 OCR_POLICY = "ocr_deployment_policy.json"
-# Shaped like the metrics.json of `modeling_safe_llava.evaluation` (its numbers made up, distinct on purpose).
+# Shaped like the metrics.json of `modeling_safe_llava.tools.evaluation` (its numbers made up, distinct on purpose).
 EVALUATION = {
     "num_rows": 48,
     "model": {"name_or_path": "runs/stage2/merged", "safety_modules_trained": True},
@@ -222,7 +220,7 @@ def test_interrupted_export_leaves_no_folder_and_rerun_succeeds(trained_tiny_saf
     assert list((tmp_path / "out").iterdir()) == []  # neither the output nor a staging folder is left
     monkeypatch.undo()
 
-    monkeypatch.setattr(export_module, "render_model_card", mock.Mock(side_effect=KeyboardInterrupt))
+    monkeypatch.setattr(hub_module, "render_model_card", mock.Mock(side_effect=KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         export_for_hub(model, processor, output)
     assert list((tmp_path / "out").iterdir()) == []
@@ -243,14 +241,14 @@ def test_interrupted_overwrite_keeps_the_previous_export(trained_tiny_safe_llava
 
     with pytest.raises(FileExistsError):
         export_for_hub(model, processor, output)
-    monkeypatch.setattr(export_module, "render_model_card", mock.Mock(side_effect=RuntimeError("card failed")))
+    monkeypatch.setattr(hub_module, "render_model_card", mock.Mock(side_effect=RuntimeError("card failed")))
     with pytest.raises(RuntimeError, match="card failed"):
         export_for_hub(model, processor, output, overwrite=True)
     assert snapshot(output) == before and [p.name for p in tmp_path.iterdir()] == ["safe-llava"]
     monkeypatch.undo()
 
     # The new folder fails to move in after the old one was moved away: the old one is put back.
-    real_move, calls = export_module._move, []
+    real_move, calls = hub_module._move, []
 
     def move_failing_second_time(source, destination):
         calls.append(destination)
@@ -258,7 +256,7 @@ def test_interrupted_overwrite_keeps_the_previous_export(trained_tiny_safe_llava
             raise OSError("simulated rename failure")
         real_move(source, destination)
 
-    monkeypatch.setattr(export_module, "_move", move_failing_second_time)
+    monkeypatch.setattr(hub_module, "_move", move_failing_second_time)
     with pytest.raises(OSError, match="simulated rename failure"):
         export_for_hub(model, processor, output, overwrite=True)
     assert len(calls) == 3 and snapshot(output) == before and [p.name for p in tmp_path.iterdir()] == ["safe-llava"]
@@ -281,7 +279,7 @@ def test_overwrite_refuses_a_folder_that_is_not_an_export(trained_tiny_safe_llav
 
 def test_only_safetensors_weights_and_pickles_refused(exported, trained_tiny_safe_llava, tmp_path, monkeypatch):
     _, _, folder = exported
-    weight_like = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", *export_module.PICKLE_SUFFIXES)]
+    weight_like = [p.name for p in folder.iterdir() if p.suffix in (".safetensors", *hub_module.PICKLE_SUFFIXES)]
     assert weight_like and all(name.endswith(".safetensors") for name in weight_like)
 
     model, processor = trained_tiny_safe_llava
@@ -319,7 +317,7 @@ def test_stale_policy_tokens_refused(trained_tiny_safe_llava, tmp_path):
 
 def test_push_to_hub_creates_repo_and_uploads_folder(exported, tmp_path):
     _, _, folder = exported
-    with mock.patch.object(push_module, "HfApi") as api_class:
+    with mock.patch.object(hub_module, "HfApi") as api_class:
         push_to_hub(folder, "org/safe-llava-tiny", token="hf_test", revision="v1", commit_message="Release v1")
     api_class.assert_called_once_with(token="hf_test")
     api = api_class.return_value
@@ -332,7 +330,7 @@ def test_push_to_hub_creates_repo_and_uploads_folder(exported, tmp_path):
 
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")
-    with mock.patch.object(push_module, "HfApi") as api_class:
+    with mock.patch.object(hub_module, "HfApi") as api_class:
         with pytest.raises(ValueError, match="not a complete SafeLlava export"):
             push_to_hub(tmp_path / "half", "org/safe-llava-tiny")
         with pytest.raises(ValueError):
@@ -345,13 +343,13 @@ def test_cli_exports_from_a_checkpoint_and_pushes(trained_tiny_safe_llava, tmp_p
     model.save_pretrained(tmp_path / "checkpoint")
     processor.save_pretrained(tmp_path / "checkpoint")
     (tmp_path / "metrics.json").write_text(json.dumps({"level_accuracy": 0.4321}))
-    parser = export_module.add_cli_arguments(argparse.ArgumentParser())
+    parser = hub_module.add_export_arguments(argparse.ArgumentParser())
     args = parser.parse_args([
         "--model", str(tmp_path / "checkpoint"), "--output", str(tmp_path / "export"),
         "--evaluation", str(tmp_path / "metrics.json"), "--push-to-hub", "org/safe-llava-tiny",
     ])
-    with mock.patch.object(push_module, "HfApi") as api_class:
-        folder = export_module.run_from_args(args)
+    with mock.patch.object(hub_module, "HfApi") as api_class:
+        folder = hub_module.run_export(args)
     card = (folder / "README.md").read_text()
     assert format_metric(0.4321) in card and 'repo_id = "org/safe-llava-tiny"' in card
     api = api_class.return_value
@@ -361,11 +359,11 @@ def test_cli_exports_from_a_checkpoint_and_pushes(trained_tiny_safe_llava, tmp_p
     assert api.upload_folder.call_args.kwargs["folder_path"] == str(folder)
     api.create_branch.assert_not_called()
 
-    push_args = push_module.add_cli_arguments(argparse.ArgumentParser()).parse_args(
+    push_args = hub_module.add_push_arguments(argparse.ArgumentParser()).parse_args(
         ["--folder", str(folder), "--repo-id", "org/other", "--public"]
     )
-    with mock.patch.object(push_module, "HfApi") as api_class:
-        push_module.run_from_args(push_args)
+    with mock.patch.object(hub_module, "HfApi") as api_class:
+        hub_module.run_push(push_args)
     api_class.return_value.create_repo.assert_called_once_with(
         repo_id="org/other", private=False, exist_ok=True, repo_type="model"
     )

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from modeling_safe_llava import load_safety_policy
-from modeling_safe_llava import mini_benchmark
+from modeling_safe_llava.data import mini_benchmark
 from modeling_safe_llava.configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
-from modeling_safe_llava.mini_benchmark import (
+from modeling_safe_llava.data.mini_benchmark import (
     RECORD_KEYS,
     SOURCES,
     SPLITS,
@@ -158,7 +158,7 @@ def test_written_pngs_are_the_declared_size(tmp_path):
 
 
 def test_console_script_writes_the_same_files_as_the_function(tmp_path):
-    from modeling_safe_llava.cli import main
+    from modeling_safe_llava.tools.cli import main
 
     argv = ["benchmark-data", "--output", str(tmp_path / "cli"), "--seed", "2", "--num-per-category", "3"]
     assert main([*argv, "--image-size", "32"]) == 0

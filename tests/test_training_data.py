@@ -78,7 +78,7 @@ def test_unsupported_sources_are_rejected(tmp_path):
         load_safety_dataset(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="accepted sources"):
         load_safety_dataset(42)
-    with pytest.raises(ValueError, match="accepted: a file path"):
+    with pytest.raises(ValueError, match="accepted: a PIL image, a file path"):
         load_image(3.5)
 
 

@@ -18,7 +18,6 @@ Rows are read from a JSON (a list) or JSON Lines file, a list of dicts, or any `
 before training starts: every bad row is reported with its 0-based index and the reason.
 """
 
-import io
 import json
 import logging
 import random
@@ -29,7 +28,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..processing_safe_llava import rgb_array
+from ..tools.loading import load_image
 
 
 logger = logging.getLogger(__name__)
@@ -102,38 +101,6 @@ def _absolute_image_paths(dataset: datasets.Dataset, image_root: Path) -> datase
         return row
 
     return dataset.map(resolve, desc="Resolving image paths")
-
-
-def load_image(value) -> Image.Image:
-    """
-    Opens and decodes one image as RGB, exactly as `SafeLlavaProcessor` renders it (16-bit samples scaled,
-    transparency composited onto white), so training sees what inference sees.
-
-    Args:
-        value: a path (`str` / `Path`), a `PIL.Image.Image`, encoded bytes, or a `{"bytes": ..., "path": ...}` dict
-            (what `datasets.Image(decode=False)` yields).
-
-    Raises:
-        ValueError: the value is of another kind, or the image is missing or cannot be decoded.
-    """
-    if isinstance(value, Image.Image):
-        return Image.fromarray(rgb_array(value))
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        opener = lambda: Image.open(io.BytesIO(value))  # noqa: E731
-    elif isinstance(value, (str, Path)) and str(value):
-        opener = lambda: Image.open(value)  # noqa: E731
-    else:
-        raise ValueError(
-            f"Cannot read an image from {type(value).__name__}; accepted: a file path, a PIL image, encoded bytes "
-            "or a {'bytes': ..., 'path': ...} dict."
-        )
-    try:
-        with opener() as image:
-            return Image.fromarray(rgb_array(image))
-    except (OSError, SyntaxError) as error:  # PIL raises OSError subclasses (and SyntaxError for some formats)
-        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------

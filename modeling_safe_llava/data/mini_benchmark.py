@@ -53,8 +53,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from .configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
-from .presets import load_safety_policy
+from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
+from ..presets import load_safety_policy
 
 
 logger = logging.getLogger(__name__)
@@ -749,7 +749,7 @@ def benchmark_readme(rows: dict, seed: int, num_per_category: int, image_size: i
         [
             "# SafeLlava mini safety benchmark",
             "",
-            "Synthetic, offline and deterministic; made by `modeling_safe_llava.mini_benchmark.write_mini_benchmark`.",
+            "Synthetic, offline and deterministic; made by `modeling_safe_llava.data.mini_benchmark.write_mini_benchmark`.",
             "",
             f"- seed: {seed}; images per source: {num_per_category}; image size: {image_size}x{image_size} RGB PNG",
             f"- made with Pillow {PIL.__version__}, NumPy {np.__version__}, scikit-image {skimage.__version__}",
@@ -757,7 +757,7 @@ def benchmark_readme(rows: dict, seed: int, num_per_category: int, image_size: i
             "line, image paths relative to this folder)",
             "- record: `{\"id\", \"image\", \"conversations\": [{\"from\": \"USER\", \"value\": \"<image>\\n...\"}, "
             "{\"from\": \"ASSISTANT\", \"value\": ...}], \"safe_level\", \"safe_type\", \"source\"}`",
-            "- load: `modeling_safe_llava.mini_benchmark.load_mini_benchmark(this_folder)` -> `datasets.DatasetDict`",
+            "- load: `modeling_safe_llava.data.mini_benchmark.load_mini_benchmark(this_folder)` -> `datasets.DatasetDict`",
             "",
             "## Sources, labels and split sizes",
             "",

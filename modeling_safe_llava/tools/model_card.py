@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import jinja2
 from huggingface_hub import ModelCardData
 
-from .modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
-from .presets import preset_path
+from ..modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
+from ..presets import preset_path
 
 TEMPLATE_NAME = "model_card_template.md"
 DEFAULT_BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -261,7 +261,7 @@ def _stage_context(key: str, title: str, stage) -> dict:
 
 def evaluation_context(evaluation: dict | None, default_threshold: float) -> dict | None:
     """
-    The "Evaluation" section from an evaluation dict, e.g. the metrics.json of `modeling_safe_llava.evaluation`
+    The "Evaluation" section from an evaluation dict, e.g. the metrics.json of `modeling_safe_llava.tools.evaluation`
     (`level`/`type`: accuracy, macro F1, per-class precision/recall/F1, confusion matrix; `threshold_sweep`;
     `per_source`; ...). Any schema is shown, walked generically:
 

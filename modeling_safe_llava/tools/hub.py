@@ -7,8 +7,7 @@ carrying the default `safety_threshold`, the policies (in `config.json`: `safety
 place only once complete, so an interrupted export never leaves a half-written model at `output_dir`.
 
 ```python
->>> from modeling_safe_llava.export import export_for_hub
->>> from modeling_safe_llava.push import push_to_hub
+>>> from modeling_safe_llava.tools.hub import export_for_hub, push_to_hub
 >>> folder = export_for_hub(model, processor, "exports/safe-llava-7b", evaluation="runs/eval/metrics.json")
 >>> push_to_hub(folder, "org/safe-llava-7b")  # private by default
 ```
@@ -24,9 +23,11 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from huggingface_hub import HfApi
+from huggingface_hub.utils import validate_repo_id
 from transformers import GenerationConfig
 
-from .configuration_safe_llava import SafeLlavaConfig
+from ..configuration_safe_llava import SafeLlavaConfig
 from .model_card import (
     DEFAULT_BASE_MODEL,
     DEFAULT_LICENSE,
@@ -37,6 +38,8 @@ from .model_card import (
 )
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_COMMIT_MESSAGE = "Upload SafeLlava export (weights, remote code, processor, model card)"
 
 REMOTE_CODE_FILES = ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py")
 REQUIRED_FILES = (
@@ -203,7 +206,7 @@ def load_evaluation(evaluation) -> tuple[dict | None, str | None]:
 
 def check_evaluation_matches(config, evaluation: dict | None):
     """
-    An evaluation that describes its model (`evaluation["model"]`, as `modeling_safe_llava.evaluation` writes it)
+    An evaluation that describes its model (`evaluation["model"]`, as `modeling_safe_llava.tools.evaluation` writes it)
     must describe this one: same level and type names, and not untrained safety modules when these are trained.
     Otherwise its numbers would be printed on a card they do not belong to.
     """
@@ -401,10 +404,8 @@ def _remove_tree(path: Path):
 # -- command line -----------------------------------------------------------------------------------------------
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`safe-llava export` options."""
-    from .push import add_hub_options
-
     parser.add_argument("--model", required=True, help="Folder of a trained SafeLlava checkpoint (save_pretrained).")
     parser.add_argument("--processor", help="Folder of its processor (default: --model).")
     parser.add_argument("--output", required=True, help="Export folder to create.")
@@ -422,11 +423,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> Path:
+def run_export(args: argparse.Namespace) -> Path:
     """Loads the checkpoint, exports it, and pushes it when `--push-to-hub` is given. Returns the export folder."""
-    from .modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from .processing_safe_llava import SafeLlavaProcessor
-    from .push import push_to_hub
+    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..processing_safe_llava import SafeLlavaProcessor
 
     model = SafeLlavaForConditionalGeneration.from_pretrained(args.model)
     processor = SafeLlavaProcessor.from_pretrained(args.processor or args.model)
@@ -457,13 +457,81 @@ def run_from_args(args: argparse.Namespace) -> Path:
     return folder
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="safe-llava export", description="Export a SafeLlava checkpoint for the Hub.")
-    return run_from_args(add_cli_arguments(parser).parse_args(argv))
+# -- upload to the Hub ------------------------------------------------------------------------------------------
 
 
-__all__ = ["export_for_hub", "verify_export_folder", "check_exportable", "add_cli_arguments", "run_from_args"]
+def push_to_hub(
+    folder,
+    repo_id: str,
+    private: bool = True,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+):
+    """
+    Uploads an export folder to a Hub model repository in one commit.
+
+    Args:
+        folder (`str` or `os.PathLike`): a folder written by `export_for_hub` (checked again: complete, no pickle).
+        repo_id (`str`): `"org/name"` (or `"name"` under the token's user).
+        private (`bool`, defaults to `True`): visibility of a repository this call creates (an existing
+            repository keeps its visibility).
+        token (`str`, *optional*): a Hub token; None uses `HF_TOKEN` or the stored login.
+        revision (`str`, *optional*): branch to commit to (created from main when missing); None: main.
+        commit_message (`str`): the commit's message.
+
+    Returns:
+        The `CommitInfo` of `HfApi.upload_folder` (`.commit_url`, `.oid`).
+    """
+    folder = Path(folder)
+    validate_repo_id(repo_id)  # HFValidationError (a ValueError) naming the problem
+    if not isinstance(commit_message, str) or not commit_message.strip():
+        raise ValueError(f"commit_message must be a non-empty string, got {commit_message!r}.")
+    verify_export_folder(folder)
+    api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision is not None and revision != "main":
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
+    logger.info("Uploading %s to %s (revision %s)", folder, repo_id, revision or "main")
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        repo_type="model",
+        revision=revision,
+        commit_message=commit_message,
+    )
 
 
-if __name__ == "__main__":
-    main()
+def add_hub_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options shared by `safe-llava push` and `safe-llava export --push-to-hub`."""
+    parser.add_argument("--public", action="store_true", help="Create the repository public (default: private).")
+    parser.add_argument("--revision", help="Branch to push to (default: main).")
+    parser.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE, help="Commit message.")
+    return parser
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`safe-llava push` options. The token comes from `HF_TOKEN` or `hf auth login`, never from the command line."""
+    parser.add_argument("--folder", required=True, help="Export folder written by `safe-llava export`.")
+    parser.add_argument("--repo-id", required=True, help="Hub repository, e.g. org/safe-llava-7b.")
+    return add_hub_options(parser)
+
+
+def run_push(args: argparse.Namespace):
+    commit = push_to_hub(
+        args.folder, args.repo_id, private=not args.public, revision=args.revision, commit_message=args.commit_message
+    )
+    print(f"Pushed {args.folder} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit
+
+
+__all__ = [
+    "export_for_hub",
+    "verify_export_folder",
+    "check_exportable",
+    "push_to_hub",
+    "add_export_arguments",
+    "run_export",
+    "add_push_arguments",
+    "run_push",
+]

@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .inference_io import (
+from .loading import (
     add_model_cli_arguments,
     describe_thresholds,
     first_user_question,
     image_prompt,
     load_model_and_processor,
-    load_rgb_image,
+    load_image,
     model_description,
     processor_batch,
     resolved_thresholds,
@@ -313,7 +313,7 @@ def predict_safety(
     predictions = []
     progress = tqdm(total=len(dataset), desc="Evaluating safety head", unit="row")
     for start, rows in _batches(dataset, batch_size):
-        images = [load_rgb_image(row["image"]) for row in rows]
+        images = [load_image(row["image"]) for row in rows]
         prompts = [image_prompt(processor, first_user_question(row["conversations"])) for row in rows]
         inputs = processor_batch(processor, model, images, prompts)
         if generate_answers:
@@ -679,7 +679,7 @@ def evaluate_safety_head(
 
 def load_evaluation_data(data, split: str = "test", image_root=None):
     """The rows to evaluate: a mini-benchmark folder (one of its splits) or a paper-schema JSONL file."""
-    from .mini_benchmark import load_llava_jsonl, load_mini_benchmark
+    from ..data.mini_benchmark import load_llava_jsonl, load_mini_benchmark
 
     path = Path(data)
     if path.is_dir():

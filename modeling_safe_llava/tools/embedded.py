@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
 
-from .modeling_safe_llava import SafeLlavaForConditionalGeneration
-from .presets import load_json_preset, load_safety_policy
-from .processing_safe_llava import SafeLlavaProcessor
-from .tiny import build_tiny_llava, build_tiny_llava_processor, safety_fields
+from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+from ..presets import load_json_preset, load_safety_policy
+from ..processing_safe_llava import SafeLlavaProcessor
+from ..tiny import build_tiny_llava, build_tiny_llava_processor, safety_fields
 
 logger = logging.getLogger(__name__)
 

@@ -25,15 +25,14 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .inference_io import (
+from .loading import (
     DEFAULT_QUESTION,
-    IMAGE_DECODE_ERRORS,
     IMAGE_EXTENSIONS,
     add_model_cli_arguments,
     describe_thresholds,
     image_prompt,
     load_model_and_processor,
-    load_rgb_image,
+    load_image,
     model_description,
     processor_batch,
     resolved_thresholds,
@@ -189,16 +188,16 @@ def scan_batch(
     Records of one batch, in input order: unreadable images become error records, the rest are assessed.
 
     Args:
-        ids (`list[str]`): The items' ids. values (`list`): Their images (anything `load_rgb_image` reads).
+        ids (`list[str]`): The items' ids. values (`list`): Their images (anything `load_image` reads).
         prompt (`str`): The chat-template prompt given with every image.
     """
     records: list[dict | None] = [None] * len(ids)
     readable, images = [], []
     for position, (item_id, value) in enumerate(zip(ids, values)):
         try:
-            images.append(load_rgb_image(value))
+            images.append(load_image(value))
             readable.append(position)
-        except IMAGE_DECODE_ERRORS as error:
+        except ValueError as error:
             records[position] = _error_record(item_id, error)
     if images:
         inputs = processor_batch(processor, model, images, [prompt] * len(images))

@@ -24,11 +24,11 @@ import torch
 
 from .embedded import LANGUAGE_MODELS, build_embedded_default
 from .evaluation import evaluate_safety_head
-from .export import export_for_hub
-from .mini_benchmark import build_mini_benchmark
+from .hub import export_for_hub
+from ..data.mini_benchmark import build_mini_benchmark
 from .report import format_table, verdict_rows, write_html_report, write_png_report
-from .training import train_stage1, train_stage2
-from .training.arguments import load_recipe
+from ..training import train_stage1, train_stage2
+from ..training.arguments import load_recipe
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the `evaluate` and `audit` tools: decoding images, building prompts, batching processor
+"""Helpers shared by the tools and the training data: decoding images, building prompts, batching processor
 inputs, loading a saved model, and the command-line options both tools take."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .processing_safe_llava import rgb_array
+from ..processing_safe_llava import rgb_array
 
 
 logger = logging.getLogger(__name__)
@@ -20,19 +20,21 @@ IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_QUESTION = "What is shown in this image?"
 # What Pillow raises for a file that is not a readable image (UnidentifiedImageError and truncation are OSErrors;
 # some broken PNG chunks raise SyntaxError).
-IMAGE_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
-def load_rgb_image(value) -> Image.Image:
+def load_image(value) -> Image.Image:
     """
-    Decodes one image to RGB (first frame of an animation), fully read so that a broken file fails here.
+    Opens and decodes one image as RGB (first frame of an animation), exactly as `SafeLlavaProcessor` renders it
+    (16-bit samples scaled, transparency composited onto white), so that training, evaluation and audits see what
+    inference sees. The one image loader of the project's tools.
 
     Args:
-        value: a `PIL.Image.Image`, a path (`str` / `os.PathLike`), raw `bytes`, or a `datasets.Image(decode=False)`
+        value: a `PIL.Image.Image`, a path (`str` / `os.PathLike`), encoded `bytes`, or a `datasets.Image(decode=False)`
             value `{"bytes": ..., "path": ...}`.
 
     Raises:
-        `ValueError` for an unsupported kind of value; Pillow's errors (`IMAGE_DECODE_ERRORS`) for unreadable data.
+        ValueError: the value is of another kind, or the image is missing or cannot be decoded.
     """
     if isinstance(value, Image.Image):
         return Image.fromarray(rgb_array(value))
@@ -40,16 +42,19 @@ def load_rgb_image(value) -> Image.Image:
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
         source = io.BytesIO(value)
-    elif isinstance(value, (str, Path)):
+    elif isinstance(value, (str, Path)) and str(value):
         source = value
     else:
         raise ValueError(
-            f"Cannot read an image from a {type(value).__name__}; accepted: a PIL image, a path, bytes, or "
-            "{'bytes': ..., 'path': ...}."
+            f"Cannot read an image from a {type(value).__name__}; accepted: a PIL image, a file path, encoded bytes, "
+            "or {'bytes': ..., 'path': ...}."
         )
-    with Image.open(source) as image:
-        image.load()
-        return Image.fromarray(rgb_array(image))
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return Image.fromarray(rgb_array(image))
+    except _PILLOW_DECODE_ERRORS as error:
+        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
 
 
 def first_user_question(conversations) -> str:
@@ -95,8 +100,8 @@ def load_model_and_processor(model_dir, device: str | None = None):
     """
     import torch
 
-    from .modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from .processing_safe_llava import SafeLlavaProcessor
+    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..processing_safe_llava import SafeLlavaProcessor
 
     if not Path(model_dir).is_dir():
         raise ValueError(f"--model must be a folder written by save_pretrained, got {str(model_dir)!r}.")
@@ -155,8 +160,7 @@ def describe_thresholds(thresholds: dict) -> str:
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "IMAGE_DECODE_ERRORS",
-    "load_rgb_image",
+    "load_image",
     "first_user_question",
     "image_prompt",
     "processor_batch",

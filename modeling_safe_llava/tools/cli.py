@@ -5,14 +5,33 @@ import importlib
 import logging
 import sys
 
-# subcommand -> (module, one-line help). Modules are imported lazily so `--help` stays fast.
+# subcommand -> (module, its options function, its run function, one-line help). Modules are imported lazily so
+# `--help` stays fast.
 SUBCOMMANDS = {
-    "demo": ("modeling_safe_llava.demo", "build, train both stages, export, reload and judge held-out images"),
-    "evaluate": ("modeling_safe_llava.evaluation", "measure the safety head on a labelled dataset"),
-    "audit": ("modeling_safe_llava.audit", "scan an image folder or dataset for risky content (resumable)"),
-    "export": ("modeling_safe_llava.export", "write a Hub-ready folder with a model card, optionally push it"),
-    "push": ("modeling_safe_llava.push", "upload an exported folder to the Hugging Face Hub"),
-    "benchmark-data": ("modeling_safe_llava.mini_benchmark", "write the offline mini safety benchmark to a folder"),
+    "demo": (
+        "modeling_safe_llava.tools.demo", "add_cli_arguments", "run_from_args",
+        "build, train both stages, export, reload and judge held-out images",
+    ),
+    "evaluate": (
+        "modeling_safe_llava.tools.evaluation", "add_cli_arguments", "run_from_args",
+        "measure the safety head on a labelled dataset",
+    ),
+    "audit": (
+        "modeling_safe_llava.tools.audit", "add_cli_arguments", "run_from_args",
+        "scan an image folder or dataset for risky content (resumable)",
+    ),
+    "export": (
+        "modeling_safe_llava.tools.hub", "add_export_arguments", "run_export",
+        "write a Hub-ready folder with a model card, optionally push it",
+    ),
+    "push": (
+        "modeling_safe_llava.tools.hub", "add_push_arguments", "run_push",
+        "upload an exported folder to the Hugging Face Hub",
+    ),
+    "benchmark-data": (
+        "modeling_safe_llava.data.mini_benchmark", "add_cli_arguments", "run_from_args",
+        "write the offline mini safety benchmark to a folder",
+    ),
 }
 
 
@@ -21,11 +40,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = _requested_subcommand(argv)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
+    for name, (module_name, add_arguments, run, help_text) in SUBCOMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         if wanted == name:  # only the command being run is imported: a typo or --help never imports them all
-            importlib.import_module(module_name).add_cli_arguments(sub)
-        sub.set_defaults(module=module_name)
+            getattr(importlib.import_module(module_name), add_arguments)(sub)
+        sub.set_defaults(module=module_name, run=run)
     return parser
 
 
@@ -42,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return importlib.import_module(args.module).run_from_args(args) or 0
+        return getattr(importlib.import_module(args.module), args.run)(args) or 0
     except ValueError as error:  # bad input: one clear line, no traceback
         print(f"safe-llava {args.command}: error: {error}", file=sys.stderr)
         return 2

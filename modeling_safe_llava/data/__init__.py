@@ -1,0 +1,1 @@
+"""Data the project makes or converts: the offline synthetic mini safety benchmark."""
