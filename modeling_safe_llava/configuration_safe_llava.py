@@ -72,6 +72,11 @@ class SafeLlavaConfig(LlavaConfig):
         safety_text_token_ids (`dict`, *optional*):
             The hints, refusals and assistant-turn marker as token ids; written by
             [`SafeLlavaForConditionalGeneration.tokenize_safety_texts`] so that `generate` needs no tokenizer.
+        safety_level_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature of the level head: `P(level) = softmax(level_logits / safety_level_temperature)`. Fitted by
+            `safe-llava calibrate` so that `risk` is a calibrated probability.
+        safety_type_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature of the type head, likewise.
         safety_modules_trained (`bool`, *optional*, defaults to `False`):
             Set by the training code once the safety modules have been trained. Safety-aware generation refuses
             to run on untrained safety modules unless explicitly allowed.
@@ -102,6 +107,8 @@ class SafeLlavaConfig(LlavaConfig):
     safety_hints: dict | None = None
     safety_refusals: dict | None = None
     safety_text_token_ids: dict | None = None
+    safety_level_temperature: float = 1.0
+    safety_type_temperature: float = 1.0
     safety_modules_trained: bool = False
 
     def __post_init__(self, **kwargs):
@@ -155,6 +162,8 @@ class SafeLlavaConfig(LlavaConfig):
             raise ValueError(f"safety_loss_weight must be a number >= 0, got {self.safety_loss_weight!r}.")
         if not math.isfinite(self.safety_loss_weight) or self.safety_loss_weight < 0:
             raise ValueError(f"safety_loss_weight must be a finite number >= 0, got {self.safety_loss_weight!r}.")
+        for name in ("safety_level_temperature", "safety_type_temperature"):
+            _check_positive_number(name, getattr(self, name))
         if not isinstance(self.safety_modules_trained, bool):
             raise ValueError(f"safety_modules_trained must be True or False, got {self.safety_modules_trained!r}.")
         self._check_text_tables()
@@ -220,6 +229,11 @@ def _check_int(name: str, value, minimum: int):
 def _check_probability(name: str, value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
+
+
+def _check_positive_number(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
 
 
 def _check_labels(name: str, labels, exact_length: int | None):

@@ -737,8 +737,8 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         thresholds = self.resolve_safety_threshold(safety_threshold)
         actions = self.resolve_safety_actions(safety_actions)
         return decide_safety_actions(
-            level_logits.float().softmax(-1),
-            type_logits.float().softmax(-1),
+            (level_logits.float() / self.config.safety_level_temperature).softmax(-1),
+            (type_logits.float() / self.config.safety_type_temperature).softmax(-1),
             thresholds,
             actions,
             self.config.safety_level_labels,

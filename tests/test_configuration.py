@@ -81,3 +81,10 @@ def test_single_action_applies_to_every_risky_level():
     config = tiny_config(safety_actions={"Illegal Risk": "allow"})
     assert config.safety_actions["Illegal Risk"] == ["allow"] * 4
     assert config.safety_actions["Privacy"] == ["allow", "hint", "hint", "refuse"]
+
+
+@pytest.mark.parametrize("field", ["safety_level_temperature", "safety_type_temperature"])
+@pytest.mark.parametrize("value", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_temperatures_must_be_positive_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=field):
+        SafeLlavaConfig(**{field: value})

@@ -8,6 +8,16 @@ from pathlib import Path
 from PIL import Image
 
 COLUMNS = ("id", "true", "category", "level", "risk", "action", "answer")
+# A spreadsheet reads a cell that starts with one of these as a formula (CSV injection).
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """`value` for a CSV cell: a string that a spreadsheet would run as a formula gets a leading `'`; numbers and
+    other strings are returned unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 def verdict_rows(records: list[dict], assessments: list[dict], answers: list[str]) -> list[dict]:
