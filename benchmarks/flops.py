@@ -78,12 +78,12 @@ def component_flops(stock, safe, num_text_tokens: int, new_tokens: int, device: 
     flops["vision_tower"], vision = count_flops(
         lambda: stock.model.vision_tower(_empty(device, dtype, 1, 3, size, size), output_hidden_states=True)
     )
-    features = safe.model.select_vision_features(vision)
+    features = safe.model.safety_module.select_vision_features(vision.hidden_states)
     num_patches = features.shape[1]
     flops["llava_projector"], _ = count_flops(lambda: stock.model.multi_modal_projector(features))
-    flops["safety_projector"], _ = count_flops(lambda: safe.model.safety_projector(features))
+    flops["safety_projector"], _ = count_flops(lambda: safe.model.safety_module.projector(features))
     keys = _empty(device, dtype, 1, config.num_safety_tokens + num_patches, hidden)
-    flops["safety_head"], _ = count_flops(lambda: safe.model.safety_head(_empty(device, dtype, 1, hidden), keys))
+    flops["safety_head"], _ = count_flops(lambda: safe.model.safety_module.head(_empty(device, dtype, 1, hidden), keys))
     flops["lm_head_per_token"], _ = count_flops(lambda: stock.lm_head(_empty(device, dtype, 1, 1, hidden)))
     stock_length = num_text_tokens + num_patches
     for name, length in (("stock", stock_length), ("safe", stock_length + config.num_llm_safety_tokens)):
@@ -211,7 +211,7 @@ def analytic_generate_memory(stock, safe, num_text_tokens: int, new_tokens: int,
     patches = (vision.image_size // vision.patch_size) ** 2
     vision_states = (vision.num_hidden_layers + 1) * (patches + 1) * vision.hidden_size * bytes_per_value
     safety = sum(p.numel() for n, p in safe.named_parameters() if n.startswith(SAFETY_PARAMETER_PREFIXES))
-    llm_tokens = safe.model.llm_safety_tokens.numel() if safe.model.llm_safety_tokens is not None else 0
+    llm_tokens = safe.model.safety_module.llm_tokens.numel() if safe.model.safety_module.llm_tokens is not None else 0
     stock_weights = sum(p.numel() for p in stock.parameters()) * bytes_per_value
     weights = {
         "stock": stock_weights,

@@ -28,8 +28,8 @@ from .run import DEFAULT_OUTPUT_DIR, check_device, load_config
 MODULES = {
     "vision_tower": "model.vision_tower",
     "llava_projector": "model.multi_modal_projector",
-    "safety_projector": "model.safety_projector",
-    "safety_head": "model.safety_head",
+    "safety_projector": "model.safety_module.projector",
+    "safety_head": "model.safety_module.head",
     "language_model": "model.language_model",
     "lm_head": "lm_head",
 }

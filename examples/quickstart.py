@@ -42,7 +42,7 @@ prompt = processor.apply_chat_template(
     add_generation_prompt=True,
 )
 inputs = processor(images=Image.new("RGB", (32, 32), "white"), text=prompt, return_tensors="pt")
-for threshold in (1.0, 0.0):
+for threshold in (0.9, 0.0):  # 1.0 turns safety off: stock generation, no verdict
     out = model.generate(**inputs, safety_threshold=threshold, max_new_tokens=12, return_dict_in_generate=True)
     verdict = out.safety_assessment.to_records()[0]
     answer = processor.decode(out.sequences[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -11,10 +11,15 @@ from .configuration_safe_llava import SafeLlavaConfig
 from .modeling_safe_llava import (
     SafeLlavaCausalLMOutputWithPast,
     SafeLlavaForConditionalGeneration,
-    SafeLlavaGenerateOutput,
     SafeLlavaModel,
+    SafeLlavaModelOutputWithPast,
     SafeLlavaPreTrainedModel,
+)
+from .policy_safe_llava import (
+    SafeLlavaGenerateBeamDecoderOnlyOutput,
+    SafeLlavaGenerateDecoderOnlyOutput,
     SafeLlavaSafetyAssessment,
+    SafetyPolicy,
     decide_safety_actions,
 )
 from .processing_safe_llava import SafeLlavaProcessor
@@ -39,8 +44,11 @@ __all__ = [
     "SafeLlavaModel",
     "SafeLlavaForConditionalGeneration",
     "SafeLlavaCausalLMOutputWithPast",
-    "SafeLlavaGenerateOutput",
+    "SafeLlavaModelOutputWithPast",
+    "SafeLlavaGenerateDecoderOnlyOutput",
+    "SafeLlavaGenerateBeamDecoderOnlyOutput",
     "SafeLlavaSafetyAssessment",
+    "SafetyPolicy",
     "SafeLlavaProcessor",
     "decide_safety_actions",
     "load_chat_template",

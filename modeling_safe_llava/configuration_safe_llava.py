@@ -9,21 +9,9 @@ import math
 
 from transformers import LlavaConfig
 
+from .policy_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS, SafetyPolicy
 
-SAFETY_LEVEL_LABELS = ["Safe to answer", "Answer carefully", "Answer or reject", "Reject"]
-SAFETY_TYPE_LABELS = [
-    "Politics",
-    "Illegal Risk",
-    "Insults and Bullying",
-    "Fairness",
-    "Privacy",
-    "Misleading",
-    "Clean",
-]
-SAFETY_ACTIONS = ("allow", "hint", "refuse")
-# The paper's behaviour: level 1-2 ("answer carefully", "answer or reject") get a safe hint, level 3 a refusal.
-# Index = risk level; level 0 is never acted on (a flagged row is always given its most likely risky level).
-DEFAULT_ACTIONS_BY_LEVEL = ["allow", "hint", "hint", "refuse"]
+
 SAFETY_PROJECTOR_TYPES = ("cabstractor", "mlp")
 # Remote code: transformers records only one auto class per model class, so both entries are written here.
 AUTO_MAP = {
@@ -61,14 +49,15 @@ class SafeLlavaConfig(LlavaConfig):
             `loss = lm_loss + safety_loss_weight * (CE(level) + CE(type))`.
         safety_threshold (`float`, *optional*, defaults to 0.5):
             Default threshold of `generate`: a row is flagged iff `1 - P(level 0) > safety_threshold`.
+        safety_thresholds (`dict[str, float]`, *optional*):
+            Per risky type default thresholds that override `safety_threshold` (e.g. from `safe-llava calibrate`).
         safety_actions (`dict[str, list[str]]`, *optional*):
             For each risky type, the action (`"allow"`, `"hint"` or `"refuse"`) taken at each of the 4 levels.
             Types left out get the paper's default `["allow", "hint", "hint", "refuse"]`.
         safety_hints (`dict[str, list[str]]`, *optional*):
-            For each risky type, the safe-hint text of each level (index 0 unused). Loaded from a preset in
-            `processors/`; needed for every (type, level) whose action is `"hint"`.
+            For each risky type, the safe-hint text of each level (index 0 unused). Types left out get the paper's.
         safety_refusals (`dict[str, str]`, *optional*):
-            For each risky type, the answer given when the action is `"refuse"`.
+            For each risky type, the answer given when the action is `"refuse"`. Types left out get the paper's.
         safety_text_token_ids (`dict`, *optional*):
             The hints, refusals and assistant-turn marker as token ids; written by
             [`SafeLlavaForConditionalGeneration.tokenize_safety_texts`] so that `generate` needs no tokenizer.
@@ -103,6 +92,7 @@ class SafeLlavaConfig(LlavaConfig):
     safety_type_labels: list[str] | None = None
     safety_loss_weight: float = 10.0
     safety_threshold: float = 0.5
+    safety_thresholds: dict | None = None
     safety_actions: dict | None = None
     safety_hints: dict | None = None
     safety_refusals: dict | None = None
@@ -118,7 +108,10 @@ class SafeLlavaConfig(LlavaConfig):
             self.safety_type_labels = list(SAFETY_TYPE_LABELS)
         super().__post_init__(**kwargs)
         self._validate_safety_fields()
-        self.safety_actions = self._complete_actions(self.safety_actions)
+        # The policy is validated in one place (policy_safe_llava.SafetyPolicy), which also fills in the paper's
+        # actions, hints and refusals for every type left out.
+        for name, value in SafetyPolicy.from_config(self).config_fields().items():
+            setattr(self, name, value)
         if self.safety_projector_hidden_size is None:
             self.safety_projector_hidden_size = self.vision_config.hidden_size + self.num_safety_tokens
         # The LLaVA placeholder count per image grows by the LLM safety tokens (they sit before the patches).
@@ -126,7 +119,8 @@ class SafeLlavaConfig(LlavaConfig):
         if self.vision_feature_select_strategy == "full":
             num_patches += 1
         self.image_seq_length = num_patches + self.num_llm_safety_tokens
-        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        # Always SafeLlava's own classes: an auto_map read from a checkpoint could name another repository's code.
+        self.auto_map = dict(AUTO_MAP)
 
     @property
     def risky_type_labels(self) -> list[str]:
@@ -157,7 +151,6 @@ class SafeLlavaConfig(LlavaConfig):
             )
         _check_labels("safety_level_labels", self.safety_level_labels, exact_length=4)
         _check_labels("safety_type_labels", self.safety_type_labels, exact_length=None)
-        _check_probability("safety_threshold", self.safety_threshold)
         if isinstance(self.safety_loss_weight, bool) or not isinstance(self.safety_loss_weight, (int, float)):
             raise ValueError(f"safety_loss_weight must be a number >= 0, got {self.safety_loss_weight!r}.")
         if not math.isfinite(self.safety_loss_weight) or self.safety_loss_weight < 0:
@@ -166,69 +159,11 @@ class SafeLlavaConfig(LlavaConfig):
             _check_positive_number(name, getattr(self, name))
         if not isinstance(self.safety_modules_trained, bool):
             raise ValueError(f"safety_modules_trained must be True or False, got {self.safety_modules_trained!r}.")
-        self._check_text_tables()
-
-    def _complete_actions(self, actions: dict | None) -> dict:
-        """Validate `safety_actions` and fill the types it leaves out with the paper's default."""
-        actions = dict(actions or {})
-        self._check_type_keys("safety_actions", actions)
-        for type_name, per_level in actions.items():
-            actions[type_name] = check_action_list(type_name, per_level)
-        for type_name in self.risky_type_labels:
-            actions.setdefault(type_name, list(DEFAULT_ACTIONS_BY_LEVEL))
-        return {name: actions[name] for name in self.risky_type_labels}
-
-    def _check_text_tables(self):
-        if self.safety_hints is not None:
-            self._check_type_keys("safety_hints", self.safety_hints)
-            for type_name, texts in self.safety_hints.items():
-                if not isinstance(texts, list) or len(texts) != 4 or not all(isinstance(t, str) for t in texts):
-                    raise ValueError(
-                        f"safety_hints[{type_name!r}] must be a list of 4 strings (one per level), got {texts!r}."
-                    )
-        if self.safety_refusals is not None:
-            self._check_type_keys("safety_refusals", self.safety_refusals)
-            for type_name, text in self.safety_refusals.items():
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"safety_refusals[{type_name!r}] must be a non-empty string, got {text!r}.")
-
-    def _check_type_keys(self, field_name: str, table: dict):
-        if not isinstance(table, dict):
-            raise ValueError(f"{field_name} must be a dict keyed by risk type name, got {type(table).__name__}.")
-        unknown = sorted(set(table) - set(self.risky_type_labels))
-        if unknown:
-            raise ValueError(
-                f"{field_name} has unknown risk type(s) {unknown}; accepted: {self.risky_type_labels}."
-            )
-
-
-def check_action_list(type_name: str, per_level) -> list[str]:
-    """Validate one type's actions: a list of 4 of `allow`/`hint`/`refuse`, or one action for every risky level."""
-    if isinstance(per_level, str):
-        per_level = ["allow"] + [per_level] * 3
-    if not isinstance(per_level, (list, tuple)) or len(per_level) != 4:
-        raise ValueError(
-            f"Actions for {type_name!r} must be one action or a list of 4 (one per level), got {per_level!r}; "
-            f"accepted actions: {', '.join(SAFETY_ACTIONS)}."
-        )
-    for action in per_level:
-        if action not in SAFETY_ACTIONS:
-            raise ValueError(
-                f"Unknown safety action {action!r} for {type_name!r}; accepted: {', '.join(SAFETY_ACTIONS)}."
-            )
-    if per_level[0] != "allow":
-        raise ValueError(f"Level 0 ('safe to answer') of {type_name!r} must be 'allow', got {per_level[0]!r}.")
-    return list(per_level)
 
 
 def _check_int(name: str, value, minimum: int):
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_probability(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
 
 
 def _check_positive_number(name: str, value):

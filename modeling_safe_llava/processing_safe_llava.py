@@ -8,10 +8,11 @@ from transformers import AutoProcessor, LlavaProcessor
 from transformers.image_transforms import convert_to_rgb
 from transformers.utils import logging
 
+from .policy_safe_llava import SafetyPolicy, assistant_prefix_ids
+
 
 logger = logging.get_logger(__name__)
 
-_PROBE_CONVERSATION = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
 # Pillow modes with 16-bit samples: Pillow's convert("RGB") clips them at 255 instead of scaling (65535 / 257 = 255).
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
@@ -104,34 +105,22 @@ class SafeLlavaProcessor(LlavaProcessor):
             data["num_image_tokens"] = [n + self.num_llm_safety_tokens for n in data["num_image_tokens"]]
         return data
 
+    def assistant_prefix_ids(self) -> list[int]:
+        """Token ids the chat template adds for `add_generation_prompt=True` (where an answer starts)."""
+        return assistant_prefix_ids(self)
+
     def encode_safety_texts(self, hints: dict | None, refusals: dict | None) -> dict:
         """
         Token ids of the safety texts, as [`SafeLlavaForConditionalGeneration.tokenize_safety_texts`] stores them:
-        `{"assistant_prefix": ids of the generation prompt (e.g. "ASSISTANT:"), "hints": {type: [ids per level]},
-        "refusals": {type: ids}}`. Hints are inserted right before the assistant prefix, as in the paper.
+        `{"assistant_prefix": ids of the generation prompt, "hints": {type: [ids per level]}, "refusals": {type: ids}}`.
         """
-        encode = lambda text: self.tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+        policy = SafetyPolicy(type_names=[*(hints or refusals or {}), "Clean"], hints=hints, refusals=refusals)
+        token_ids = policy.tokenize(self)
         return {
-            "assistant_prefix": self.assistant_prefix_ids(),
-            "hints": {name: [encode(text) for text in texts] for name, texts in (hints or {}).items()},
-            "refusals": {name: encode(text) for name, text in (refusals or {}).items()},
+            "assistant_prefix": token_ids["assistant_prefix"],
+            "hints": {name: token_ids["hints"][name] for name in hints or {}},
+            "refusals": {name: token_ids["refusals"][name] for name in refusals or {}},
         }
-
-    def assistant_prefix_ids(self) -> list[int]:
-        """Token ids the chat template adds for `add_generation_prompt=True` (where an answer starts)."""
-        if self.chat_template is None:
-            raise ValueError("This processor has no chat template, so the assistant-turn marker is unknown.")
-        with_prompt = self.apply_chat_template(_PROBE_CONVERSATION, add_generation_prompt=True, tokenize=False)
-        without = self.apply_chat_template(_PROBE_CONVERSATION, add_generation_prompt=False, tokenize=False)
-        ids_with = self.tokenizer.encode(with_prompt, add_special_tokens=False)
-        ids_without = self.tokenizer.encode(without, add_special_tokens=False)
-        common = 0
-        while common < min(len(ids_with), len(ids_without)) and ids_with[common] == ids_without[common]:
-            common += 1
-        prefix = ids_with[common:]
-        if not prefix:
-            raise ValueError("The chat template adds nothing for add_generation_prompt=True; hints cannot be placed.")
-        return prefix
 
 
 def _prepare_images(images, counter: list[int]):
@@ -160,18 +149,13 @@ def to_rgb_image(image, index: int = 0):
     are returned unchanged (the image processor checks them).
 
     Args:
-        image: a `PIL.Image.Image`, `numpy.ndarray` or `torch.Tensor`. Strings are refused: this processor does no
-            file or network I/O (open files with `PIL.Image.open`).
+        image: a `PIL.Image.Image`, `numpy.ndarray`, `torch.Tensor`, or a path / URL / base64 string, which is returned
+            unchanged: stock `LlavaProcessor` loads it (EXIF orientation applied, converted to RGB).
         index: the image's position in the call, named in error messages.
 
     Raises:
         ValueError: a string, an image that cannot be decoded, an empty image, or 32-bit samples without a known range.
     """
-    if isinstance(image, str):
-        raise ValueError(
-            f"Image {index} is a string ({image[:60]!r}), not a decoded image: SafeLlavaProcessor takes PIL images, "
-            "numpy arrays or torch tensors and does no file or network I/O. Open files with PIL.Image.open(path)."
-        )
     if not hasattr(image, "getbands"):  # not a PIL image
         return image
     try:

@@ -20,7 +20,8 @@ import pytest
 import torch
 from conftest import chat_prompt, random_image
 from PIL import Image
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LlavaForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from modeling_safe_llava import SafeLlavaForConditionalGeneration, decide_safety_actions
 from modeling_safe_llava.configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
@@ -37,7 +38,6 @@ PATCHES = {
     "P5": "P5 (check_model_inputs: dtypes, shapes, devices, vocabulary, length)",
     "P6": "P6 (safetensors-only loading)",
     "P7": "P7 (processor decodes images eagerly and scales 16/32-bit modes)",
-    "P8": "P8 (processor refuses strings: no file or network I/O)",
     "D1": "D1 (tools/loading.py load_image (training data) must composite alpha like the processor; owner: data loading)",
     "D2": "D2 (tools/loading.py load_image (audit/evaluate) must composite alpha like the processor; owner: audit/evaluate)",
     "C1": "C1 (cli.build_parser imports no subcommand module for an unknown command)",
@@ -202,13 +202,6 @@ def same_pixels_as(expected_image):
     return check
 
 
-def url_without_network(env):
-    """A URL given as an image must be refused before any connection is attempted."""
-    no_network = AssertionError("the processor attempted a network connection")
-    with mock.patch("socket.socket.connect", side_effect=no_network), mock.patch("socket.getaddrinfo", side_effect=no_network):
-        return env.inputs(["http://127.0.0.1:9/image.png"])
-
-
 IMAGE_ROWS = [
     works("mode-L", lambda env: env.pixels(halves("L", 77, 180)), same_pixels_as(halves("RGB", (77,) * 3, (180,) * 3))),
     works(
@@ -274,13 +267,13 @@ IMAGE_ROWS = [
         "Image 0 could not be decoded (OSError: broken data stream",
     ),
     fails("non-image-bytes", lambda env: env.inputs([b"hello, not an image"]), TypeError, "got type=<class 'bytes'>"),
+    # Paths and URLs are loaded as stock LlavaProcessor loads them (see tests/test_processor.py).
     fails(
         "non-image-file-path",
         lambda env: env.inputs([env.file("notes.txt", b"hello, not an image")]),
-        ValueError,
-        "is a string",
+        OSError,  # PIL.UnidentifiedImageError, as stock LlavaProcessor raises
+        "cannot identify image file",
     ),
-    fails("url-string-no-network", url_without_network, ValueError, "does no file or network I/O"),
 ]
 
 # -- processor: placeholders and prompts --------------------------------------------------------------------------
@@ -322,6 +315,26 @@ def nan_pixels(env):
     return pixel_values
 
 
+def same_verdict_as_the_python_float(env, result):
+    numpy_verdict, float_verdict = result
+    assert numpy_verdict.flagged.tolist() == float_verdict.flagged.tolist()
+    assert torch.equal(numpy_verdict.threshold, float_verdict.threshold)
+
+
+def equal_tensors(env, result):
+    ours, stock = result
+    assert torch.equal(ours, stock)
+
+
+def stock_generate(env, base=None, **overrides):
+    return LlavaForConditionalGeneration.generate(env.model, **env.merged(base, {**GREEDY, **overrides}))
+
+
+def stock_forward(env, base=None, **overrides):
+    with torch.no_grad():
+        return LlavaForConditionalGeneration.forward(env.model, **env.merged(base, overrides))
+
+
 def same_verdict_as_short_prompt(env, assessment):
     short = env.assess()
     assert assessment.actions == short.actions
@@ -335,32 +348,46 @@ def close_to_float32_verdict(env, assessment):
 
 
 MODEL_ROWS = [
-    fails(
-        "generate-placeholders-without-pixel-values",
-        lambda env: env.generate(pixel_values=DROP),
-        ValueError,
-        "hold <image> placeholders but no pixel_values",
+    # Placeholders without pixel_values: as in stock LLaVA, the language model sees no image, so nothing is judged.
+    works(
+        "generate-placeholders-without-pixel-values-as-stock",
+        lambda env: (env.generate(pixel_values=DROP), stock_generate(env, pixel_values=DROP)),
+        equal_tensors,
     ),
-    fails(
-        "forward-placeholders-without-pixel-values",
-        lambda env: env.forward(pixel_values=DROP),
-        ValueError,
-        "hold <image> placeholders but no pixel_values",
+    works(
+        "forward-placeholders-without-pixel-values-as-stock",
+        lambda env: (env.forward(pixel_values=DROP).logits, stock_forward(env, pixel_values=DROP).logits),
+        equal_tensors,
     ),
-    fails(
-        "generate-pre-encoded-images-skip-the-safety-head",
+    works(
+        "generate-pre-encoded-images-are-judged",
         lambda env: env.generate(
-            pixel_values=DROP, mm_encoder_outputs={"image": env.model.model.get_image_features(env.one["pixel_values"])}
+            pixel_values=DROP,
+            mm_encoder_outputs={"image": env.model.model.get_image_features(env.one["pixel_values"])},
+            safety_threshold=0.0,
+            return_dict_in_generate=True,
+        ),
+        lambda env, out: out.safety_assessment.flagged.tolist() == [True] or pytest.fail("not judged"),
+    ),
+    fails(
+        "generate-pre-encoded-images-without-vision-states-fail-closed",
+        lambda env: env.generate(
+            pixel_values=DROP,
+            mm_encoder_outputs={
+                "image": BaseModelOutputWithPooling(
+                    pooler_output=env.model.model.get_image_features(env.one["pixel_values"]).pooler_output
+                )
+            },
         ),
         ValueError,
-        "would reach the language model without a safety verdict",
+        "carry no vision hidden states",
     ),
     fails("assess-without-pixel-values", lambda env: env.assess(pixel_values=DROP), TypeError, "'pixel_values'"),
     fails(
         "pixel-values-without-placeholders",
         lambda env: env.forward(base=env.processor(text=["USER: Hi ASSISTANT:"], return_tensors="pt"), pixel_values=env.one["pixel_values"]),
         ValueError,
-        "1 image(s) need 20 <image> placeholders",
+        "Image features and image tokens do not match",
     ),
     fails(
         "more-images-than-placeholder-rows",
@@ -391,18 +418,6 @@ MODEL_ROWS = [
         lambda env: env.model.generate(input_ids=torch.zeros(1, 0, dtype=torch.long), **GREEDY),
         ValueError,
         "input_ids is empty",
-    ),
-    fails(
-        "prompt-over-max-length-forward",
-        lambda env: env.forward(base=env.long),
-        ValueError,
-        "max_position_embeddings (512)",
-    ),
-    fails(
-        "prompt-over-max-length-generate",
-        lambda env: env.generate(base=env.long),
-        ValueError,
-        "max_position_embeddings (512)",
     ),
     works("prompt-over-max-length-assess-reads-first-token-only", lambda env: env.assess(base=env.long), same_verdict_as_short_prompt),
     # dtypes and devices
@@ -456,12 +471,12 @@ MODEL_ROWS = [
         "input_ids is on the 'meta' device",
     ),
     # non-finite values must never become an "allow"
-    fails("nan-pixel-values-assess", lambda env: env.assess(pixel_values=nan_pixels(env)), ValueError, "non-finite logits"),
+    fails("nan-pixel-values-assess", lambda env: env.assess(pixel_values=nan_pixels(env)), ValueError, "are not finite"),
     fails(
         "nan-pixel-values-generate-threshold-0",
         lambda env: env.generate(pixel_values=nan_pixels(env), safety_threshold=0.0),
         ValueError,
-        "non-finite logits",
+        "are not finite",
     ),
     fails(
         "decision-rule-nan-probabilities",
@@ -493,10 +508,16 @@ THRESHOLD_ROWS = [
         ("above-one", 1.5, "1.5 cannot be applied"),
         ("infinite", float("inf"), "inf cannot be applied"),
         ("string", "0.5", "'0.5' cannot be applied"),
-        ("numpy-float32", np.float32(0.3), "cannot be applied; accepted: None, a number in [0, 1]"),
         ("dict-nan", {"Privacy": float("nan")}, "nan cannot be applied"),
-        ("dict-unknown-category", {"Weather": 0.5}, "unknown categories ['Weather']"),
+        ("dict-unknown-category", {"Weather": 0.5}, "unknown risk type(s) ['Weather']"),
     ]
+] + [
+    works(
+        f"threshold-numpy-{dtype.__name__}-accepted-like-a-float",
+        lambda env, dtype=dtype: (env.assess(safety_threshold=dtype(0.25)), env.assess(safety_threshold=0.25)),
+        same_verdict_as_the_python_float,
+    )
+    for dtype in (np.float16, np.float32, np.float64)
 ] + [
     works(
         "threshold-from-generation-config-is-applied",
@@ -511,7 +532,7 @@ THRESHOLD_ROWS = [
         "action-unknown-category",
         lambda env: env.assess(safety_actions={"Weather": "allow"}),
         ValueError,
-        "safety_actions has unknown categories ['Weather']",
+        "safety_actions has unknown risk type(s) ['Weather']",
     ),
     fails(
         "action-unknown-name",
@@ -847,5 +868,5 @@ def test_the_table_is_large_and_every_row_is_unique():
 def test_loading_a_checkpoint_without_safety_weights_names_them(env, caplog):
     with caplog.at_level(logging.WARNING):
         loaded = SafeLlavaForConditionalGeneration.from_pretrained(env.no_safety_weights_dir)
-    assert "model.safety_head" in caplog.text and "model.llm_safety_tokens" in caplog.text
+    assert "model.safety_module.head" in caplog.text and "model.safety_module.llm_tokens" in caplog.text
     assert loaded.config.safety_modules_trained is False

@@ -133,7 +133,7 @@ def test_compared_models_share_one_copy_of_the_stock_weights():
         return {
             tensor.untyped_storage().data_ptr()
             for name, tensor in [*model.named_parameters(), *model.named_buffers()]
-            if name.startswith(("model.safety_", "model.llm_safety_tokens")) == safety
+            if name.startswith("model.safety_module.") == safety
         }
 
     stock = storages(bm.stock, safety=False)
@@ -141,7 +141,7 @@ def test_compared_models_share_one_copy_of_the_stock_weights():
     assert storages(bm.head_only, safety=True) < storages(bm.safe, safety=True)  # all but the LLM safety tokens
     assert not storages(bm.safe, safety=True) & stock
     assert not any(tensor.is_meta for model in (bm.safe, bm.head_only) for tensor in model.state_dict().values())
-    assert bm.safe.model.safety_tokens.std() > 0 and bm.safe.model.llm_safety_tokens.std() > 0  # initialised
+    assert bm.safe.model.safety_module.tokens.std() > 0 and bm.safe.model.safety_module.llm_tokens.std() > 0  # initialised
 
 
 def test_memory_only_item_measures_every_model_without_touching_latest(tmp_path):

@@ -24,23 +24,39 @@ def solid(colour):
 
 
 def force_verdicts(model):
-    """Replaces the random head's logits by a verdict read from each image's colour, keeping the real vision pass."""
-    original = model._judge_images
+    """Replaces the random head's logits by a verdict read from each image's colour, keeping the real vision pass:
+    the image encoder records each image's colour, and both ways to a verdict (`assess_safety` from pixels, `generate`
+    from encoded images) read it."""
+    encode, judge_encoded, judge_from_pixels = model.model.get_image_features, model.judge_encoded_images, model._judge_pixels
 
-    def judge(input_ids, pixel_values, attention_mask, image_sizes=None, **kw):
-        level_logits, type_logits, images_per_row, image_outputs = original(
-            input_ids, pixel_values, attention_mask, image_sizes, **kw
-        )
-        means = pixel_values.mean(dim=(2, 3))  # (num_images, 3), normalised colours
-        for row, image in enumerate(images_per_row.cumsum(0) - 1):
-            colour = ["red", "green", "blue", "yellow"][_colour_index(means[image])]
-            level, kind = VERDICTS[colour]
-            level_logits[row] = torch.nn.functional.one_hot(torch.tensor(level), 4).float() * 20
-            type_logits[row] = torch.nn.functional.one_hot(torch.tensor(kind), 7).float() * 20
-        return level_logits, type_logits, images_per_row, image_outputs
+    def get_image_features(pixel_values, *args, **kwargs):
+        outputs = encode(pixel_values, *args, **kwargs)
+        outputs.forced_colours = _colours(pixel_values)
+        return outputs
 
-    model._judge_images = judge
+    def judge_encoded_images(image_outputs, *args, **kwargs):
+        return _forced(*judge_encoded(image_outputs, *args, **kwargs), image_outputs.forced_colours)
+
+    def judge_pixels(input_ids, pixel_values, *args, **kwargs):
+        return _forced(*judge_from_pixels(input_ids, pixel_values, *args, **kwargs), _colours(pixel_values))
+
+    model.model.get_image_features = get_image_features
+    model.judge_encoded_images = judge_encoded_images
+    model._judge_pixels = judge_pixels
     return model
+
+
+def _colours(pixel_values):
+    means = pixel_values.mean(dim=(2, 3))  # (num_images, 3), normalised colours
+    return [["red", "green", "blue", "yellow"][_colour_index(mean)] for mean in means]
+
+
+def _forced(level_logits, type_logits, images_per_row, colours):
+    for row, image in enumerate(images_per_row.cumsum(0) - 1):
+        level, kind = VERDICTS[colours[image]]
+        level_logits[row] = torch.nn.functional.one_hot(torch.tensor(level), 4).float() * 20
+        type_logits[row] = torch.nn.functional.one_hot(torch.tensor(kind), 7).float() * 20
+    return level_logits, type_logits, images_per_row
 
 
 def _colour_index(mean_rgb):
@@ -131,7 +147,7 @@ def test_per_category_thresholds(trained_tiny_safe_llava):
         ("0.5", "'0.5' cannot be applied"),
         (True, "True cannot be applied"),
         ([0.5], "[0.5] cannot be applied"),
-        ({"Weather": 0.5}, "unknown categories ['Weather']"),
+        ({"Weather": 0.5}, "unknown risk type(s) ['Weather']"),
         ({"Privacy": 2.0}, "2.0 cannot be applied"),
     ],
 )
@@ -286,7 +302,7 @@ def test_assessment_comes_back_with_the_sequences(trained_tiny_safe_llava):
     direct = model.assess_safety(**inputs)
     assert out.safety_assessment.actions == direct.actions == ["refuse", "allow"]
     assert torch.allclose(out.safety_assessment.risk, direct.risk)
-    assert out.lm_row_indices == [1] and len(out.scores) >= 1
+    assert out.sequences.shape[0] == 2 and all(step.shape[0] == 2 for step in out.scores)  # every row is scored
     records = out.safety_assessment.to_records()
     assert records[0]["category_name"] == "Privacy" and records[0]["action"] == "refuse" and records[1]["flagged"] is False
 

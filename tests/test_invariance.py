@@ -20,7 +20,7 @@ RISK_ATOL = 1e-5
 def spread_head(model, seed: int = 0):
     """Redraws the safety head's weights so that verdicts differ between images (std 0.5 attention, 1.0 classifiers)."""
     generator = torch.Generator().manual_seed(seed)
-    head = model.model.safety_head
+    head = model.model.safety_module.head
     with torch.no_grad():
         for layer in (head.q_proj, head.k_proj, head.v_proj, head.o_proj):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)

@@ -104,7 +104,7 @@ def test_llm_safety_tokens_sit_before_each_images_features(tiny_safe_llava):
     inputs = batch(processor, num_rows=1)
     out = model(**inputs)
     n = model.config.num_llm_safety_tokens
-    assert torch.equal(out.image_hidden_states[:n], model.model.llm_safety_tokens.detach())
+    assert torch.equal(out.image_hidden_states[:n], model.model.safety_module.llm_tokens.detach())
     assert out.image_hidden_states.shape[0] == model.config.image_seq_length
 
 
@@ -122,6 +122,34 @@ def test_save_and_reload_change_no_output(tiny_safe_llava, tmp_path):
     assert (tmp_path / "model.safetensors").is_file()
 
 
+def test_checkpoints_keep_the_flat_safety_names_so_old_and_new_checkpoints_load_alike(tiny_safe_llava, tmp_path):
+    """In memory the safety parameters sit under one module (`model.safety_module.*`); on disk they keep the names
+    checkpoints have always had (`model.safety_head.*`, `model.safety_tokens`, ...), through the conversion mapping."""
+    from safetensors import safe_open
+
+    model, _ = tiny_safe_llava
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+        saved = set(weights.keys())
+    in_memory = {name for name in model.state_dict() if name.startswith("model.safety_module.")}
+    assert {"model.safety_tokens", "model.llm_safety_tokens"} <= saved
+    assert any(name.startswith("model.safety_head.") for name in saved)
+    assert any(name.startswith("model.safety_projector.") for name in saved)
+    assert not any(name.startswith("model.safety_module.") for name in saved)
+    legacy = {
+        name.replace("model.safety_module.tokens", "model.safety_tokens")
+        .replace("model.safety_module.llm_tokens", "model.llm_safety_tokens")
+        .replace("model.safety_module.head.", "model.safety_head.")
+        .replace("model.safety_module.projector.", "model.safety_projector.")
+        for name in in_memory
+    }
+    assert legacy <= saved
+    reloaded, info = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
 def test_checkpoint_without_safety_weights_is_initialised_and_warned(tiny_llava, tmp_path, caplog):
     llava, _ = tiny_llava
     model = SafeLlavaForConditionalGeneration.from_llava(llava, **safety_fields())
@@ -132,8 +160,8 @@ def test_checkpoint_without_safety_weights_is_initialised_and_warned(tiny_llava,
     with caplog.at_level(logging.WARNING):
         loaded = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert all(torch.isfinite(p).all() for p in loaded.parameters())
-    assert loaded.model.safety_tokens.abs().max() < 1.0  # normal(0, 0.02), not leftover memory
-    assert "model.safety_tokens" in caplog.text and "untrained" in caplog.text
+    assert loaded.model.safety_module.tokens.abs().max() < 1.0  # normal(0, 0.02), not leftover memory
+    assert "model.safety_module.tokens" in caplog.text and "untrained" in caplog.text
     assert loaded.config.safety_modules_trained is False  # fails closed
 
 
@@ -143,7 +171,7 @@ def test_mlp_projector_variant_trains(tiny_llava):
     processor = SafeLlavaProcessor.from_llava(llava_processor, num_llm_safety_tokens=model.config.num_llm_safety_tokens)
     out = model(**batch(processor), safety_labels=torch.tensor([[1, 1], [0, 6]]))
     out.loss.backward()
-    assert model.model.safety_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.model.safety_module.projector.linear_1.weight.grad.abs().sum() > 0
 
 
 def test_wrong_image_token_count_raises(tiny_safe_llava, tiny_llava):
@@ -206,4 +234,4 @@ def test_safety_forward_matches_forward_without_running_the_language_model(tiny_
     assert torch.allclose(alone.safety_level_logits, full.safety_level_logits, atol=1e-6)
     assert torch.allclose(alone.loss, model.config.safety_loss_weight * full.safety_loss, atol=1e-5)
     alone.loss.backward()
-    assert model.model.safety_head.level_classifier.weight.grad.abs().sum() > 0
+    assert model.model.safety_module.head.level_classifier.weight.grad.abs().sum() > 0

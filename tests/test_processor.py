@@ -1,6 +1,11 @@
 """SafeLlavaProcessor: placeholder expansion, padding side, chat template, safety texts, save/load."""
 
+import functools
+import http.server
+import threading
+
 import pytest
+import torch
 from conftest import chat_prompt, random_image
 
 from modeling_safe_llava import SafeLlavaProcessor
@@ -58,3 +63,50 @@ def test_negative_safety_token_count_raises(tiny_safe_llava):
     _, processor = tiny_safe_llava
     with pytest.raises(ValueError, match="num_llm_safety_tokens must be an integer >= 0, got -2"):
         SafeLlavaProcessor.from_llava(processor, num_llm_safety_tokens=-2)
+
+
+# -- images as clients send them: PIL, path, URL, in chat messages (what LlavaProcessor accepts) -----------------
+
+
+@pytest.fixture
+def served_image(tmp_path):
+    """A PNG written to disk and served over HTTP on the loopback interface: `(image, path, url)`."""
+    image = random_image(3)
+    image.save(tmp_path / "picture.png")
+    handler = functools.partial(_QuietHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield image, str(tmp_path / "picture.png"), f"http://127.0.0.1:{server.server_address[1]}/picture.png"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        """Keep test output clean."""
+
+
+@pytest.mark.parametrize("source", ["path", "url"])
+def test_images_given_as_path_or_url_equal_the_pil_image(tiny_safe_llava, served_image, source):
+    _, processor = tiny_safe_llava
+    image, path, url = served_image
+    prompt = chat_prompt(processor)
+    expected = processor(images=image, text=prompt, return_tensors="pt")
+    given = processor(images={"path": path, "url": url}[source], text=prompt, return_tensors="pt")
+    assert torch.equal(given["input_ids"], expected["input_ids"])
+    assert torch.allclose(given["pixel_values"], expected["pixel_values"], atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["image", "path", "url"])
+def test_chat_messages_with_images_tokenize_like_the_processor_call(tiny_safe_llava, served_image, source):
+    _, processor = tiny_safe_llava
+    image, path, url = served_image
+    value = {"image": {"image": image}, "path": {"path": path}, "url": {"url": url}}[source]
+    messages = [{"role": "user", "content": [{"type": "image", **value}, {"type": "text", "text": "What is shown?"}]}]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    expected = processor(images=image, text=chat_prompt(processor, "What is shown?"), return_tensors="pt")
+    assert torch.equal(inputs["input_ids"], expected["input_ids"])
+    assert torch.allclose(inputs["pixel_values"], expected["pixel_values"], atol=1e-6)

@@ -13,10 +13,12 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO_ROOT / "modeling_safe_llava"
-REMOTE_CODE_FILES = ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py")
+REMOTE_CODE_FILES = (
+    "configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"
+)
 REMOTE_CODE_SIBLINGS = {Path(name).stem for name in REMOTE_CODE_FILES}
 # Top-level modules remote code may import: the two libraries, and stdlib modules that do no I/O.
-ALLOWED_MODULES = {"torch", "transformers", "math", "dataclasses", "typing"}
+ALLOWED_MODULES = {"torch", "transformers", "math", "dataclasses", "typing", "contextvars", "copy", "numbers"}
 # Builtins that run code from strings, open files or reach into the interpreter.
 FORBIDDEN_BUILTINS = {"eval", "exec", "compile", "__import__", "open", "breakpoint", "input"}
 # Dotted names (or their prefixes) that load pickles, run processes or talk to the network.

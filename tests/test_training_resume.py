@@ -1,6 +1,7 @@
 """Resuming: a run interrupted after a checkpoint and resumed with the stock Trainer's `resume_from_checkpoint` ends
 with the same weights as an uninterrupted run, in-process and after a real SIGKILL of the training script."""
 
+import json
 import os
 import signal
 import subprocess
@@ -137,13 +138,22 @@ def run_script(output_dir: Path, *extra: str) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def _parses(json_file) -> bool:
+    """The Trainer writes trainer_state.json last: the checkpoint is complete once it parses (it may exist half-written)."""
+    try:
+        json.loads(json_file.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def test_training_script_killed_after_its_first_checkpoint_resumes_to_the_same_weights(tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
     reference = run_script(reference_dir)
     killed = run_script(killed_dir)
     first_checkpoint = killed_dir / "checkpoint-4" / "trainer_state.json"
     deadline = time.monotonic() + 120
-    while not first_checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+    while not _parses(first_checkpoint) and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=30) == -signal.SIGKILL, "the run ended before it could be killed"
@@ -163,5 +173,5 @@ def test_training_script_killed_after_its_first_checkpoint_resumes_to_the_same_w
         assert torch.equal(actual[name], expected[name]), name
     assert first_checkpoint.stat().st_mtime_ns == first_checkpoint_written  # steps 1-4 were not trained again
     first = load_file(str(killed_dir / "checkpoint-4" / "model.safetensors"))
-    head = "model.safety_head.level_classifier.weight"
+    head = "model.safety_head.level_classifier.weight"  # the name on disk (see the conversion mapping)
     assert not torch.equal(first[head], actual[head])  # training went on after the first checkpoint

@@ -104,8 +104,8 @@ def test_stage1_changes_only_the_safety_parameters(stage1_run):
     after = snapshot(model)
     assert after.keys() == initial.keys()
     safety = [name for name in initial if is_safety(name)]
-    modules = {"safety_tokens", "llm_safety_tokens", "safety_projector", "safety_head"}
-    assert {name.split(".")[1] for name in safety} == modules
+    modules = {"tokens", "llm_tokens", "projector", "head"}
+    assert {name.split(".")[2] for name in safety} == modules
     for name in initial:
         if is_safety(name):
             assert not torch.equal(after[name], initial[name]), f"{name} did not train"
@@ -127,7 +127,7 @@ def test_stage1_saves_a_full_safe_llava_marked_trained(stage1_run):
     _, model, _, folder = stage1_run
     files = {path.name for path in folder.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= files
-    remote_code = {"configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py"}
+    remote_code = {"configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"}
     assert remote_code <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((folder / "config.json").read_text())
@@ -279,7 +279,7 @@ def test_gradient_accumulation_averages_the_combined_loss(tmp_path):
 
     full, accumulated = one_step(8, 1), one_step(4, 2)
     initial = snapshot(build_tiny_safe_llava(seed=0)[0])
-    head = "model.safety_head.level_classifier.weight"
+    head = "model.safety_module.head.level_classifier.weight"
     assert not torch.equal(full[head], initial[head])
     for name in full:
         torch.testing.assert_close(accumulated[name], full[name], rtol=1e-4, atol=1e-6)
@@ -430,4 +430,4 @@ def test_stage1_safety_head_objective_never_runs_the_language_model(tmp_path):
     assert trained.config.safety_modules_trained is True
     changed = {name for name, p in trained.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(name.startswith("model.safety_") for name in changed)
-    assert "model.llm_safety_tokens" not in changed  # no gradient reaches them without the language model
+    assert "model.safety_module.llm_tokens" not in changed  # no gradient reaches them without the language model

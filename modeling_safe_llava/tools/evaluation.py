@@ -326,7 +326,11 @@ def predict_safety(
                 do_sample=False,
                 return_dict_in_generate=True,
             )
-            assessment = output.safety_assessment
+            # With safety off (threshold 1.0) generate is stock generation and judges nothing: assess separately.
+            assessment = getattr(output, "safety_assessment", None) or model.assess_safety(
+                **inputs, safety_threshold=safety_threshold, safety_actions=safety_actions,
+                allow_untrained_safety=allow_untrained_safety,
+            )
             answers, truncated = _generated_answers(model, processor, inputs, output)
         else:
             assessment = model.assess_safety(

@@ -41,7 +41,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload SafeLlava export (weights, remote code, processor, model card)"
 
-REMOTE_CODE_FILES = ("configuration_safe_llava.py", "modeling_safe_llava.py", "processing_safe_llava.py")
+REMOTE_CODE_FILES = (
+    "configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"
+)
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",
     *REMOTE_CODE_FILES,
