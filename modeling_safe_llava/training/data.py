@@ -205,7 +205,7 @@ def _absolute_image_paths(dataset: datasets.Dataset, image_root: Path) -> datase
     def resolve(row):
         image = row["image"]
         if isinstance(image, str) and image and not Path(image).is_absolute():
-            row["image"] = str(image_root / image)
+            row["image"] = os.path.normpath(image_root / image)  # "a/../b.png" is read as the root check sees it
         return row
 
     return dataset.map(resolve, desc="Resolving image paths")
