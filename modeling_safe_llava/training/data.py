@@ -185,6 +185,8 @@ def _storable_record(record) -> tuple[dict, str | None]:
         else:
             stored["conversations"], problem = None, problem or _check_conversations(conversations)
     image = record.get("image")
+    if isinstance(image, dict) and isinstance(image.get("path"), str) and not image.get("bytes"):
+        stored["image"] = image = image["path"]  # `{"path": ...}` and a path string share one column
     if image is not None and not isinstance(image, (str, bytes, bytearray, dict, Image.Image)):
         stored["image"], problem = None, problem or f"image={image!r} is not a path, encoded bytes or an image"
     return stored, problem
