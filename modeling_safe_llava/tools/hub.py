@@ -319,10 +319,9 @@ def pin_auto_map(folder: Path):
         if not path.is_file():
             continue
         values = json.loads(path.read_text())
-        if name != CONFIG_FILE and "auto_map" not in values:
+        if values.get("auto_map") == auto_map or (name != CONFIG_FILE and "auto_map" not in values):
             continue
-        if values.get("auto_map") != auto_map:
-            logger.info("Writing SafeLlava's own auto_map into %s (was %s)", name, values.get("auto_map"))
+        logger.warning("Export: replacing the auto_map %s of %s with SafeLlava's own.", values.get("auto_map"), name)
         values["auto_map"] = auto_map
         path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 

@@ -100,7 +100,8 @@ class SafeLlavaTrainingCollator:
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if "_budget" not in self.__dict__:  # computed once: it reads the whole vocabulary
-            self._budget = character_budget(self.processor.tokenizer, self.max_length or DEFAULT_TOKEN_LIMIT)
+            limit = DEFAULT_TOKEN_LIMIT if self.max_length is None else _checked_max_length(self.max_length)
+            self._budget = character_budget(self.processor.tokenizer, limit)
         encoded = self.processor.apply_chat_template(
             _conversations_with_images(rows, include_answers=True, max_characters=self._budget),
             tokenize=True,
@@ -185,10 +186,15 @@ class SafeLlavaPromptCollator:
         }
 
 
-def _truncate_right(batch: dict, max_length: int, image_token_id: int) -> dict:
-    """Cuts right-padded `(B, T)` tensors to `max_length` columns, refusing to cut image placeholders."""
+def _checked_max_length(max_length) -> int:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
+    return max_length
+
+
+def _truncate_right(batch: dict, max_length: int, image_token_id: int) -> dict:
+    """Cuts right-padded `(B, T)` tensors to `max_length` columns, refusing to cut image placeholders."""
+    _checked_max_length(max_length)
     if batch["input_ids"].shape[1] <= max_length:
         return batch
     kept = (batch["input_ids"][:, :max_length] == image_token_id).sum(dim=1)
