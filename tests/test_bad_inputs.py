@@ -847,7 +847,385 @@ HELPER_ROWS = [
     ),
 ]
 
-ROWS = IMAGE_ROWS + PROCESSOR_ROWS + MODEL_ROWS + THRESHOLD_ROWS + FAIL_CLOSED_ROWS + HELPER_ROWS
+# -- issue 12: trust boundaries of exports, user files, CLI exit codes, images and data as users send them ---------
+
+
+def checkpoint_dir(env) -> Path:
+    """The env model and its processor saved (what `--model` of every tool takes), written once."""
+    folder = env.tmp / "checkpoint"
+    if not folder.exists():
+        env.model.save_pretrained(folder)
+        env.processor.save_pretrained(folder)
+    return folder
+
+
+def export(env, output, **kwargs):
+    from modeling_safe_llava.tools.hub import export_for_hub
+
+    return export_for_hub(env.model, env.processor, output, **kwargs)
+
+
+def export_with_attacker_auto_map(env):
+    previous = dict(env.model.config.auto_map or {})
+    env.model.config.auto_map = {**previous, "AutoModel": "attacker/repo--evil.Evil"}
+    try:
+        return export(env, env.tmp / "export_auto_map")
+    finally:
+        env.model.config.auto_map = previous
+
+
+def own_auto_map_only(env, folder):
+    import json
+
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map.values()) == {"configuration_safe_llava.SafeLlavaConfig", "modeling_safe_llava.SafeLlavaForConditionalGeneration"}, auto_map
+
+
+def verify_folder_with_auto_map(env, auto_map):
+    import json
+    import shutil
+
+    from modeling_safe_llava.tools.hub import verify_export_folder
+
+    folder = env.tmp / "export_crafted"
+    if not folder.exists():
+        shutil.copytree(export(env, env.tmp / "export_for_crafting"), folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    return verify_export_folder(folder)
+
+
+def training_run(env, name) -> Path:
+    """A user's training run folder: a SafeLlava config.json, a checkpoint and notes."""
+    folder = env.tmp / name
+    (folder / "checkpoint-500").mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"model_type": "safe_llava"}')
+    (folder / "notes.txt").write_text("my notes")
+    return folder
+
+
+def benchmark_into(env, folder, **kwargs):
+    from modeling_safe_llava.data.mini_benchmark import write_mini_benchmark
+
+    return write_mini_benchmark(folder, seed=0, num_per_category=3, image_size=32, **kwargs)
+
+
+def user_image_folder(env):
+    folder = env.tmp / "user_photos"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "images" / "holiday.png").write_bytes(png_bytes(random_image(8)))
+    return folder
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def decompression_bomb_png(env) -> str:
+    """A 200-byte PNG whose header claims 100000 x 100000 pixels (10 gigapixels): Pillow refuses to open it."""
+    import struct
+    import zlib
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+    return env.file("bomb.png", data + png_chunk(b"IEND", b""))
+
+
+def scan_rows(env, rows, **kwargs):
+    """`find_bad_rows` over in-memory `rows` (a bomb in the middle must not stop the scan)."""
+    from modeling_safe_llava.training.data import find_bad_rows, load_safety_dataset
+
+    return find_bad_rows(load_safety_dataset(rows), 4, 7, **kwargs)
+
+
+def bomb_among_good_rows(env):
+    good = env.file("good_row.png", png_bytes(random_image(5)))
+    return scan_rows(env, [record(good), record(decompression_bomb_png(env)), record(good)])
+
+
+def only_row_1_is_bad(words):
+    def check(env, bad_rows):
+        assert [row.index for row in bad_rows] == [1] and words in bad_rows[0].reason, bad_rows
+
+    return check
+
+
+def data_file(env, name, lines: list[str], folder=None) -> Path:
+    folder = folder or env.tmp / f"data_{name}"
+    folder.mkdir(exist_ok=True)
+    (folder / "ok.png").write_bytes(png_bytes(random_image(5)))
+    (folder / name).write_text("\n".join(lines) + "\n")
+    return folder / name
+
+
+def row_line(image="ok.png", level="0", type_index="6") -> str:
+    conversations = '[{"from": "human", "value": "<image>\\nHi?"}, {"from": "gpt", "value": "A cat."}]'
+    return f'{{"image": "{image}", "conversations": {conversations}, "safe_level": {level}, "safe_type": {type_index}}}'
+
+
+def prepared_bad_rows(env, path, **kwargs):
+    """The bad rows `prepare_safety_dataset` reports for a data file (as the training scripts read it)."""
+    from modeling_safe_llava.training.data import PROBLEM_COLUMN, prepare_safety_dataset
+
+    try:
+        dataset = prepare_safety_dataset(path, 4, 7, skip_bad_rows=True, output_dir=env.tmp / f"{path.stem}_out", **kwargs)
+    except ValueError as error:  # pragma: no cover - a failure here is reported by the row's check
+        return error
+    import json
+
+    report = env.tmp / f"{path.stem}_out" / "skipped_rows.json"
+    bad = json.loads(report.read_text())["rows"] if report.exists() else []
+    assert PROBLEM_COLUMN not in dataset.column_names
+    return [(row["index"], row["reason"]) for row in bad], len(dataset)
+
+
+def bad_rows_are(expected: dict, kept: int):
+    """Check: exactly the rows of `expected` (index -> words in the reason) are bad, and `kept` rows remain."""
+
+    def check(env, result):
+        bad, num_kept = result
+        assert [index for index, _ in bad] == sorted(expected) and num_kept == kept, result
+        for index, reason in bad:
+            assert expected[index] in reason, (index, reason)
+
+    return check
+
+
+def oversized_conversation_batch(env):
+    """A 2-million-character answer through the training collator with max_length=64: the text the processor
+    tokenises is cut first, and the cut is logged."""
+    from modeling_safe_llava.training.collator import SafeLlavaTrainingCollator, character_budget
+
+    huge = record(random_image(2), conversations=[
+        {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "word " * 400_000},
+    ])  # fmt: skip
+    seen = []
+    original = env.processor.apply_chat_template
+
+    def spy(conversations, **kwargs):
+        if isinstance(conversations[0], list):  # the batch (not the processor's own probe of its template)
+            texts = [item["text"] for turn in conversations[0] for item in turn["content"] if item["type"] == "text"]
+            seen.append(sum(map(len, texts)))
+        return original(conversations, **kwargs)
+
+    collator = SafeLlavaTrainingCollator(env.processor, max_length=64)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("modeling_safe_llava.training.collator").addHandler(handler)
+    try:
+        with mock.patch.object(env.processor, "apply_chat_template", side_effect=spy):
+            batch = collator([huge, record(random_image(3))])
+    finally:
+        logging.getLogger("modeling_safe_llava.training.collator").removeHandler(handler)
+    return batch, seen, character_budget(env.processor.tokenizer, 64), stream.getvalue()
+
+
+def cut_before_tokenising(env, result):
+    batch, seen, budget, log = result
+    assert batch["input_ids"].shape[1] == 64 and seen and seen[0] <= budget + len("Describe.") + len("A cat."), seen
+    assert "Cut 1 of 2 conversations" in log, log
+
+
+def two_color_image(size=(32, 16)):
+    """Left half red, right half blue (as stored in the file)."""
+    return halves("RGB", (255, 0, 0), (0, 0, 255), size=size[0]).resize(size)
+
+
+def oriented_file(env, format_name, orientation=6) -> str:
+    """An image stored sideways with an EXIF orientation tag saying how to turn it (6: rotate 90 degrees clockwise)."""
+    image = two_color_image()
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    image.save(buffer, format=format_name, exif=exif.tobytes(), **({"quality": 95} if format_name == "JPEG" else {}))
+    return env.file(f"oriented.{format_name.lower()}", buffer.getvalue())
+
+
+def upright(env, image):
+    """Check: orientation 6 was applied: 16 wide, 32 high, red on top and blue below (what a viewer shows)."""
+    pixels = np.asarray(image).astype(int)
+    assert image.size == (16, 32), image.size
+    top, bottom = pixels[4, 8], pixels[27, 8]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60, (top, bottom)
+
+
+def predictions_csv_with_formulas(env):
+    import csv
+
+    from modeling_safe_llava.tools.evaluation import write_predictions_csv
+
+    row = {
+        "id": "=HYPERLINK(\"http://x\")", "source": "+cmd", "true_level": 0, "true_type": 6, "pred_level": 0,
+        "pred_type": 6, "risk": -0.0, "flagged": False, "threshold": 0.5, "action": "-allow", "decision_level": 0,
+        "decision_category": "@SUM(A1)", "level_probs": [1.0, 0, 0, 0], "type_probs": [0] * 6 + [1.0],
+    }  # fmt: skip
+    path = env.tmp / "predictions.csv"
+    write_predictions_csv(path, [row], list(SAFETY_LEVEL_LABELS), list(SAFETY_TYPE_LABELS))
+    with open(path, newline="", encoding="utf-8") as handle:
+        return next(csv.DictReader(handle))
+
+
+def no_cell_is_a_formula(env, cells):
+    assert cells["id"] == "'=HYPERLINK(\"http://x\")" and cells["source"] == "'+cmd", cells
+    assert cells["action"] == "'-allow" and cells["decision_category"] == "'@SUM(A1)", cells
+    assert cells["risk"] == "-0.0" and cells["p_level_0"] == "1.0"  # numbers stay numbers
+
+
+def cli_evaluate(env, *extra):
+    benchmark = env.tmp / "cli_benchmark"
+    if not benchmark.exists():
+        benchmark_into(env, benchmark)
+    return run_cli(["evaluate", "--model", str(checkpoint_dir(env)), "--data", str(benchmark), "--output", str(env.tmp / "cli_eval"), *extra])
+
+
+def corrupt_weights_dir(env):
+    folder = env.tmp / "corrupt_weights"
+    folder.mkdir(exist_ok=True)
+    for path in checkpoint_dir(env).iterdir():
+        (folder / path.name).write_bytes(b"\0garbage" if path.suffix == ".safetensors" else path.read_bytes())
+    return folder
+
+
+def unreadable_config_dir(env):
+    folder = env.tmp / "unreadable_config"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{ not json")
+    return folder
+
+
+def exits_with(code, fragment=""):
+    def check(env, result):
+        got, stderr = result
+        assert got == code and fragment in stderr and "Traceback" not in stderr, (got, stderr)
+        if code == 2:
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            assert lines[-1].startswith("safe-llava ") and ": error: " in lines[-1], stderr
+
+    return check
+
+
+ISSUE12_ROWS = [
+    # exports and trust
+    works("export-auto-map-of-loaded-config-is-replaced", export_with_attacker_auto_map, own_auto_map_only),
+    fails(
+        "verify-export-auto-map-names-another-repository",
+        lambda env: verify_folder_with_auto_map(env, {"AutoModel": "attacker/repo--evil.Evil"}),
+        ValueError,
+        "never 'org/repo--module.Class'",
+    ),
+    fails(
+        "verify-export-auto-map-names-a-missing-file",
+        lambda env: verify_folder_with_auto_map(env, {"AutoModel": "modeling_safe_llava.M", "AutoConfig": "absent.C"}),
+        ValueError,
+        "auto_map['AutoConfig'] = 'absent.C' does not name a class in a file of this folder",
+    ),
+    # never lose user data
+    fails(
+        "export-overwrite-refuses-a-training-run",
+        lambda env: export(env, training_run(env, "run_export"), overwrite=True),
+        ValueError,
+        "it was not written by `safe-llava export` (no .safe-llava-output.json marker",
+    ),
+    fails(
+        "export-output-under-a-regular-file",
+        lambda env: export(env, Path(env.file("plain.txt", b"x")) / "export"),
+        ValueError,
+        "which is a file, not a folder",
+    ),
+    fails(
+        "benchmark-data-overwrite-refuses-a-user-folder",
+        lambda env: benchmark_into(env, user_image_folder(env), overwrite=True),
+        ValueError,
+        "it was not written by `safe-llava benchmark-data`",
+    ),
+    works(
+        "benchmark-data-overwrite-replaces-its-own-output",
+        lambda env: benchmark_into(env, benchmark_into(env, env.tmp / "own_benchmark"), overwrite=True),
+        lambda env, folder: folder.joinpath("test.jsonl").is_file(),
+    ),
+    fails("decompression-bomb-image", lambda env: audit_load_image(env, decompression_bomb_png(env)), ValueError, "DecompressionBombError"),
+    works("data-decompression-bomb-is-one-bad-row", bomb_among_good_rows, only_row_1_is_bad("DecompressionBombError")),
+    works("evaluation-csv-formula-cells-escaped", predictions_csv_with_formulas, no_cell_is_a_formula),
+    # images and data as users send them
+    works("exif-orientation-jpeg", lambda env: audit_load_image(env, oriented_file(env, "JPEG")), upright),
+    works("exif-orientation-png", lambda env: audit_load_image(env, oriented_file(env, "PNG")), upright),
+    works(
+        "exif-orientation-in-memory-pil-image",
+        lambda env: audit_load_image(env, Image.open(oriented_file(env, "PNG"))),
+        upright,
+    ),
+    works(
+        "data-image-paths-outside-the-data-root",
+        lambda env: prepared_bad_rows(env, data_file(env, "outside.jsonl", [
+            row_line(), row_line("/etc/passwd"), row_line("../../../../etc/hostname"), row_line("sub/../ok.png"),
+        ])),  # fmt: skip
+        bad_rows_are({1: "lies outside the data root", 2: "lies outside the data root"}, kept=2),
+    ),
+    works(
+        "data-image-paths-outside-the-root-explicitly-allowed",
+        lambda env: prepared_bad_rows(
+            env,
+            data_file(env, "allowed.jsonl", [row_line(), row_line(str(Path(env.file("elsewhere.png", png_bytes(random_image(9))))))]),
+            allow_images_outside_root=True,
+        ),
+        bad_rows_are({}, kept=2),
+    ),
+    works(
+        "data-float-label-spoils-only-its-row",
+        lambda env: prepared_bad_rows(env, data_file(env, "float.jsonl", [
+            row_line(), row_line(level="1.5"), row_line(level="2", type_index="1"), row_line(type_index="6.0"),
+            row_line(level='"3"'), "{not json", row_line(),
+        ])),  # fmt: skip
+        bad_rows_are(
+            {1: "safe_level=1.5 is not an integer", 3: "safe_type=6.0 is not an integer",
+             4: "safe_level='3' is not an integer", 5: "line 6 is not valid JSON"},
+            kept=3,
+        ),  # fmt: skip
+    ),
+    works("data-oversized-conversation-cut-before-tokenising", oversized_conversation_batch, cut_before_tokenising),
+    # the command line: exit 0 on success, one stderr line and exit 2 on an expected failure
+    works(
+        "cli-export-succeeds-exits-0",
+        lambda env: run_cli(["export", "--model", str(checkpoint_dir(env)), "--output", str(env.tmp / "cli_export")]),
+        exits_with(0),
+    ),
+    works(
+        "cli-export-existing-folder",
+        lambda env: run_cli(["export", "--model", str(checkpoint_dir(env)), "--output", str(training_run(env, "cli_run"))]),
+        exits_with(2, "already exists and is not empty"),
+    ),
+    works(
+        "cli-export-unreadable-model",
+        lambda env: run_cli(["export", "--model", str(unreadable_config_dir(env)), "--output", str(env.tmp / "cli_x1")]),
+        exits_with(2, "safe-llava export: error:"),
+    ),
+    works("cli-evaluate-missing-split", lambda env: cli_evaluate(env, "--split", "nope"), exits_with(2, "Split 'nope' is not in")),
+    works(
+        "cli-evaluate-corrupt-weights",
+        lambda env: run_cli(["evaluate", "--model", str(corrupt_weights_dir(env)), "--data", str(env.tmp), "--output", str(env.tmp / "cli_x2")]),
+        exits_with(2, "safe-llava evaluate: error:"),
+    ),
+    works(
+        "cli-audit-missing-images-folder",
+        lambda env: run_cli(["audit", "--model", str(checkpoint_dir(env)), "--images", str(env.tmp / "none"), "--output", str(env.tmp / "cli_x3")]),
+        exits_with(2, "does not exist or is not a folder"),
+    ),
+    works(
+        "cli-benchmark-data-existing-folder",
+        lambda env: run_cli(["benchmark-data", "--output", str(training_run(env, "cli_run2"))]),
+        exits_with(2, "already exists and is not empty"),
+    ),
+    works(
+        "cli-benchmark-data-output-under-a-file",
+        lambda env: run_cli(["benchmark-data", "--output", str(Path(env.file("plain2.txt", b"x")) / "b")]),
+        exits_with(2, "which is a file, not a folder"),
+    ),
+]
+
+ROWS = IMAGE_ROWS + PROCESSOR_ROWS + MODEL_ROWS + THRESHOLD_ROWS + FAIL_CLOSED_ROWS + HELPER_ROWS + ISSUE12_ROWS
 
 
 @pytest.mark.parametrize("row", ROWS)

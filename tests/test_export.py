@@ -5,6 +5,8 @@ import argparse
 import hashlib
 import json
 import os
+import re
+import shutil
 from unittest import mock
 
 import pytest
@@ -15,6 +17,7 @@ from safetensors.torch import load_file
 
 from modeling_safe_llava.tools import hub as hub_module
 from modeling_safe_llava import load_safety_policy
+from modeling_safe_llava.tools.folders import MARKER_FILE
 from modeling_safe_llava.tools.hub import export_for_hub, push_to_hub, verify_export_folder
 from modeling_safe_llava.tools.model_card import ModelFacts, format_metric, model_facts, render_model_card
 from modeling_safe_llava.tiny import build_tiny_safe_llava
@@ -271,10 +274,95 @@ def test_overwrite_refuses_a_folder_that_is_not_an_export(trained_tiny_safe_llav
     model, processor = trained_tiny_safe_llava
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
-    with pytest.raises(ValueError, match="not a SafeLlava checkpoint"):
+    with pytest.raises(ValueError, match="not written by `safe-llava export`"):
         export_for_hub(model, processor, tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_overwrite_never_replaces_a_training_run_even_with_a_safe_llava_config(trained_tiny_safe_llava, tmp_path):
+    """A run folder holds a SafeLlava config.json (it looks like a checkpoint), checkpoints and notes: only the
+    export marker makes a folder replaceable."""
+    model, processor = trained_tiny_safe_llava
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    (run / "checkpoint-500").mkdir()
+    (run / "checkpoint-500" / "trainer_state.json").write_text("{}")
+    (run / "notes.md").write_text("lr 3e-4 diverged")
+    before = snapshot(run)
+    with pytest.raises(ValueError, match="no .safe-llava-output.json marker"):
+        export_for_hub(model, processor, run, overwrite=True)
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_for_hub(model, processor, run)
+    assert snapshot(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    export = export_for_hub(model, processor, tmp_path / "export")
+    assert (export / MARKER_FILE).is_file()
+    (export / MARKER_FILE).unlink()  # a user who removes the marker protects the folder
+    with pytest.raises(ValueError, match="not written by"):
+        export_for_hub(model, processor, export, overwrite=True)
+    with pytest.raises(ValueError, match="which is a file"):
+        export_for_hub(model, processor, run / "notes.md" / "export")
+
+
+ATTACKER_AUTO_MAP = {"AutoModel": "attacker/repo--evil.Evil", "AutoConfig": "attacker/repo--evil.EvilConfig"}
+
+
+def test_export_writes_its_own_auto_map_whatever_the_loaded_config_said(trained_tiny_safe_llava, tmp_path):
+    model, processor = trained_tiny_safe_llava
+    checkpoint = tmp_path / "downloaded"
+    model.save_pretrained(checkpoint)
+    processor.save_pretrained(checkpoint)
+    for name, extra in (("config.json", ATTACKER_AUTO_MAP), ("processor_config.json", {"AutoProcessor": "attacker/r--p.P"})):
+        values = json.loads((checkpoint / name).read_text())
+        values["auto_map"] = {**values.get("auto_map", {}), **extra, "AutoImageProcessor": "evil.Evil"}
+        (checkpoint / name).write_text(json.dumps(values))
+    args = hub_module.add_export_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", str(checkpoint), "--output", str(tmp_path / "export")]
+    )
+    folder = hub_module.run_export(args)
+    config_map, processor_map = hub_module.own_auto_maps()
+    assert json.loads((folder / "config.json").read_text())["auto_map"] == config_map
+    assert config_map["AutoModel"] == "modeling_safe_llava.SafeLlavaForConditionalGeneration"
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        if "auto_map" in json.loads((folder / name).read_text()):
+            assert json.loads((folder / name).read_text())["auto_map"] == processor_map, name
+    assert "attacker" not in "".join(path.read_text() for path in folder.glob("*.json"))
+    verify_export_folder(folder)
+
+
+@pytest.mark.parametrize(
+    "file_name, auto_map, fragment",
+    [
+        ("config.json", {"AutoModel": "attacker/repo--evil.Evil"}, "another repository's code"),
+        ("config.json", {"AutoModel": "modeling_safe_llava.X", "AutoConfig": "evil.Evil"}, "'evil.Evil'"),
+        ("config.json", {"AutoModel": "../modeling_safe_llava.X"}, "does not name a class"),
+        ("processor_config.json", {"AutoProcessor": "attacker/repo--p.P"}, "processor_config.json"),
+        ("tokenizer_config.json", {"AutoTokenizer": ["attacker/repo--t.T", None]}, "tokenizer_config.json"),
+    ],
+)
+def test_verify_refuses_an_auto_map_entry_outside_the_folder(exported, tmp_path, file_name, auto_map, fragment):
+    _, _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "evil.py").write_text("class Evil: pass\n")  # present, yet not one of the audited remote-code files
+    values = json.loads((copy / file_name).read_text())
+    values["auto_map"] = auto_map
+    (copy / file_name).write_text(json.dumps(values))
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        verify_export_folder(copy)
+    with mock.patch.object(hub_module, "HfApi") as api_class, pytest.raises(ValueError):
+        push_to_hub(copy, "org/safe-llava-tiny")
+    api_class.assert_not_called()
+
+
+def test_verify_refuses_a_missing_remote_code_file(exported, tmp_path):
+    _, _, folder = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "processing_safe_llava.py").unlink()
+    with pytest.raises(ValueError, match="missing"):
+        verify_export_folder(copy)
 
 
 def test_only_safetensors_weights_and_pickles_refused(exported, trained_tiny_safe_llava, tmp_path, monkeypatch):
@@ -325,7 +413,8 @@ def test_push_to_hub_creates_repo_and_uploads_folder(exported, tmp_path):
     api.create_repo.assert_called_once_with(repo_id=repo, private=True, exist_ok=True, repo_type="model")
     api.create_branch.assert_called_once_with(repo_id=repo, branch="v1", exist_ok=True, repo_type="model")
     api.upload_folder.assert_called_once_with(
-        repo_id=repo, folder_path=str(folder), repo_type="model", revision="v1", commit_message="Release v1"
+        repo_id=repo, folder_path=str(folder), repo_type="model", revision="v1", commit_message="Release v1",
+        ignore_patterns=[MARKER_FILE],  # the overwrite marker is local bookkeeping, not part of the repository
     )
 
     (tmp_path / "half").mkdir()

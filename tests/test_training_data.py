@@ -203,3 +203,125 @@ def test_conversations_become_chat_messages_with_the_image_where_the_placeholder
     assert [m["role"] for m in to_chat_messages(conversations, image, include_answers=False)] == ["system", "user"]
     with pytest.raises(ValueError, match="Unknown conversation role 'bot'"):
         to_chat_messages([{"from": "bot", "value": "x"}])
+
+
+# -- data as users send it (issue 12) --------------------------------------------------------------------------------
+
+
+def write_jsonl(path, rows: list) -> str:
+    path.write_text("\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows) + "\n")
+    return str(path)
+
+
+def test_a_float_or_string_label_spoils_only_its_own_row(tmp_path, image_folder):
+    rows = [
+        record("images/red.png", "a"),
+        record("images/red.png", "b", level=1.5),
+        record("images/blue.png", "c", level=0, type_index=6),
+        record("images/red.png", "d", level=2.0),
+        record("images/red.png", "e", type_index="2"),
+        '{"image": "images/red.png", "conversations": [',
+        record("images/red.png", "f", level=True),
+        record("images/blue.png", "g", level=1, type_index=5),
+    ]
+    dataset = load_safety_dataset(write_jsonl(tmp_path / "data.jsonl", rows))
+    assert dataset.features["safe_level"].dtype == "int64" and dataset.features["safe_type"].dtype == "int64"
+    bad = {row.index: row.reason for row in find_bad_rows(dataset, NUM_LEVELS, NUM_TYPES)}
+    assert bad.pop(5).startswith("line 6 is not valid JSON")
+    assert bad == {
+        1: "safe_level=1.5 is not an integer",
+        3: "safe_level=2.0 is not an integer",
+        4: "safe_type='2' is not an integer",
+        6: "safe_level=True is not an integer",
+    }
+    kept = prepare_safety_dataset(tmp_path / "data.jsonl", NUM_LEVELS, NUM_TYPES, skip_bad_rows=True)
+    assert [row["conversations"][0]["value"][-1] for row in kept] == ["a", "c", "g"]
+    assert [row["safe_level"] for row in kept] == [3, 0, 1] and "_row_problem" not in kept.column_names
+    # The same from a .json list and from in-memory records.
+    (tmp_path / "data.json").write_text(json.dumps([row for row in rows if not isinstance(row, str)]))
+    assert len(find_bad_rows(load_safety_dataset(tmp_path / "data.json"), NUM_LEVELS, NUM_TYPES)) == 4
+    in_memory = [record(str(image_folder / "red.png")), record(str(image_folder / "red.png"), level=0.5)]
+    assert [row.index for row in find_bad_rows(load_safety_dataset(in_memory), NUM_LEVELS, NUM_TYPES)] == [1]
+
+
+def test_a_conversation_of_the_wrong_shape_spoils_only_its_own_row(tmp_path, image_folder):
+    rows = [record("images/red.png"), {**record("images/red.png"), "conversations": "<image> hi"}, record("images/red.png")]
+    bad = find_bad_rows(load_safety_dataset(write_jsonl(tmp_path / "data.jsonl", rows)), NUM_LEVELS, NUM_TYPES)
+    assert [(row.index, row.reason) for row in bad] == [(1, "conversations is missing or empty")]
+
+
+def bomb_png() -> bytes:
+    """A PNG whose header claims 100000 x 100000 pixels: Pillow's decompression-bomb check refuses to open it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("num_proc", [None, 2])
+def test_a_decompression_bomb_is_a_bad_row_and_validation_goes_on(tmp_path, image_folder, num_proc):
+    (image_folder / "bomb.png").write_bytes(bomb_png())
+    rows = [record("images/red.png"), record("images/bomb.png"), record("images/nowhere.png"), record("images/blue.png")]
+    dataset = load_safety_dataset(write_jsonl(tmp_path / "data.jsonl", rows))
+    bad = find_bad_rows(dataset, NUM_LEVELS, NUM_TYPES, num_proc=num_proc)
+    assert [row.index for row in bad] == [1, 2]
+    assert "DecompressionBombError" in bad[0].reason and bad[0].reason.startswith("unreadable image")
+
+
+def test_image_paths_must_stay_inside_the_data_root_unless_allowed(tmp_path, image_folder):
+    outside = tmp_path.parent / f"{tmp_path.name}_outside.png"
+    solid_image((0, 255, 0)).save(outside)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images").symlink_to(image_folder)  # a link inside the root is the user's own layout: allowed
+    rows = [
+        record("images/red.png", "a"),
+        record(str(outside), "b"),  # absolute, elsewhere
+        record(f"../../{tmp_path.name}_outside.png", "c"),  # climbs out
+        record(str(data / "images" / "blue.png"), "d"),  # absolute, but inside the root
+        {**record(None, "e"), "image": {"path": "/etc/hostname"}},
+    ]
+    path = write_jsonl(data / "data.jsonl", rows)
+    with pytest.raises(ValueError, match="lies outside the data root"):
+        prepare_safety_dataset(path, NUM_LEVELS, NUM_TYPES, output_dir=tmp_path / "run")
+    bad = json.loads((tmp_path / "run" / BAD_ROWS_FILE).read_text())["rows"]
+    assert [row["index"] for row in bad] == [1, 2, 4]
+    assert all("--allow-images-outside-root" in row["reason"] for row in bad)
+    with pytest.raises(ValueError, match="lies outside the data root"):  # an explicit image_root is the root then
+        prepare_safety_dataset(path, NUM_LEVELS, NUM_TYPES, image_root=data / "images")
+    rows.pop()
+    path = write_jsonl(data / "data.jsonl", rows)
+    kept = prepare_safety_dataset(path, NUM_LEVELS, NUM_TYPES, allow_images_outside_root=True)
+    assert len(kept) == 4 and load_image(kept[2]["image"]).getpixel((0, 0)) == (0, 255, 0)
+
+
+def test_allow_images_outside_root_is_a_training_option_threaded_to_the_check(tmp_path, image_folder, tiny_safe_llava):
+    from modeling_safe_llava.training.arguments import DataArguments, parse_command_line
+
+    assert DataArguments().allow_images_outside_root is False
+    _, _, overrides = parse_command_line(1, ["--output_dir", str(tmp_path), "--allow-images-outside-root"])
+    assert overrides["allow_images_outside_root"] is True
+    model, processor = tiny_safe_llava
+    data = tmp_path / "data"
+    data.mkdir()
+    path = write_jsonl(data / "train.jsonl", [record(str(image_folder / "red.png"), str(i)) for i in range(2)])
+    with pytest.raises(ValueError, match="lies outside the data root"):
+        train_stage1(model, processor, path, tmp_path / "refused", max_steps=1, disable_tqdm=True)
+    train_stage1(model, processor, path, tmp_path / "allowed", max_steps=1, disable_tqdm=True, allow_images_outside_root=True)
+    assert (tmp_path / "allowed" / "model.safetensors").is_file()
+
+
+def test_load_image_turns_a_photo_as_its_exif_orientation_says(tmp_path):
+    stored = Image.new("RGB", (30, 10), (255, 0, 0))
+    stored.paste((0, 0, 255), (15, 0, 30, 10))  # left red, right blue, as stored
+    for orientation, size, top_left in ((6, (10, 30), (255, 0, 0)), (8, (10, 30), (0, 0, 255)), (3, (30, 10), (0, 0, 255))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / "photo.png", exif=exif.tobytes())
+        upright = load_image(tmp_path / "photo.png")
+        assert upright.size == size and upright.getpixel((0, 0)) == top_left, orientation
+    assert load_image(stored).getpixel((0, 0)) == (255, 0, 0)  # no tag: unchanged

@@ -55,6 +55,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_safety_policy
+from ..tools.folders import check_replaceable, write_marker
 
 
 logger = logging.getLogger(__name__)
@@ -679,18 +680,15 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 def _prepare_output_dir(output_dir: Path, overwrite: bool):
     owned = [output_dir / "images", output_dir / "README.md", *(output_dir / f"{split}.jsonl" for split in SPLITS)]
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise ValueError(
-                f"output_dir {str(output_dir)!r} is not empty; choose an empty folder or pass overwrite=True "
-                "(which replaces images/, README.md and the split files there)."
-            )
+    # Deletes only files of an earlier benchmark-data (its marker file), never a user's images/ or README.md.
+    if check_replaceable(output_dir, "benchmark-data", overwrite, owned=tuple(path.name for path in owned)):
         for path in owned:
             if path.is_dir():
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(output_dir, "benchmark-data")
 
 
 def write_mini_benchmark(

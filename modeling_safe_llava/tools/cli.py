@@ -57,14 +57,45 @@ def _requested_subcommand(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """
+    Runs one subcommand; returns the process exit code: 0 on success (whatever the subcommand returns, unless it
+    returns an int exit code), 2 on an expected failure (bad input, an existing or misplaced folder, a missing file,
+    an unreadable model), reported as one line on stderr without a traceback, 130 when interrupted.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return getattr(importlib.import_module(args.module), args.run)(args) or 0
-    except ValueError as error:  # bad input: one clear line, no traceback
-        print(f"safe-llava {args.command}: error: {error}", file=sys.stderr)
+        result = getattr(importlib.import_module(args.module), args.run)(args)
+    except _expected_failures() as error:
+        _print_error(args.command, _describe(error))
         return 2
+    except KeyboardInterrupt:
+        _print_error(args.command, "interrupted")
+        return 130
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _expected_failures() -> tuple[type[BaseException], ...]:
+    """What a user's input can make a subcommand raise: bad values (ValueError, which includes JSON and Unicode
+    errors and Hub id errors), files and folders (OSError: FileExistsError, NotADirectoryError, FileNotFoundError,
+    PermissionError, and transformers' "cannot load this model"), and a corrupt safetensors file."""
+    from safetensors import SafetensorError  # a dependency of transformers; imported here to keep --help fast
+
+    return (ValueError, OSError, SafetensorError)
+
+
+def _describe(error: BaseException) -> str:
+    """The error as one line: its message with line breaks folded; an OS error about a file: its reason and the file
+    (`"File exists: out/model"`, without Python's `[Errno 17]`)."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
+    if isinstance(error, OSError) and not isinstance(error, ValueError) and error.filename is not None:
+        return f"{error.strerror or type(error).__name__}: {error.filename}"
+    return message
+
+
+def _print_error(command: str, message: str):
+    print(f"safe-llava {command}: error: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

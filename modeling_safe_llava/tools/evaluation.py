@@ -45,6 +45,7 @@ from .loading import (
     processor_batch,
     resolved_thresholds,
 )
+from .report import spreadsheet_safe
 
 
 logger = logging.getLogger(__name__)
@@ -446,7 +447,7 @@ def write_predictions_csv(path: Path, predictions: list[dict], level_names: list
             values = {name: row[name] for name in fixed + extra}
             values.update({f"p_level_{i}": p for i, p in enumerate(row["level_probs"])})
             values.update({f"p_type_{i}": p for i, p in enumerate(row["type_probs"])})
-            writer.writerow(values)
+            writer.writerow({name: spreadsheet_safe(value) for name, value in values.items()})  # no formulas
 
 
 def _new_figure(width: float, height: float):

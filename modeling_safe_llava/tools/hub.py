@@ -28,6 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import GenerationConfig
 
 from ..configuration_safe_llava import SafeLlavaConfig
+from .folders import MARKER_FILE, check_replaceable, write_marker
 from .model_card import (
     DEFAULT_BASE_MODEL,
     DEFAULT_LICENSE,
@@ -53,6 +54,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 EVALUATION_FILE = "evaluation_metrics.json"
 TRAINING_FILE = "training_details.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+EXPORT_COMMAND = "export"
+# Files whose `auto_map` tells `trust_remote_code` which code to run; an export writes SafeLlava's own entries there.
+CONFIG_FILE = "config.json"
+PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json")
 
 
 def export_for_hub(
@@ -76,7 +81,8 @@ def export_for_hub(
         model (`SafeLlavaForConditionalGeneration`): a trained model (`config.safety_modules_trained`), LoRA merged.
         processor (`SafeLlavaProcessor`): its processor, with the chat template.
         output_dir (`str` or `os.PathLike`): the folder to create. It must not exist (or be empty) unless
-            `overwrite=True`, which replaces a previous SafeLlava export only once the new one is complete.
+            `overwrite=True`, which replaces a folder that an earlier export wrote (marked by its
+            `.safe-llava-output.json`), and only once the new one is complete. Any other folder is refused.
         evaluation (`dict`, `str` or `os.PathLike`, *optional*): an evaluate run's metrics (the dict, or the path of
             its metrics.json); written into the card and copied as `evaluation_metrics.json`. None: "not evaluated".
         training (`dict`, *optional*): both training stages, `{"stage1": {"data", "recipe", "steps", ...},
@@ -91,8 +97,10 @@ def export_for_hub(
 
     Raises:
         ValueError: untrained safety modules (without `allow_untrained_safety`), a PEFT/LoRA model, a processor that
-            does not fit the model, bad evaluation/training input, a pickle file in the folder, or an existing folder
-            that is not a SafeLlava export. FileExistsError: `output_dir` exists and `overwrite` is False.
+            does not fit the model, bad evaluation/training input, a pickle file in the folder, an `output_dir` under a
+            file, or an existing folder that an earlier export did not write (it lacks the marker file
+            `.safe-llava-output.json`). `folders.FolderNotEmptyError` (a FileExistsError): `output_dir` holds files
+            and `overwrite` is False.
     """
     output_dir = Path(output_dir).absolute()
     check_exportable(model, processor, allow_untrained_safety)
@@ -100,7 +108,7 @@ def export_for_hub(
     check_evaluation_matches(model.config, evaluation)
     training = check_training(training)
     card_metadata(base_model, license, is_demo=False)  # validates the metadata before any heavy work
-    check_output_dir(output_dir, overwrite)
+    check_replaceable(output_dir, EXPORT_COMMAND, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     # Same filesystem as output_dir, so the final rename is atomic. The payload sits one level down: a crash that
     # kills the process before cleanup leaves a hidden folder whose top level is no model folder.
@@ -240,33 +248,6 @@ def check_training(training: dict | None) -> dict | None:
         raise ValueError(f"training must hold only JSON values (str, numbers, lists, dicts): {error}") from error
 
 
-def check_output_dir(output_dir: Path, overwrite: bool):
-    """`output_dir` must be absent or empty, or (with `overwrite`) a previous SafeLlava export to replace."""
-    if not output_dir.exists():
-        return
-    if not output_dir.is_dir():
-        raise ValueError(f"output_dir {output_dir} exists and is not a folder.")
-    if not any(output_dir.iterdir()):
-        return
-    if not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True to replace a previous export.")
-    if not is_safe_llava_folder(output_dir):
-        raise ValueError(
-            f"Refusing to replace {output_dir}: it is not a SafeLlava checkpoint (no config.json with model_type "
-            f"{SafeLlavaConfig.model_type!r}). Choose another output_dir."
-        )
-
-
-def is_safe_llava_folder(folder: Path) -> bool:
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        return False
-    try:
-        return json.loads(config_file.read_text()).get("model_type") == SafeLlavaConfig.model_type
-    except json.JSONDecodeError:
-        return False
-
-
 # -- writing ----------------------------------------------------------------------------------------------------
 
 
@@ -311,6 +292,40 @@ def write_export_folder(
         evaluation_copied=evaluation is not None,
     )
     (folder / "README.md").write_text(card)
+    pin_auto_map(folder)
+    write_marker(folder, EXPORT_COMMAND)
+
+
+def own_auto_maps() -> tuple[dict, dict]:
+    """`(config auto_map, processor auto_map)`: SafeLlava's own classes in the export's remote-code files."""
+    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..processing_safe_llava import SafeLlavaProcessor
+
+    def reference(cls):
+        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+
+    model = reference(SafeLlavaForConditionalGeneration)
+    config_map = {"AutoConfig": reference(SafeLlavaConfig), "AutoModel": model, "AutoModelForImageTextToText": model}
+    return config_map, {"AutoProcessor": reference(SafeLlavaProcessor)}
+
+
+def pin_auto_map(folder: Path):
+    """
+    Rewrites the `auto_map` of `config.json` and of the processor's JSON files with SafeLlava's own entries, whatever
+    the loaded config said: an `auto_map` inherited from a downloaded checkpoint (e.g. `"attacker/repo--evil.Evil"`)
+    must never send `trust_remote_code` users of this export to other code.
+    """
+    config_map, processor_map = own_auto_maps()
+    for name, auto_map in ((CONFIG_FILE, config_map), *((name, processor_map) for name in PROCESSOR_FILES)):
+        path = folder / name
+        if not path.is_file():
+            continue
+        values = json.loads(path.read_text())
+        if values.get("auto_map") == auto_map or (name != CONFIG_FILE and "auto_map" not in values):
+            continue
+        logger.warning("Export: replacing the auto_map %s of %s with SafeLlava's own.", values.get("auto_map"), name)
+        values["auto_map"] = auto_map
+        path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
 def export_generation_config(model) -> GenerationConfig:
@@ -343,14 +358,48 @@ def verify_export_folder(folder) -> Path:
         raise ValueError(f"{folder} is not a complete SafeLlava export: missing {missing}.")
     _check_weights(folder)
     config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") != SafeLlavaConfig.model_type or "AutoModel" not in config.get("auto_map", {}):
+    if config.get("model_type") != SafeLlavaConfig.model_type or "AutoModel" not in (config.get("auto_map") or {}):
         raise ValueError(f"{folder}/config.json is not a SafeLlava config with auto_map.")
+    for name in (CONFIG_FILE, *PROCESSOR_FILES):
+        if (folder / name).is_file():
+            check_auto_map(folder, name, json.loads((folder / name).read_text()).get("auto_map"))
     if json.loads((folder / "generation_config.json").read_text()).get("safety_threshold") is None:
         raise ValueError(f"{folder}/generation_config.json has no safety_threshold.")
     processor_config = json.loads((folder / "processor_config.json").read_text())
     if not (folder / "chat_template.jinja").is_file() and not processor_config.get("chat_template"):
         raise ValueError(f"{folder} has no chat template.")
     return folder
+
+
+def check_auto_map(folder: Path, file_name: str, auto_map) -> None:
+    """
+    Every `auto_map` entry of `file_name` must name a class in one of the export's audited remote-code files, present
+    in `folder` (`"module.Class"` with `module.py` one of `REMOTE_CODE_FILES`): no `"org/repo--module.Class"`
+    reference to another repository's code, no path, no other file.
+    """
+    if auto_map is None:
+        return
+    if not isinstance(auto_map, dict):
+        raise ValueError(f"{folder}/{file_name}: auto_map must be an object, got {type(auto_map).__name__}.")
+    for auto_class, references in auto_map.items():
+        for reference in references if isinstance(references, list) else [references]:
+            if reference is None and isinstance(references, list):
+                continue  # a tokenizer's [slow, fast] pair may leave one empty
+            if not _is_local_class_reference(folder, reference):
+                raise ValueError(
+                    f"{folder}/{file_name}: auto_map[{auto_class!r}] = {reference!r} does not name a class in a file "
+                    f"of this folder (accepted: 'module.Class' with module.py one of {list(REMOTE_CODE_FILES)} present; "
+                    "never 'org/repo--module.Class', which would run another repository's code)."
+                )
+
+
+def _is_local_class_reference(folder: Path, reference) -> bool:
+    if not isinstance(reference, str) or "--" in reference or reference.count(".") != 1:
+        return False
+    module, class_name = reference.split(".")
+    if f"{module}.py" not in REMOTE_CODE_FILES or not class_name.isidentifier():
+        return False
+    return (folder / f"{module}.py").is_file()
 
 
 def _check_weights(folder: Path):
@@ -380,6 +429,7 @@ def publish_folder(payload: Path, output_dir: Path, overwrite: bool):
         return
     if not overwrite:  # appeared while exporting
         raise FileExistsError(f"{output_dir} appeared during the export; pass overwrite=True to replace it.")
+    check_replaceable(output_dir, EXPORT_COMMAND, overwrite)  # it may have changed while exporting
     previous = output_dir.parent / f".{output_dir.name}.replaced-{uuid.uuid4().hex[:8]}"
     _move(output_dir, previous)
     try:
@@ -429,7 +479,10 @@ def run_export(args: argparse.Namespace) -> Path:
     """Loads the checkpoint, exports it, and pushes it when `--push-to-hub` is given. Returns the export folder."""
     from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
     from ..processing_safe_llava import SafeLlavaProcessor
+    from .loading import check_model_folder
 
+    check_model_folder(args.model)
+    check_model_folder(args.processor or args.model, "--processor")
     model = SafeLlavaForConditionalGeneration.from_pretrained(args.model)
     processor = SafeLlavaProcessor.from_pretrained(args.processor or args.model)
     training = json.loads(Path(args.training).read_text()) if args.training else None
@@ -501,6 +554,7 @@ def push_to_hub(
         repo_type="model",
         revision=revision,
         commit_message=commit_message,
+        ignore_patterns=[MARKER_FILE],  # local bookkeeping (see tools/folders.py), not part of the model repository
     )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import io
 import logging
+import struct
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..processing_safe_llava import rgb_array
 
@@ -21,23 +22,27 @@ DEFAULT_QUESTION = "What is shown in this image?"
 # What Pillow raises for a file that is not a readable image (UnidentifiedImageError and truncation are OSErrors;
 # some broken PNG chunks raise SyntaxError).
 _PILLOW_DECODE_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
+# What reading a malformed EXIF block can raise.
+_EXIF_ERRORS = (*_PILLOW_DECODE_ERRORS, ValueError, TypeError, KeyError, IndexError, struct.error)
 
 
 def load_image(value) -> Image.Image:
     """
     Opens and decodes one image as RGB (first frame of an animation), exactly as `SafeLlavaProcessor` renders it
     (16-bit samples scaled, transparency composited onto white), so that training, evaluation and audits see what
-    inference sees. The one image loader of the project's tools.
+    inference sees. The EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a phone photo stored
+    sideways is judged upright, as the person saw it. The one image loader of the project's tools.
 
     Args:
         value: a `PIL.Image.Image`, a path (`str` / `os.PathLike`), encoded `bytes`, or a `datasets.Image(decode=False)`
             value `{"bytes": ..., "path": ...}`.
 
     Raises:
-        ValueError: the value is of another kind, or the image is missing or cannot be decoded.
+        ValueError: the value is of another kind, or the image is missing, cannot be decoded (also a decompression
+            bomb, Pillow's `DecompressionBombError`) or carries a malformed EXIF block.
     """
     if isinstance(value, Image.Image):
-        return Image.fromarray(rgb_array(value))
+        return _upright_rgb(value)
     if isinstance(value, dict) and ("bytes" in value or "path" in value):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
@@ -50,11 +55,29 @@ def load_image(value) -> Image.Image:
             "or {'bytes': ..., 'path': ...}."
         )
     try:
-        with Image.open(source) as image:
-            image.load()
-            return Image.fromarray(rgb_array(image))
+        image = Image.open(source)
     except _PILLOW_DECODE_ERRORS as error:
-        raise ValueError(f"unreadable image ({type(error).__name__}: {error})") from error
+        raise _unreadable(error) from error
+    with image:
+        return _upright_rgb(image)
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """`image` decoded, turned as its EXIF orientation says (a copy without the tag), and rendered as the processor
+    renders it."""
+    try:
+        image.load()
+    except _PILLOW_DECODE_ERRORS as error:
+        raise _unreadable(error) from error
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except _EXIF_ERRORS as error:
+        raise ValueError(f"unreadable image (malformed EXIF data, {type(error).__name__}: {error})") from error
+    return Image.fromarray(rgb_array(upright))
+
+
+def _unreadable(error: BaseException) -> ValueError:
+    return ValueError(f"unreadable image ({type(error).__name__}: {error})")
 
 
 def first_user_question(conversations) -> str:
@@ -103,12 +126,17 @@ def load_model_and_processor(model_dir, device: str | None = None):
     from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
     from ..processing_safe_llava import SafeLlavaProcessor
 
-    if not Path(model_dir).is_dir():
-        raise ValueError(f"--model must be a folder written by save_pretrained, got {str(model_dir)!r}.")
+    check_model_folder(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = SafeLlavaForConditionalGeneration.from_pretrained(model_dir).to(device).eval()
     processor = SafeLlavaProcessor.from_pretrained(model_dir)
     return model, processor
+
+
+def check_model_folder(model_dir, option: str = "--model"):
+    """Raises a ValueError unless `model_dir` is a folder (a missing local path must not be mistaken for a Hub id)."""
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"{option} must be a folder written by save_pretrained, got {str(model_dir)!r}.")
 
 
 def add_model_cli_arguments(parser):
@@ -165,6 +193,7 @@ __all__ = [
     "image_prompt",
     "processor_batch",
     "load_model_and_processor",
+    "check_model_folder",
     "add_model_cli_arguments",
     "model_description",
     "resolved_thresholds",

@@ -73,6 +73,14 @@ class DataArguments:
         default=None,
         metadata={"help": "Folder that relative image paths start from; unset: the data file's folder."},
     )
+    allow_images_outside_root: bool = field(
+        default=False,
+        metadata={
+            "help": "Accept image paths that leave the data root (absolute paths elsewhere, or '..' climbing out of "
+            "--image_root or the data file's folder). Off: such rows are bad rows, so that a downloaded data file "
+            "cannot make training read files such as ~/.ssh or /etc. Only for data files you trust."
+        },
+    )
     skip_bad_rows: bool = field(
         default=False,
         metadata={

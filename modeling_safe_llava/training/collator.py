@@ -5,6 +5,7 @@ patches). `SafeLlavaTrainingCollator` trains (answers are the only LM targets, r
 `SafeLlavaPromptCollator` judges prompts (no answers, left padding, as generation needs).
 """
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,12 @@ import torch
 from .data import load_image, to_chat_messages
 
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
+# Without `max_length`, a conversation keeps at most this many tokens' worth of characters before tokenising: far
+# beyond any LLaVA context, yet a bound on the cost of one hostile row.
+DEFAULT_TOKEN_LIMIT = 32768
 TRAINING_BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "labels", "safety_labels")
 PROMPT_BATCH_KEYS = ("input_ids", "attention_mask", "pixel_values", "safety_labels")
 
@@ -27,8 +33,47 @@ def safety_labels_of(rows: list[dict]) -> torch.LongTensor:
     return torch.tensor(values, dtype=torch.long)
 
 
-def _conversations_with_images(rows: list[dict], include_answers: bool) -> list[list[dict]]:
-    return [to_chat_messages(row["conversations"], load_image(row["image"]), include_answers) for row in rows]
+def character_budget(tokenizer, max_tokens: int) -> int:
+    """The most characters that `max_tokens` tokens of `tokenizer` can cover: `max_tokens` times its longest
+    vocabulary entry. Text cut after that many characters still gives the same first `max_tokens` tokens."""
+    return max_tokens * max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def cut_messages(messages: list[dict], max_characters: int) -> tuple[list[dict], bool]:
+    """`(messages whose texts hold at most max_characters characters together, whether anything was cut)`; image
+    entries are always kept."""
+    left, cut, kept = max_characters, False, []
+    for message in messages:
+        content = []
+        for item in message["content"]:
+            if item.get("type") == "text":
+                text = item["text"]
+                cut = cut or len(text) > left
+                item = {**item, "text": text[: max(left, 0)]}
+                left -= len(item["text"])
+            content.append(item)
+        kept.append({**message, "content": content})
+    return kept, cut
+
+
+def _conversations_with_images(rows: list[dict], include_answers: bool, max_characters: int) -> list[list[dict]]:
+    """Chat messages of each row with its decoded image, texts cut to `max_characters` before any tokenising (the
+    cost of one huge conversation is bounded); logs how many rows were cut."""
+    conversations, num_cut = [], 0
+    for row in rows:
+        messages = to_chat_messages(row["conversations"], load_image(row["image"]), include_answers)
+        messages, was_cut = cut_messages(messages, max_characters)
+        conversations.append(messages)
+        num_cut += was_cut
+    if num_cut:
+        logger.warning(
+            "Cut %d of %d conversations in this batch to %d characters before tokenising (raise max_length to keep "
+            "more); the cut text never reaches the model.",
+            num_cut,
+            len(rows),
+            max_characters,
+        )
+    return conversations
 
 
 @dataclass
@@ -45,15 +90,20 @@ class SafeLlavaTrainingCollator:
     Args:
         processor: a `SafeLlavaProcessor` with a chat template that marks answers with `{% generation %}`.
         max_length: keep the first `max_length` tokens of each row (the end of long answers is cut); a cut that
-            would remove image placeholders raises instead, since the model needs all of them.
+            would remove image placeholders raises instead, since the model needs all of them. Before tokenising,
+            each conversation's text is cut to what `max_length` (default `DEFAULT_TOKEN_LIMIT`) tokens can cover at
+            most (`character_budget`), so a huge row costs no more than a long one; cut rows are logged.
     """
 
     processor: Any
     max_length: int | None = None
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if "_budget" not in self.__dict__:  # computed once: it reads the whole vocabulary
+            limit = DEFAULT_TOKEN_LIMIT if self.max_length is None else _checked_max_length(self.max_length)
+            self._budget = character_budget(self.processor.tokenizer, limit)
         encoded = self.processor.apply_chat_template(
-            _conversations_with_images(rows, include_answers=True),
+            _conversations_with_images(rows, include_answers=True, max_characters=self._budget),
             tokenize=True,
             return_dict=True,
             return_assistant_tokens_mask=True,
@@ -111,14 +161,17 @@ class SafeLlavaPromptCollator:
     """
     Batches the prompts of records (turns before the first answer, plus the assistant-turn marker), left-padded:
     what `model.assess_safety(**batch)` and `generate` take. Returns `input_ids`, `attention_mask`,
-    `pixel_values` and `safety_labels` `(B, 2)` (drop `safety_labels` before `generate`).
+    `pixel_values` and `safety_labels` `(B, 2)` (drop `safety_labels` before `generate`). Prompts are cut to
+    `DEFAULT_TOKEN_LIMIT` tokens' worth of characters before tokenising.
     """
 
     processor: Any
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        if "_budget" not in self.__dict__:  # computed once: it reads the whole vocabulary
+            self._budget = character_budget(self.processor.tokenizer, DEFAULT_TOKEN_LIMIT)
         encoded = self.processor.apply_chat_template(
-            _conversations_with_images(rows, include_answers=False),
+            _conversations_with_images(rows, include_answers=False, max_characters=self._budget),
             tokenize=True,
             return_dict=True,
             add_generation_prompt=True,
@@ -133,10 +186,15 @@ class SafeLlavaPromptCollator:
         }
 
 
-def _truncate_right(batch: dict, max_length: int, image_token_id: int) -> dict:
-    """Cuts right-padded `(B, T)` tensors to `max_length` columns, refusing to cut image placeholders."""
+def _checked_max_length(max_length) -> int:
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
+    return max_length
+
+
+def _truncate_right(batch: dict, max_length: int, image_token_id: int) -> dict:
+    """Cuts right-padded `(B, T)` tensors to `max_length` columns, refusing to cut image placeholders."""
+    _checked_max_length(max_length)
     if batch["input_ids"].shape[1] <= max_length:
         return batch
     kept = (batch["input_ids"][:, :max_length] == image_token_id).sum(dim=1)
@@ -158,4 +216,7 @@ __all__ = [
     "SafeLlavaTrainingCollator",
     "SafeLlavaPromptCollator",
     "safety_labels_of",
+    "character_budget",
+    "cut_messages",
+    "DEFAULT_TOKEN_LIMIT",
 ]

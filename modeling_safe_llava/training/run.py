@@ -24,7 +24,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .arguments import DataArguments, LoraArguments, ModelArguments, load_recipe, resolve_stage_arguments
 from .collator import IGNORE_INDEX, SafeLlavaTrainingCollator
-from .data import load_safety_dataset, prepare_safety_dataset
+from .data import data_root, load_safety_dataset, prepare_safety_dataset
 from .stages import prepare_for_stage, restore_checkpoint_weights, save_stage1, save_stage2, stage2_lora_config
 
 
@@ -133,6 +133,8 @@ def _prepare_split(source, config, data_args: DataArguments, training_args: Trai
         dataset,
         num_levels=len(config.safety_level_labels),
         num_types=len(config.safety_type_labels),
+        image_root=data_root(source, data_args.image_root),  # image paths must stay in it (unless allowed)
+        allow_images_outside_root=data_args.allow_images_outside_root,
         skip_bad_rows=data_args.skip_bad_rows,
         output_dir=training_args.output_dir if training_args.process_index == 0 else None,
         clean_subsample=data_args.clean_subsample if split_name == "train" else None,
