@@ -155,9 +155,9 @@ def _scan(model, processor, source, context: DistributedContext, plan: dict) -> 
     with open(plan["path"], "a", encoding="utf-8") as handle:
         for ids, values in source.batches(done, context.rank, context.world_size, batch_size):
             records, images = _assess_batch(model, processor, ids, values, plan["prompt"], plan["settings"])
+            for position, image in images.items():  # before the records: a kill may leave a spare thumbnail,
+                keeper.offer(records[position], image)  # never a recorded image without its thumbnail
             append_records(handle, records)
-            for position, image in images.items():
-                keeper.offer(records[position], image)
             scanned += len(records)
             progress.update(len(records))
     progress.close()

@@ -226,6 +226,8 @@ def merge_records(output_dir: Path) -> list[dict]:
     _write_atomically(output_dir / RESULTS_FILE, lines)
     for shard in shards:
         shard.unlink()
+    if (output_dir / SHARDS_DIR).is_dir() and not any((output_dir / SHARDS_DIR).iterdir()):
+        (output_dir / SHARDS_DIR).rmdir()
     return records
 
 
