@@ -290,6 +290,7 @@ def test_cli_dataset_options_are_checked(saved_model, tmp_path, capsys):
         "no image column 'picture'": ["--dataset", tmp_path / "data.parquet", "--image-column", "picture"],
         "unknown format": ["--dataset", tmp_path / "notes.txt"],
         "--streaming applies to --dataset": ["--images", tmp_path, "--streaming"],
+        "Cannot load split 'train' of dataset 'nobody/nothing'": ["--dataset", "nobody/nothing"],  # offline Hub id
     }
     for message, source in bad.items():
         assert main([str(a) for a in audit_command(model_dir, tmp_path / "out", *source)]) == 2
@@ -401,8 +402,10 @@ def test_a_file_name_that_is_not_utf8_is_recorded_under_an_escaped_id(tiny_model
     (tmp_path / "images").mkdir()
     noise_image(0).save(tmp_path / "images" / "good.png")
     noise_image(1).save(tmp_path / "images" / os.fsdecode(b"bad\xff\xfe.png"), format="PNG")
+    (tmp_path / "images" / os.fsdecode(b"broken\xe9.png")).write_bytes(b"not an image")
     assert main([str(a) for a in audit_command(model_dir, tmp_path / "out", "--images", tmp_path / "images")]) == 0
     records = records_by_id(tmp_path / "out")
-    assert sorted(records) == ["bad\\xff\\xfe.png", "good.png"]
-    assert records["bad\\xff\\xfe.png"]["status"] == "ok"
-    assert "Audited 2 images" in capsys.readouterr().out
+    assert sorted(records) == ["bad\\xff\\xfe.png", "broken\\xe9.png", "good.png"]
+    assert records["bad\\xff\\xfe.png"]["status"] == "ok" and records["broken\\xe9.png"]["status"] == "error"
+    assert "broken\\xe9.png" in (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert "Audited 3 images" in capsys.readouterr().out

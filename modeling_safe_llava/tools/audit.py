@@ -100,7 +100,9 @@ def _check_config(output_dir: Path, config: dict, resuming: bool):
 
 
 def _error_record(item_id: str, error: Exception) -> dict:
-    return {"id": item_id, "status": "error", "error": f"{type(error).__name__}: {error}"}
+    """An error row; a message holding an undecodable file name (surrogate escapes) is written with `\\x` escapes."""
+    message = f"{type(error).__name__}: {error}".encode("utf-8", "backslashreplace").decode("utf-8")
+    return {"id": item_id, "status": "error", "error": message}
 
 
 def _assess_batch(model, processor, ids, values, prompt, settings) -> tuple[list[dict], dict]:

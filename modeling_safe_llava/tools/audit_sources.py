@@ -209,7 +209,7 @@ def load_dataset_source(name_or_path: str, split: str = "train", streaming: bool
         if path.is_dir() and any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
             return _from_disk(path, split, streaming)
         return datasets.load_dataset(name_or_path, split=split, streaming=streaming)
-    except (FileNotFoundError, KeyError, datasets.exceptions.DatasetNotFoundError) as error:
+    except (OSError, KeyError) as error:  # not found, offline (ConnectionError), unreadable files
         raise ValueError(f"Cannot load split {split!r} of dataset {name_or_path!r}: {error}") from error
 
 
