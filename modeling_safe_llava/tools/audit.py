@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from .audit_distributed import (
     DistributedContext,
-    all_records,
     append_records,
     record_files,
     clear_records,
     default_device,
     distributed_context,
+    iter_records,
     launch_env,
     merge_records,
     own_records_path,
@@ -166,10 +166,11 @@ def _scan(model, processor, source, context: DistributedContext, plan: dict) -> 
     return {"rank": context.rank, "images": scanned, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _prepare(output_dir: Path, config: dict, resume: bool, context: DistributedContext) -> list[dict]:
+def _prepare(output_dir: Path, config: dict, resume: bool, context: DistributedContext, keeper) -> set:
     """
     Checks or writes `audit_config.json`, clears an old scan when `resume=False`, repairs this rank's own file, and
-    returns every record already on disk (the same on every rank: barriers keep reads before any new write).
+    returns the ids already recorded, showing their records to the thumbnail `keeper` (the same on every rank:
+    barriers keep these reads before any new write). Records are streamed, not held.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     own = own_records_path(output_dir, context)
@@ -185,9 +186,12 @@ def _prepare(output_dir: Path, config: dict, resume: bool, context: DistributedC
     own.parent.mkdir(parents=True, exist_ok=True)
     read_results(own, repair=True)
     context.barrier()
-    known = all_records(output_dir)
+    done = set()
+    for record in iter_records(output_dir):
+        done.add(record["id"])
+        keeper.observe(record)
     context.barrier()
-    return known
+    return done
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,9 +298,9 @@ def audit_images(
     output_dir = Path(output_dir)
     context = distributed_context(model.device, distributed_timeout_minutes)
     try:
-        known = _prepare(output_dir, config, resume, context)
+        keeper = ThumbnailKeeper(output_dir, contact_sheet_size)
         plan = {
-            "done": {record["id"] for record in known},
+            "done": _prepare(output_dir, config, resume, context, keeper),
             "batch_size": batch_size,
             "path": own_records_path(output_dir, context),
             "prompt": prompt,
@@ -305,7 +309,7 @@ def audit_images(
                 "safety_actions": safety_actions,
                 "allow_untrained_safety": allow_untrained_safety,
             },
-            "thumbnails": ThumbnailKeeper(output_dir, contact_sheet_size, known),
+            "thumbnails": keeper,
         }
         if plan["done"]:
             logger.info("Resuming: %d images already recorded in %s are skipped.", len(plan["done"]), output_dir)

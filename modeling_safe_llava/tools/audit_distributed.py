@@ -189,12 +189,17 @@ def append_records(handle, records: list[dict]):
     os.fsync(handle.fileno())
 
 
+def iter_records(output_dir: Path):
+    """Every record of `results.jsonl` and the shards, file by file (read only; an id may come twice)."""
+    for path in record_files(output_dir):
+        yield from read_results(path, repair=False)
+
+
 def all_records(output_dir: Path) -> list[dict]:
     """Every record of `results.jsonl` and the shards, one per id (the first one read), sorted by id."""
     by_id: dict[str, dict] = {}
-    for path in record_files(output_dir):
-        for record in read_results(path, repair=False):
-            by_id.setdefault(record["id"], record)
+    for record in iter_records(output_dir):
+        by_id.setdefault(record["id"], record)
     return [by_id[item_id] for item_id in sorted(by_id)]
 
 
@@ -245,6 +250,7 @@ __all__ = [
     "read_results",
     "append_records",
     "all_records",
+    "iter_records",
     "merge_records",
     "clear_records",
     "own_records_path",

@@ -174,17 +174,19 @@ def thumbnail_path(output_dir: Path, item_id: str) -> Path:
 class ThumbnailKeeper:
     """
     Saves the thumbnail of every scanned image that is among the `per_category` riskiest flagged images of its
-    category seen so far by this process (`known` records included), so that the contact sheet needs no second pass
+    category seen so far by this process (records of earlier runs `observe`d), so that the contact sheet needs no second pass
     over the source. Keeps `per_category` risks per category in memory.
     """
 
-    def __init__(self, output_dir: Path, per_category: int, known: list[dict]):
+    def __init__(self, output_dir: Path, per_category: int):
         self.output_dir = Path(output_dir)
         self.per_category = per_category
         self.heaps: dict[str, list[float]] = {}
-        for record in known:
-            if record.get("status") == "ok" and record["flagged"]:
-                self._push(record)
+
+    def observe(self, record: dict):
+        """Counts a record scanned earlier (its thumbnail, if any, is already saved)."""
+        if self.per_category >= 1 and record.get("status") == "ok" and record["flagged"]:
+            self._push(record)
 
     def _push(self, record: dict) -> bool:
         """Adds the record's risk to its category's top risks; `True` if it is among them."""
