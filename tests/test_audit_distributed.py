@@ -4,6 +4,8 @@
 - a rank killed mid-scan, then a rerun at the same or another world size: nothing lost, nothing scanned twice;
 - the same over parquet files with `--dataset`, streaming included.
 
+The report's numbers: tests/test_audit_report.py; single-process behaviour: tests/test_audit.py.
+
 Deterministic kills: `KILLING_WORKER` wraps `audit.append_records` so that one rank (env `AUDIT_TEST_KILL_RANK`)
 writes half a record and sends itself SIGKILL after `AUDIT_TEST_KILL_AFTER` batches; the audit code has no test hook.
 """
@@ -67,6 +69,13 @@ def saved_model(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return (folder, *load_model_and_processor(folder, "cpu"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_trained():
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    return model, processor
 
 
 def launch(launcher: list, arguments: list, env: dict | None = None, expect_success: bool = True):
@@ -298,114 +307,3 @@ def test_cli_dataset_options_are_checked(saved_model, tmp_path, capsys):
     assert main([str(a) for a in audit_command(model_dir, tmp_path / "ok", "--dataset", tmp_path / "data.parquet")]) == 0
     assert sorted(records_by_id(tmp_path / "ok")) == ["0", "1", "2"]  # no "id" column: row numbers
 
-
-@pytest.fixture(scope="module")
-def tiny_model_trained():
-    model, processor = build_tiny_safe_llava(seed=0)
-    model.config.safety_modules_trained = True
-    return model, processor
-
-
-def test_risky_csv_cells_cannot_become_formulas(tiny_model_trained, tmp_path):
-    model, processor = tiny_model_trained
-    (tmp_path / "images").mkdir()
-    for name in ("=HYPERLINK(1).png", "+1.png", "-1.png", "@SUM(1).png", "plain.png"):
-        noise_image(len(name)).save(tmp_path / "images" / name)
-    audit_images(model, processor, tmp_path / "images", tmp_path / "out", safety_threshold=0.0)
-    with open(tmp_path / "out" / "risky.csv", newline="", encoding="utf-8") as handle:
-        cells = sorted(row["id"] for row in csv.DictReader(handle))
-    assert cells == ["'+1.png", "'-1.png", "'=HYPERLINK(1).png", "'@SUM(1).png", "plain.png"]
-    assert "=HYPERLINK(1).png" in records_by_id(tmp_path / "out")  # the record keeps the real name
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The report: shares with Wilson intervals, the contact sheet, summary.md
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_wilson_intervals_and_shares_match_a_hand_computation():
-    from modeling_safe_llava.tools.audit_report import flagged_shares, wilson_interval
-
-    # Published 95 % Wilson intervals (Newcombe 1998, Table I style): x of n -> (low, high)
-    for (successes, trials), expected in {
-        (0, 10): (0.0, 0.2775), (1, 10): (0.0179, 0.4042), (2, 10): (0.0567, 0.5098), (3, 10): (0.1078, 0.6032),
-        (10, 10): (0.7225, 1.0),
-    }.items():  # fmt: skip
-        assert wilson_interval(successes, trials) == pytest.approx(expected, abs=1e-4), (successes, trials)
-    assert wilson_interval(0, 0) is None
-
-    def ok(category, level, flagged):
-        return {"id": f"{category}{level}{flagged}", "status": "ok", "flagged": flagged, "category_name": category,
-                "level_name": level}  # fmt: skip
-
-    records = [ok("Privacy", "L1", True), ok("Privacy", "L1", True), ok("Politics", "L3", True)]
-    records += [ok("Privacy", "L0", False)] * 7 + [{"id": "bad", "status": "error", "error": "x"}]
-    rows = {(r["category"], r["level"]): r for r in flagged_shares(records, ["Politics", "Privacy", "Fairness"], ["L0", "L1", "L3"])}
-    expected = {
-        ("all", "all"): (3, 0.1078, 0.6032), ("Privacy", "all"): (2, 0.0567, 0.5098),
-        ("Politics", "L3"): (1, 0.0179, 0.4042), ("Fairness", "all"): (0, 0.0, 0.2775), ("all", "L0"): (0, 0.0, 0.2775),
-        ("Privacy", "L1"): (2, 0.0567, 0.5098), ("Politics", "L1"): (0, 0.0, 0.2775),
-    }  # fmt: skip
-    for group, (flagged, low, high) in expected.items():
-        row = rows[group]
-        assert (row["flagged"], row["assessed"], row["share"]) == (flagged, 10, flagged / 10), group
-        assert (row["ci_low"], row["ci_high"]) == pytest.approx((low, high), abs=1e-4), group
-    assert len(rows) == 1 + 3 + 3 + 3 * 3
-
-
-def test_report_shares_contact_sheet_and_summary_follow_the_records(tmp_path):
-    from PIL import Image
-
-    from modeling_safe_llava.tools.audit_report import thumbnail_path
-
-    model, processor = build_tiny_safe_llava(seed=1)
-    model.config.safety_modules_trained = True
-    model.config.safety_level_temperature = 2.0  # a calibrated model: summary.md must say so
-    make_image_folder(tmp_path / "images", count=12, corrupt=("zz.png",))
-    summary = audit_images(model, processor, tmp_path / "images", tmp_path / "out", batch_size=5, contact_sheet_size=2)
-    records = list(records_by_id(tmp_path / "out").values())
-    ok = [r for r in records if r["status"] == "ok"]
-    flagged = [r for r in ok if r["flagged"]]
-    assert len(ok) == 12 and flagged  # the random tiny head flags some images at 0.5
-    shares = {(row["category"], row["level"]): row for row in summary["flagged_shares"]}
-    for category in summary["safety_thresholds"]:
-        count = sum(r["category_name"] == category for r in flagged)
-        assert (shares[(category, "all")]["flagged"], shares[(category, "all")]["assessed"]) == (count, 12)
-    with open(tmp_path / "out" / "shares.csv", newline="") as handle:
-        csv_rows = list(csv.DictReader(handle))
-    assert len(csv_rows) == len(summary["flagged_shares"])
-    assert float(csv_rows[0]["share"]) == pytest.approx(len(flagged) / 12, abs=1e-6)
-
-    expected_sheet = {}
-    for record in sorted(flagged, key=lambda r: (-r["risk"], r["id"])):
-        chosen = expected_sheet.setdefault(record["category_name"], [])
-        if len(chosen) < 2:
-            chosen.append(record["id"])
-    assert summary["contact_sheet"] == dict(sorted(expected_sheet.items()))
-    assert all(thumbnail_path(tmp_path / "out", i).is_file() for ids in expected_sheet.values() for i in ids)
-    with Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
-        assert sheet.format == "PNG" and sheet.height > 100 * len(expected_sheet)
-
-    markdown = (tmp_path / "out" / "summary.md").read_text()
-    assert "`safety_level_temperature` = 2" in markdown and "safety_type_temperature" not in markdown
-    assert "threshold: 0.5" in markdown and "1 unreadable" in markdown and "Wilson" in markdown
-    assert summary["calibration"] == {"safety_level_temperature": 2.0, "safety_type_temperature": 1.0}
-
-
-def test_a_file_name_that_is_not_utf8_is_recorded_under_an_escaped_id(tiny_model_trained, tmp_path, capsys):
-    from modeling_safe_llava.tools.cli import main
-
-    model, processor = tiny_model_trained
-    model_dir = tmp_path / "model"
-    model.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    (tmp_path / "images").mkdir()
-    noise_image(0).save(tmp_path / "images" / "good.png")
-    noise_image(1).save(tmp_path / "images" / os.fsdecode(b"bad\xff\xfe.png"), format="PNG")
-    (tmp_path / "images" / os.fsdecode(b"broken\xe9.png")).write_bytes(b"not an image")
-    assert main([str(a) for a in audit_command(model_dir, tmp_path / "out", "--images", tmp_path / "images")]) == 0
-    records = records_by_id(tmp_path / "out")
-    assert sorted(records) == ["bad\\xff\\xfe.png", "broken\\xe9.png", "good.png"]
-    assert records["bad\\xff\\xfe.png"]["status"] == "ok" and records["broken\\xe9.png"]["status"] == "error"
-    assert "broken\\xe9.png" in (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
-    assert "Audited 3 images" in capsys.readouterr().out
