@@ -307,3 +307,17 @@ def test_cli_dataset_options_are_checked(saved_model, tmp_path, capsys):
     assert main([str(a) for a in audit_command(model_dir, tmp_path / "ok", "--dataset", tmp_path / "data.parquet")]) == 0
     assert sorted(records_by_id(tmp_path / "ok")) == ["0", "1", "2"]  # no "id" column: row numbers
 
+
+
+def test_merge_keeps_one_record_per_id_and_warns_about_an_id_two_ranks_scanned(tmp_path, caplog):
+    from modeling_safe_llava.tools.audit_distributed import merge_records
+
+    (tmp_path / "shards").mkdir()
+    shard_path(tmp_path, 0, 2).write_text('{"id": "b", "rank": 0}\n{"id": "dup", "rank": 0}\n')
+    shard_path(tmp_path, 1, 2).write_text('{"id": "a", "rank": 1}\n{"id": "dup", "rank": 1}\n{"id": "torn')
+    (tmp_path / "results.jsonl").write_text('{"id": "b", "rank": "earlier merge"}\n')  # killed before shard cleanup
+    with caplog.at_level("WARNING"):
+        records = merge_records(tmp_path)
+    assert records == [{"id": "a", "rank": 1}, {"id": "b", "rank": "earlier merge"}, {"id": "dup", "rank": 0}]
+    assert read_results(tmp_path / "results.jsonl") == records and not (tmp_path / "shards").exists()
+    assert "1 ids were scanned by more than one rank" in caplog.text and "'dup'" in caplog.text

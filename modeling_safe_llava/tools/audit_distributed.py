@@ -227,6 +227,7 @@ def merge_records(output_dir: Path) -> list[dict]:
     """
     records = all_records(output_dir)
     shards = [path for path in record_files(output_dir) if path.parent.name == SHARDS_DIR]
+    _warn_about_ids_in_several_shards(shards)
     lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     _write_atomically(output_dir / RESULTS_FILE, lines)
     for shard in shards:
@@ -234,6 +235,23 @@ def merge_records(output_dir: Path) -> list[dict]:
     if (output_dir / SHARDS_DIR).is_dir() and not any((output_dir / SHARDS_DIR).iterdir()):
         (output_dir / SHARDS_DIR).rmdir()
     return records
+
+
+def _warn_about_ids_in_several_shards(shards: list[Path]):
+    """Ranks never scan an id already recorded, so an id in two shards is an id that two rows of a streamed dataset
+    share (ids known up front are checked before scanning): warn, naming some; the merge keeps the first record."""
+    owners: dict[str, int] = {}
+    for shard in shards:
+        for item_id in {record["id"] for record in read_results(shard, repair=False)}:
+            owners[item_id] = owners.get(item_id, 0) + 1
+    shared = sorted(item_id for item_id, count in owners.items() if count > 1)
+    if shared:
+        logger.warning(
+            "%d ids were scanned by more than one rank (duplicate ids in the dataset?), e.g. %s; results.jsonl keeps "
+            "one record per id.",
+            len(shared),
+            shared[:10],
+        )
 
 
 def clear_records(output_dir: Path):
