@@ -202,6 +202,7 @@ def _sections():
         ("refusal", _refusal_section),
         ("assess_throughput", _assess_section),
         ("training", _training_section),
+        ("audit_scaling", _audit_section),
         ("flops", _flops_section),
     )
 
@@ -350,6 +351,12 @@ def _assess_section(results):
             f"{e['ratios']['assess_speedup_vs_full_forward']:.2f} | {e['checks']['language_model_calls_in_assess']} |"
         )
     return lines + [""]
+
+
+def _audit_section(results):
+    from .audit_scaling import audit_section
+
+    return audit_section(results)
 
 
 def _training_section(results):

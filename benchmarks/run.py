@@ -28,9 +28,12 @@ from tqdm.auto import tqdm  # noqa: E402
 BENCHMARK_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = BENCHMARK_DIR / "configs"
 DEFAULT_OUTPUT_DIR = BENCHMARK_DIR / "results"
-ITEMS = ("generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "training")
+ITEMS = (
+    "generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "audit_scaling", "training",
+)  # fmt: skip
 # What a config runs unless it names its own "items" (or --only overrides): generate_memory repeats
-# generate_overhead's memory part, for shapes too slow to time here.
+# generate_overhead's memory part, for shapes too slow to time here; audit_scaling launches torchrun (configs that
+# measure it name it: cpu-audit, gpu-7b).
 DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "training")
 REQUIRED_KEYS = (
     "name", "device", "dtype", "timer", "seed", "reference_preset", "model", "prompt", "new_tokens", "generate_batch_sizes",
@@ -75,7 +78,7 @@ def check_device(config: dict):
 
 def run_benchmark(config: dict, config_path: Path, items=None, command: str = "") -> dict:
     """Builds the models, runs the selected measurements and returns the results dict (nothing written)."""
-    from . import flops, scenarios
+    from . import audit_scaling, flops, scenarios
     from .models import build_meta_pair, build_models, prompt_token_ids
     from .report import evaluate_targets, explain_misses
 
@@ -104,6 +107,7 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
         "paper_way": (scenarios.paper_way, scenarios.paper_way_steps),
         "refusal": (scenarios.refusal, scenarios.refusal_steps),
         "assess_throughput": (scenarios.assess_throughput, scenarios.assess_steps),
+        "audit_scaling": (audit_scaling.audit_scaling, audit_scaling.audit_scaling_steps),
         "training": (scenarios.training_steps, scenarios.training_step_count),
     }
     selected = [item for item in ITEMS if item in items]  # training last: it injects LoRA layers in place

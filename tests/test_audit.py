@@ -4,6 +4,7 @@ a kill without rescanning finished batches."""
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -256,3 +257,33 @@ def test_console_script_audits_a_saved_model(tiny_model, tmp_path):
     assert main([*argv, "--output", str(tmp_path / "out"), "--batch-size", "2", "--device", "cpu"]) == 0
     assert sorted(result_ids(tmp_path / "out")) == names
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["num_images"] == 3
+
+
+def test_a_file_name_that_is_not_utf8_is_recorded_under_an_escaped_id(tiny_model, tmp_path, capsys):
+    model, processor = tiny_model
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    processor.save_pretrained(model_dir)
+    (tmp_path / "images").mkdir()
+    noise_image(0).save(tmp_path / "images" / "good.png")
+    noise_image(1).save(tmp_path / "images" / os.fsdecode(b"bad\xff\xfe.png"), format="PNG")
+    (tmp_path / "images" / os.fsdecode(b"broken\xe9.png")).write_bytes(b"not an image")
+    argv = ["audit", "--model", str(model_dir), "--images", str(tmp_path / "images"), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--device", "cpu"]) == 0  # one odd name does not stop the scan (it used to exit 2)
+    records = {record["id"]: record for record in read_results(tmp_path / "out" / "results.jsonl")}
+    assert sorted(records) == ["bad\\xff\\xfe.png", "broken\\xe9.png", "good.png"]
+    assert records["bad\\xff\\xfe.png"]["status"] == "ok" and records["broken\\xe9.png"]["status"] == "error"
+    assert "broken\\xe9.png" in (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
+    assert "Audited 3 images" in capsys.readouterr().out
+
+
+def test_risky_csv_cells_cannot_become_formulas(tiny_model, tmp_path):
+    model, processor = tiny_model
+    (tmp_path / "images").mkdir()
+    for name in ("=HYPERLINK(1).png", "+1.png", "-1.png", "@SUM(1).png", "plain.png"):
+        noise_image(len(name)).save(tmp_path / "images" / name)
+    audit_images(model, processor, tmp_path / "images", tmp_path / "out", safety_threshold=0.0)
+    with open(tmp_path / "out" / "risky.csv", newline="", encoding="utf-8") as handle:
+        cells = sorted(row["id"] for row in csv.DictReader(handle))
+    assert cells == ["'+1.png", "'-1.png", "'=HYPERLINK(1).png", "'@SUM(1).png", "plain.png"]
+    assert "=HYPERLINK(1).png" in result_ids(tmp_path / "out")  # the record keeps the real name
