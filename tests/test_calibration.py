@@ -319,3 +319,30 @@ def test_cli_refuses_too_few_clean_rows_with_the_minimum(calibrated_run, capsys)
     error = capsys.readouterr().err
     assert "10 clean rows" in error and "at least 299" in error
     assert not (root / "refused").exists()
+
+
+# -- the model card ----------------------------------------------------------------------------------------------
+
+
+def test_export_card_reports_the_calibration_and_refuses_an_uncalibrated_model(calibrated_run, tmp_path):
+    root, report, (original, processor) = calibrated_run
+    calibration = root / "out" / "calibration.json"
+    main(["export", "--model", str(root / "out" / "model"), "--output", str(tmp_path / "hub"),
+          "--calibration", str(calibration)])
+    card = (tmp_path / "hub" / "README.md").read_text()
+    section = " ".join(card[card.index("## Calibration"):card.index("## Limitations")].split())
+    assert f"{report['ece_before']:.4f}" in section and f"{report['ece_after']:.4f}" in section
+    assert f"default threshold **{report['threshold']:g}**" in section
+    assert f"with probability at least {CONFIDENCE:g}" in section and f"at most {RATE:g} of clean images" in section
+    assert "Wilks" in section and "Clopper-Pearson" in section
+    for name, entry in report["recall"].items():
+        assert f"| {name} | {entry['risky_rows']} | {entry['flagged']} |" in section
+    assert json.loads((tmp_path / "hub" / "calibration.json").read_text()) == report
+    reloaded = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path / "hub")
+    assert reloaded.generation_config.safety_threshold == report["threshold"]
+    # The original model (temperatures 1.0, threshold 0.5) does not carry this calibration: refused, nothing written.
+    with pytest.raises(ValueError, match="does not carry the calibration"):
+        from modeling_safe_llava.tools.hub import export_for_hub
+
+        export_for_hub(original, processor, tmp_path / "wrong", calibration=calibration)
+    assert not (tmp_path / "wrong").exists()
