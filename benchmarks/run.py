@@ -28,10 +28,12 @@ from tqdm.auto import tqdm  # noqa: E402
 BENCHMARK_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = BENCHMARK_DIR / "configs"
 DEFAULT_OUTPUT_DIR = BENCHMARK_DIR / "results"
-ITEMS = ("generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "training")
+ITEMS = (
+    "generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "calibration", "training"
+)
 # What a config runs unless it names its own "items" (or --only overrides): generate_memory repeats
 # generate_overhead's memory part, for shapes too slow to time here.
-DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "training")
+DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "calibration", "training")
 REQUIRED_KEYS = (
     "name", "device", "dtype", "timer", "seed", "reference_preset", "model", "prompt", "new_tokens", "generate_batch_sizes",
     "paper_way_batch_sizes", "refusal_batch_size", "throughput_batch_sizes", "train_batch_size",
@@ -104,6 +106,7 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
         "paper_way": (scenarios.paper_way, scenarios.paper_way_steps),
         "refusal": (scenarios.refusal, scenarios.refusal_steps),
         "assess_throughput": (scenarios.assess_throughput, scenarios.assess_steps),
+        "calibration": (scenarios.calibration_overhead, scenarios.calibration_steps),
         "training": (scenarios.training_steps, scenarios.training_step_count),
     }
     selected = [item for item in ITEMS if item in items]  # training last: it injects LoRA layers in place
