@@ -375,8 +375,9 @@ def _calibration_section(results):
         )
     return lines + [
         "",
-        "Calibration is one division of each head's logits by a scalar before the softmax (`safe-llava calibrate` fits "
-        "the temperatures); the temperatures here are stand-ins (random weights).",
+        "Calibration is one division of each head's logits by a scalar before the softmax (4 level + 7 type logits "
+        "per image; `safe-llava calibrate` fits the temperatures); the temperatures here are stand-ins (random "
+        "weights). Any ratio away from 1 is the machine's noise: compare the two medians and the range.",
         "",
     ]
 

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+from modeling_safe_llava.tools.calibration import temperatures
+
 from .flops import count_flops
 from .measure import model_bytes, optimizer_state_bytes, peak_memory, time_interleaved
 from .models import NOTHING_FLAGGED, make_inputs, make_training_batch
@@ -355,18 +357,6 @@ def assess_steps(config: dict) -> int:
 DEFAULT_CALIBRATION_TEMPERATURES = {"level": 1.7, "type": 0.6}
 
 
-@contextlib.contextmanager
-def safety_temperatures(model, temperatures: dict):
-    """`config.safety_level_temperature` / `safety_type_temperature` set inside the block, restored after."""
-    config = model.config
-    before = (config.safety_level_temperature, config.safety_type_temperature)
-    config.safety_level_temperature, config.safety_type_temperature = temperatures["level"], temperatures["type"]
-    try:
-        yield
-    finally:
-        config.safety_level_temperature, config.safety_type_temperature = before
-
-
 def calibration_overhead(bm, config: dict, bar) -> dict:
     """
     End-to-end `generate` of SafeLlava with both temperatures 1.0 vs calibrated temperatures (one division per head
@@ -383,7 +373,7 @@ def calibration_overhead(bm, config: dict, bar) -> dict:
 
         def call(name):
             def run():
-                with safety_temperatures(model, variants[name]):
+                with temperatures(model, variants[name]["level"], variants[name]["type"]):
                     outputs[name] = model.generate(**inputs, **NOTHING_FLAGGED)
 
             return run
@@ -396,8 +386,8 @@ def calibration_overhead(bm, config: dict, bar) -> dict:
             config["timer"],
             bar,
         )
-        for name, temperatures in variants.items():
-            with safety_temperatures(model, temperatures), torch.no_grad():
+        for name, values in variants.items():
+            with temperatures(model, values["level"], values["type"]), torch.no_grad():
                 level_probs[name] = model.assess_safety(**inputs, **NOTHING_FLAGGED).level_probs.float().cpu()
         results[f"batch_{batch_size}"] = {
             "batch_size": batch_size,
