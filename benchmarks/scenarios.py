@@ -396,7 +396,9 @@ def calibration_overhead(bm, config: dict, bar) -> dict:
             "ratios": {"calibrated_vs_uncalibrated": timing.ratio("calibrated", "uncalibrated")},
             "ratio_spread": {"calibrated_vs_uncalibrated": timing.ratio_spread("calibrated", "uncalibrated")},
             "checks": {
-                "same_tokens": bool(torch.equal(_sequences(outputs["calibrated"]), _sequences(outputs["uncalibrated"]))),
+                "same_tokens": bool(
+                    torch.equal(_sequences(outputs["calibrated"]), _sequences(outputs["uncalibrated"]))
+                ),
                 "new_tokens": _sequences(outputs["calibrated"]).shape[1] - inputs["input_ids"].shape[1],
                 "level_probs_changed": not torch.equal(level_probs["calibrated"], level_probs["uncalibrated"]),
             },

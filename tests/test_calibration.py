@@ -83,7 +83,8 @@ def test_binomial_rule_matches_hand_computation():
     assert allowed_exceedances(10, 0.3, 0.85) == 1
     assert allowed_exceedances(10, 0.3, 0.98) == -1
     # n_min = ceil(log(1 - C) / log(1 - R)): 59 for (0.05, 0.95), 299 for (0.01, 0.95), 7 for (0.3, 0.9).
-    assert [minimum_clean_rows(0.05, 0.95), minimum_clean_rows(0.01, 0.95), minimum_clean_rows(0.3, 0.9)] == [59, 299, 7]
+    minima = [minimum_clean_rows(0.05, 0.95), minimum_clean_rows(0.01, 0.95), minimum_clean_rows(0.3, 0.9)]
+    assert minima == [59, 299, 7]
     for rate, confidence in ((0.05, 0.95), (0.2, 0.99), (0.5, 0.5)):
         needed = minimum_clean_rows(rate, confidence)
         assert allowed_exceedances(needed, rate, confidence) == 0
@@ -260,7 +261,8 @@ def hand_ece(risks, labels, bins=15):
     for b in range(bins):
         members = [(r, y) for r, y in zip(risks, labels) if min(int(r * bins), bins - 1) == b]
         if members:
-            total += len(members) / len(risks) * abs(np.mean([r for r, _ in members]) - np.mean([y for _, y in members]))
+            gap = np.mean([r for r, _ in members]) - np.mean([y for _, y in members])
+            total += len(members) / len(risks) * abs(gap)
     return total
 
 

@@ -583,7 +583,8 @@ def plot_thresholds(path: Path, risk, is_risky, report: dict):
             axes.plot(grid, [(risk[mask] > t).mean() for t in grid], label=label)
     axes.axhline(report["target_false_flag_rate"], color="red", linestyle=":",
                  label=f"target false-flag rate {report['target_false_flag_rate']:g}")
-    axes.axvline(report["threshold"], color="black", linestyle="--", label=f"guaranteed threshold {report['threshold']:.4g}")
+    axes.axvline(report["threshold"], color="black", linestyle="--",
+                 label=f"guaranteed threshold {report['threshold']:.4g}")
     if report["per_category"]:
         for name, value in report["thresholds"].items():
             axes.axvline(value, color="grey", linestyle="-.", linewidth=0.8)
@@ -608,6 +609,7 @@ def _interval_text(entry: dict) -> str:
 def render_summary(report: dict) -> str:
     """`summary.md`: the guarantee in words, calibration before/after, thresholds and recall per type."""
     counts, rate, confidence = report["counts"], report["target_false_flag_rate"], report["confidence"]
+    fitted, before = report["temperatures"], report["temperatures_before"]
     lines = ["# Safety head calibration", ""]
     if not report["model"]["safety_modules_trained"]:
         lines += ["> **Warning: untrained safety modules** (`allow_untrained_safety=True`): these numbers describe a "
@@ -615,9 +617,10 @@ def render_summary(report: dict) -> str:
     lines += [
         f"- model: `{report['model']['name_or_path'] or '(in memory)'}`",
         f"- validation rows: {counts['rows']} ({counts['clean']} clean, {counts['risky']} risky)",
-        f"- temperatures: level {report['temperatures']['level']:.4g} (was {report['temperatures_before']['level']:.4g}), "
-        f"type {report['temperatures']['type']:.4g} (was {report['temperatures_before']['type']:.4g})",
-        f"- ECE of risk ({report['ece_bins']} bins): {report['ece_before']:.4f} before, {report['ece_after']:.4f} after",
+        f"- temperatures: level {fitted['level']:.4g} (was {before['level']:.4g}), type {fitted['type']:.4g} (was "
+        f"{before['type']:.4g})",
+        f"- ECE of risk ({report['ece_bins']} bins): {report['ece_before']:.4f} before, {report['ece_after']:.4f} "
+        "after",
         f"- NLL of level: {report['nll']['level_before']:.4f} -> {report['nll']['level_after']:.4f}; of type: "
         f"{report['nll']['type_before']:.4f} -> {report['nll']['type_after']:.4f}",
         "",
