@@ -150,7 +150,7 @@ def audit_section(results: dict) -> list[str]:
     entry = results["audit_scaling"]
     chosen = entry["settings"]
     lines = [
-        "## 6. Dataset audit over processes (`torchrun ... -m modeling_safe_llava audit`)",
+        "## 7. Dataset audit over processes (`torchrun ... -m modeling_safe_llava audit`)",
         "",
         f"{chosen['images']} random PNG images, batch {chosen['batch_size']}, {chosen['threads_per_process']} torch "
         "thread(s) per process on CPU (one GPU per process on CUDA). Scan: images / the slowest rank's scan time "

@@ -29,12 +29,13 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = BENCHMARK_DIR / "configs"
 DEFAULT_OUTPUT_DIR = BENCHMARK_DIR / "results"
 ITEMS = (
-    "generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "audit_scaling", "training",
+    "generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "calibration", "audit_scaling",
+    "training",
 )  # fmt: skip
 # What a config runs unless it names its own "items" (or --only overrides): generate_memory repeats
 # generate_overhead's memory part, for shapes too slow to time here; audit_scaling launches torchrun (configs that
 # measure it name it: cpu-audit, gpu-7b).
-DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "training")
+DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "calibration", "training")
 REQUIRED_KEYS = (
     "name", "device", "dtype", "timer", "seed", "reference_preset", "model", "prompt", "new_tokens", "generate_batch_sizes",
     "paper_way_batch_sizes", "refusal_batch_size", "throughput_batch_sizes", "train_batch_size",
@@ -107,6 +108,7 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
         "paper_way": (scenarios.paper_way, scenarios.paper_way_steps),
         "refusal": (scenarios.refusal, scenarios.refusal_steps),
         "assess_throughput": (scenarios.assess_throughput, scenarios.assess_steps),
+        "calibration": (scenarios.calibration_overhead, scenarios.calibration_steps),
         "audit_scaling": (audit_scaling.audit_scaling, audit_scaling.audit_scaling_steps),
         "training": (scenarios.training_steps, scenarios.training_step_count),
     }

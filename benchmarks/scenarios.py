@@ -1,4 +1,4 @@
-"""The five measurements, each comparing SafeLlava with stock LLaVA (same weights, same prompt and images).
+"""The six measurements, each comparing SafeLlava with stock LLaVA (same weights, same prompt and images).
 
 Every function takes the built models, the benchmark config and a tqdm bar, and returns a JSON-ready dict with the
 raw timings, medians, ratios and the sanity checks that prove the compared calls did what they claim (token counts,
@@ -10,6 +10,8 @@ import copy
 import time
 
 import torch
+
+from modeling_safe_llava.tools.calibration import temperatures
 
 from .flops import count_flops
 from .measure import model_bytes, optimizer_state_bytes, peak_memory, time_interleaved
@@ -346,6 +348,67 @@ def assess_throughput(bm, config: dict, bar) -> dict:
 
 def assess_steps(config: dict) -> int:
     return sum(2 * repeats_for(config, "throughput", b) for b in config["throughput_batch_sizes"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. generate with calibrated temperatures vs temperatures 1.0 (the same model, nothing flagged)
+# ---------------------------------------------------------------------------------------------------------------
+
+DEFAULT_CALIBRATION_TEMPERATURES = {"level": 1.7, "type": 0.6}
+
+
+def calibration_overhead(bm, config: dict, bar) -> dict:
+    """
+    End-to-end `generate` of SafeLlava with both temperatures 1.0 vs calibrated temperatures (one division per head
+    before the softmax), nothing flagged (`safety_threshold=1.0`), interleaved on the same model and inputs. Checks:
+    same tokens, and the temperatures did change the level head's probabilities.
+    """
+    device, model = config["device"], bm.safe
+    fitted = config.get("calibration_temperatures", DEFAULT_CALIBRATION_TEMPERATURES)
+    variants = {"uncalibrated": {"level": 1.0, "type": 1.0}, "calibrated": fitted}
+    results = {}
+    for batch_size in config["generate_batch_sizes"]:
+        inputs = make_inputs(model, bm.tokenizer, config["prompt"], batch_size)
+        outputs, level_probs = {}, {}
+
+        def call(name):
+            def run():
+                with temperatures(model, variants[name]["level"], variants[name]["type"]):
+                    outputs[name] = model.generate(**inputs, **NOTHING_FLAGGED)
+
+            return run
+
+        timing = time_interleaved(
+            {name: call(name) for name in variants},
+            repeats_for(config, "generate", batch_size),
+            config["warmup"],
+            device,
+            config["timer"],
+            bar,
+        )
+        for name, values in variants.items():
+            with temperatures(model, values["level"], values["type"]), torch.no_grad():
+                level_probs[name] = model.assess_safety(**inputs, **NOTHING_FLAGGED).level_probs.float().cpu()
+        results[f"batch_{batch_size}"] = {
+            "batch_size": batch_size,
+            "temperatures": variants,
+            "timing": timing.to_dict(),
+            "ratios": {"calibrated_vs_uncalibrated": timing.ratio("calibrated", "uncalibrated")},
+            "ratio_spread": {"calibrated_vs_uncalibrated": timing.ratio_spread("calibrated", "uncalibrated")},
+            "checks": {
+                "same_tokens": bool(
+                    torch.equal(_sequences(outputs["calibrated"]), _sequences(outputs["uncalibrated"]))
+                ),
+                "new_tokens": _sequences(outputs["calibrated"]).shape[1] - inputs["input_ids"].shape[1],
+                "level_probs_changed": not torch.equal(level_probs["calibrated"], level_probs["uncalibrated"]),
+            },
+        }
+    return results
+
+
+def calibration_steps(config: dict) -> int:
+    """Timed calls of `calibration_overhead`, for the progress bar."""
+    return sum(2 * repeats_for(config, "generate", b) for b in config["generate_batch_sizes"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -118,8 +118,8 @@ def test_flop_and_parameter_accounting(micro_results):
 def test_targets_have_verdicts(micro_results):
     _, _, results, config = micro_results
     rows = results["targets"]
-    assert {row["item"] for row in rows} == {1, 2, 3, 4}
-    expected = 4 * len(config["generate_batch_sizes"]) + 1 + len(config["paper_way_batch_sizes"]) + 1
+    assert {row["item"] for row in rows} == {1, 2, 3, 4, 6}
+    expected = 5 * len(config["generate_batch_sizes"]) + 1 + len(config["paper_way_batch_sizes"]) + 1
     expected += len(config["throughput_batch_sizes"])
     assert len(rows) == expected
     assert all(isinstance(row["passed"], bool) for row in rows)
@@ -190,3 +190,15 @@ def test_gpu_config_refuses_cleanly_without_cuda(tmp_path, monkeypatch, capsys):
 def test_unknown_config_lists_available():
     with pytest.raises(ValueError, match="cpu-small"):
         benchmark_run.load_config("no-such-config")
+
+
+def test_calibration_item_compares_the_same_generation(micro_results):
+    """Item 6: calibrated temperatures change the level head's probabilities but not the tokens of an unflagged
+    generation."""
+    _, _, results, config = micro_results
+    for batch in config["generate_batch_sizes"]:
+        entry = results["calibration"][f"batch_{batch}"]
+        assert entry["checks"] == {"same_tokens": True, "new_tokens": config["new_tokens"], "level_probs_changed": True}
+        assert set(entry["timing"]) == {"uncalibrated", "calibrated"}
+        assert entry["ratios"]["calibrated_vs_uncalibrated"] > 0
+    assert any(row["item"] == 6 for row in results["targets"])

@@ -16,6 +16,10 @@ SUBCOMMANDS = {
         "modeling_safe_llava.tools.evaluation", "add_cli_arguments", "run_from_args",
         "measure the safety head on a labelled dataset",
     ),
+    "calibrate": (
+        "modeling_safe_llava.tools.calibration", "add_cli_arguments", "run_from_args",
+        "fit temperatures and a threshold with a guaranteed false-flag rate on labelled validation rows",
+    ),
     "audit": (
         "modeling_safe_llava.tools.audit", "add_cli_arguments", "run_from_args",
         "scan an image folder or dataset for risky content (resumable)",

@@ -28,6 +28,7 @@ from huggingface_hub.utils import validate_repo_id
 from transformers import GenerationConfig
 
 from ..configuration_safe_llava import SafeLlavaConfig
+from .calibration import check_calibration_applied, load_calibration
 from .folders import MARKER_FILE, check_replaceable, write_marker
 from .model_card import (
     DEFAULT_BASE_MODEL,
@@ -53,6 +54,7 @@ REQUIRED_FILES = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
 EVALUATION_FILE = "evaluation_metrics.json"
 TRAINING_FILE = "training_details.json"
+CALIBRATION_FILE = "calibration.json"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_COMMAND = "export"
 # Files whose `auto_map` tells `trust_remote_code` which code to run; an export writes SafeLlava's own entries there.
@@ -73,6 +75,7 @@ def export_for_hub(
     allow_untrained_safety: bool = False,
     repo_id: str | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    calibration=None,
 ) -> Path:
     """
     Writes a Hub-ready folder for `model` and `processor`, atomically.
@@ -91,6 +94,9 @@ def export_for_hub(
         allow_untrained_safety (`bool`): export untrained safety modules anyway (the card then says so loudly).
         repo_id (`str`, *optional*): the Hub id shown in the card's usage snippet.
         max_shard_size: largest weight file (`save_pretrained`'s argument).
+        calibration (`dict`, `str` or `os.PathLike`, *optional*): a `safe-llava calibrate` report (the dict, or the
+            path of its calibration.json) whose temperatures and threshold this model carries; the card reports the
+            calibration and the false-flag guarantee, and the export carries it as `calibration.json`.
 
     Returns:
         `Path` of the complete export.
@@ -106,6 +112,9 @@ def export_for_hub(
     check_exportable(model, processor, allow_untrained_safety)
     evaluation, evaluation_source = load_evaluation(evaluation)
     check_evaluation_matches(model.config, evaluation)
+    calibration, _ = load_calibration(calibration)
+    if calibration is not None:
+        check_calibration_applied(model.config, export_generation_config(model).safety_threshold, calibration)
     training = check_training(training)
     card_metadata(base_model, license, is_demo=False)  # validates the metadata before any heavy work
     check_replaceable(output_dir, EXPORT_COMMAND, overwrite)
@@ -119,7 +128,7 @@ def export_for_hub(
             model, processor, payload, evaluation=evaluation, evaluation_source=evaluation_source, training=training,
             base_model=base_model, license=license, repo_id=repo_id,
             model_name=repo_id.split("/")[-1] if repo_id else output_dir.name,
-            max_shard_size=max_shard_size,
+            max_shard_size=max_shard_size, calibration=calibration,
         )
         verify_export_folder(payload)
         publish_folder(payload, output_dir, overwrite)
@@ -264,6 +273,7 @@ def write_export_folder(
     repo_id: str | None,
     model_name: str,
     max_shard_size,
+    calibration: dict | None = None,
 ):
     """Writes every file of the export into `folder` (no atomicity here: `export_for_hub` stages it)."""
     folder.mkdir(parents=True)
@@ -277,6 +287,8 @@ def write_export_folder(
         (folder / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
     if training is not None:
         (folder / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    if calibration is not None:
+        (folder / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2) + "\n")
     logger.info("Writing the model card")
     card = render_model_card(
         model.config,
@@ -290,6 +302,7 @@ def write_export_folder(
         repo_id=repo_id,
         evaluation_source=evaluation_source,
         evaluation_copied=evaluation is not None,
+        calibration=calibration,
     )
     (folder / "README.md").write_text(card)
     pin_auto_map(folder)
@@ -462,6 +475,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--processor", help="Folder of its processor (default: --model).")
     parser.add_argument("--output", required=True, help="Export folder to create.")
     parser.add_argument("--evaluation", help="metrics.json of an evaluate run, written into the card.")
+    parser.add_argument(
+        "--calibration", help="calibration.json of a calibrate run (export its <output>/model), written into the card."
+    )
     parser.add_argument("--training", help="JSON file describing both training stages (data, recipe, steps).")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base_model in the card metadata.")
     parser.add_argument("--license", default=DEFAULT_LICENSE, help="license in the card metadata.")
@@ -498,6 +514,7 @@ def run_export(args: argparse.Namespace) -> Path:
         allow_untrained_safety=args.allow_untrained_safety,
         repo_id=args.push_to_hub,
         max_shard_size=args.max_shard_size,
+        calibration=args.calibration,
     )
     print(f"Exported to {folder}")
     if args.push_to_hub:

@@ -432,6 +432,59 @@ def _spread_indices(count: int, limit: int) -> set[int]:
     return {round(i * (count - 1) / (limit - 1)) for i in range(limit)}
 
 
+# -- calibration -------------------------------------------------------------------------------------------------
+
+
+def calibration_context(calibration: dict | None) -> dict | None:
+    """
+    The "Calibration" section from a `safe-llava calibrate` report (`modeling_safe_llava.tools.calibration`):
+    temperatures, ECE before/after, the false-flag guarantee (rate, confidence, method, counts, upper bound), the
+    per-category thresholds when chosen, and recall per risky type with its interval.
+    """
+    if calibration is None:
+        return None
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be a dict (a calibration.json), got {type(calibration).__name__}.")
+    counts = calibration["counts"]
+    recall = [
+        (table_cell(name), entry["risky_rows"], entry["flagged"], format_metric(entry["recall"]),
+         _interval_cell(entry.get("interval")))
+        for name, entry in (calibration.get("recall") or {}).items()
+    ]
+    per_category = [
+        (table_cell(name), format_value(float(entry["threshold"])), entry["clean_rows"], entry["allowed_exceedances"])
+        for name, entry in (calibration.get("category_guarantees") or {}).items()
+    ]
+    return {
+        "rate": format_value(float(calibration["target_false_flag_rate"])),
+        "confidence": format_value(float(calibration["confidence"])),
+        "threshold": format_value(float(calibration["threshold"])),
+        "method": calibration["method"],
+        "interval_method": calibration.get("interval_method", "n/a"),
+        "ece_rows": [
+            ("ECE of risk before", format_metric(calibration["ece_before"])),
+            ("ECE of risk after", format_metric(calibration["ece_after"])),
+            ("Level temperature", format_value(float(calibration["temperatures"]["level"]))),
+            ("Type temperature", format_value(float(calibration["temperatures"]["type"]))),
+        ],
+        "ece_bins": calibration.get("ece_bins", "n/a"),
+        "clean_rows": counts["clean"],
+        "risky_rows": counts["risky"],
+        "minimum_clean_rows": counts.get("minimum_clean_rows", "n/a"),
+        "allowed_exceedances": counts.get("allowed_exceedances", "n/a"),
+        "clean_flagged": counts.get("clean_flagged_at_default_threshold", counts.get("clean_flagged", "n/a")),
+        "upper_bound": format_metric(calibration.get("clean_flag_rate_upper_bound")),
+        "per_category": per_category,
+        "recall": recall,
+    }
+
+
+def _interval_cell(interval) -> str:
+    if not interval:
+        return "n/a"
+    return f"[{format_metric(float(interval[0]))}, {format_metric(float(interval[1]))}]"
+
+
 # -- the card ----------------------------------------------------------------------------------------------------
 
 
@@ -458,6 +511,7 @@ def render_model_card(
     evaluation_source: str | None = None,
     evaluation_copied: bool = False,
     template_name: str = TEMPLATE_NAME,
+    calibration: dict | None = None,
 ) -> str:
     """
     The model card (Markdown with a YAML header) of a SafeLlava checkpoint.
@@ -473,6 +527,7 @@ def render_model_card(
         model_name: the card's title; repo_id: the Hub id in the usage snippet (a placeholder when None).
         evaluation_source: where the evaluation came from (shown in the card); evaluation_copied: whether the
             export folder carries it as `evaluation_metrics.json`.
+        calibration: a `safe-llava calibrate` report (see `calibration_context`), or None for "not calibrated".
     """
     threshold = config.safety_threshold if threshold is None else threshold
     levels, types = taxonomy_rows(config)
@@ -500,6 +555,7 @@ def render_model_card(
         "evaluation": evaluation_context(evaluation, float(threshold)),
         "evaluation_source": evaluation_source,
         "evaluation_copied": evaluation_copied,
+        "calibration": calibration_context(calibration),
         "base_model": base_model,
     }
     return load_card_template(template_name).render(**context)
@@ -512,6 +568,7 @@ __all__ = [
     "card_metadata",
     "training_context",
     "evaluation_context",
+    "calibration_context",
     "sweep_summary",
     "render_model_card",
 ]
