@@ -4,7 +4,7 @@ action allow)."""
 
 import pytest
 import torch
-from stock_contract import MODES, assert_same, build_pair, image_inputs, mode_kwargs, run_both
+from stock_contract import MODES, assert_same, assert_same_fields, build_pair, image_inputs, mode_kwargs, run_both
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 
 NEW = {"max_new_tokens": 5}
@@ -59,11 +59,7 @@ def test_dict_outputs_scores_logits_and_transition_scores_equal_stock(pair, mode
     expected, actual = generate_both(stock, safe, mode, **inputs, **STRATEGIES[strategy], **kwargs)
     stock_class = GenerateBeamDecoderOnlyOutput if "beam" in strategy else GenerateDecoderOnlyOutput
     assert isinstance(expected, stock_class)
-    assert isinstance(actual, stock_class), f"{type(actual).__name__} is not a {stock_class.__name__}"
-    for name in ("sequences", "scores", "logits", "sequences_scores", "beam_indices"):
-        if getattr(expected, name, None) is not None:
-            assert getattr(actual, name, None) is not None, f"{name} is missing (stock has it)"
-            assert_same(getattr(expected, name), getattr(actual, name), name)
+    assert_same_fields(expected, actual)  # sequences, scores, logits, cache; beams: sequences_scores, beam_indices
     if mode == "safety_on_allow":
         assert actual.safety_assessment is not None
         assert actual.safety_assessment.actions == ["allow", "allow"]
@@ -72,6 +68,7 @@ def test_dict_outputs_scores_logits_and_transition_scores_equal_stock(pair, mode
         want = stock.compute_transition_scores(expected.sequences, expected.scores, beam_indices, normalize)
         got = safe.compute_transition_scores(actual.sequences, actual.scores, getattr(actual, "beam_indices", None), normalize)
         assert_same(want, got, f"transition scores (normalize_logits={normalize})")
+    assert isinstance(actual, stock_class), f"{type(actual).__name__} is not a {stock_class.__name__}"
 
 
 def test_assisted_decoding_with_the_model_as_its_own_assistant(pair, mode):
