@@ -27,7 +27,7 @@ setup(
     package_data={f"modeling_safe_llava.presets.{kind}": ["*.json", "*.jinja", "*.md", "*.yaml"] for kind in PRESET_KINDS},
     install_requires=[
         "torch>=2.6",
-        "transformers>=5.23,<5.24",
+        "transformers>=5.23,<6",
         "safetensors>=0.6",
         "huggingface_hub>=1.0",
         "jinja2>=3.1",

@@ -49,6 +49,8 @@ from .policy_safe_llava import (
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
+# Fields of the headless model's output that the causal-LM output does not carry.
+_BASE_ONLY_FIELDS = ("last_hidden_state", "safety_level_logits", "safety_type_logits", "images_per_row")
 SAFETY_PARAMETER_PREFIXES = ("model.safety_module.",)
 # Weights the verdict depends on: a checkpoint lacking any of them cannot be a trained safety classifier.
 VERDICT_PATH_PREFIXES = (*SAFETY_PARAMETER_PREFIXES, "model.vision_tower.", "model.language_model.embed_tokens.")
@@ -468,11 +470,14 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
             images arrive pre-encoded in `mm_encoder_outputs` (inside `generate`, which judges them beforehand).
         """
         if pixel_values is not None and mm_encoder_outputs is None:
+            # What the caller asked of the outputs applies to the vision tower too (stock passes it on since 5.24).
+            asked = {k: kwargs[k] for k in ("output_hidden_states", "output_attentions") if kwargs.get(k)}
             image_outputs = self.get_image_features(
                 pixel_values,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
+                **asked,
             )
             mm_encoder_outputs, pixel_values = {"image": image_outputs}, None
             output_safety = True if output_safety is None else output_safety
@@ -731,7 +736,8 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             output_safety = True
             if pixel_values is None and mm_encoder_outputs is None:
                 raise ValueError("safety_labels were given without pixel_values: there is no image to classify.")
-        if input_ids is not None and past_key_values is None and not torch.compiler.is_compiling():
+        direct_call = past_key_values is None and kwargs.get("cache") is None  # no cache: not a generation step
+        if input_ids is not None and direct_call and not torch.compiler.is_compiling():
             _check_input_ids(self.config, input_ids)  # a direct call: a clear error instead of an IndexError in torch
         outputs = self.model(
             input_ids=input_ids,
@@ -755,13 +761,12 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             safety_loss = self.safety_loss(
                 outputs.safety_level_logits, outputs.safety_type_logits, safety_labels, outputs.images_per_row
             )
+        # Stock's own fields, whatever this transformers version names them (`past_key_values` or `cache`, ...).
+        stock_fields = {name: value for name, value in outputs.items() if name not in _BASE_ONLY_FIELDS}
         return SafeLlavaCausalLMOutputWithPast(
             loss=_total_loss(lm_loss, safety_loss, self.config.safety_loss_weight),
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            **stock_fields,
             lm_loss=lm_loss,
             safety_loss=safety_loss,
             safety_level_logits=outputs.safety_level_logits,

@@ -528,6 +528,8 @@ class SafetyGenerationPlan:
             mask[i, width - len(prompt) :] = 1
         images = select_images(image_outputs, assessment.images_per_row.tolist(), rows)
         kwargs = {**self.kwargs, "input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": images}}
+        if not images.pooler_output:  # only text-only rows reach the language model
+            kwargs.pop("mm_encoder_outputs")
         kwargs["return_dict_in_generate"] = True
         self.lm_prompt_width = width
         return run_governed(stock_generate, *args, **kwargs)

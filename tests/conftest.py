@@ -27,6 +27,9 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end checks (seconds to a minute); CI runs them too")
+    config.addinivalue_line(
+        "markers", "multiprocess: launches several processes (torchrun, accelerate launch); CI runs them on the pinned transformers"
+    )
 
 
 def run_without_the_package(script: str, *args, work_dir) -> subprocess.CompletedProcess:

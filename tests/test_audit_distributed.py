@@ -136,6 +136,7 @@ def ranks_work(output_dir) -> list[int]:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_under_torchrun_equal_a_single_process_audit(saved_model, tmp_path):
     model_dir, model, processor = saved_model
     names = make_image_folder(tmp_path / "images", count=9, corrupt=("sub/broken.png",))
@@ -156,6 +157,7 @@ def test_two_processes_under_torchrun_equal_a_single_process_audit(saved_model, 
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_rank_killed_mid_scan_then_a_rerun_with_one_process_loses_and_repeats_nothing(saved_model, tmp_path):
     model_dir, model, processor = saved_model
     names = make_image_folder(tmp_path / "images", count=16)
@@ -221,6 +223,7 @@ def image_dataset(count: int, first: int = 0, corrupt_every: int = 0) -> dataset
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_parquet_dataset_under_accelerate_launch_equals_a_single_process_audit(saved_model, tmp_path):
     model_dir, model, processor = saved_model
     dataset = image_dataset(11, corrupt_every=5)
@@ -240,6 +243,7 @@ def test_a_parquet_dataset_under_accelerate_launch_equals_a_single_process_audit
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_streamed_parquet_dataset_killed_mid_scan_resumes_each_rank_shard(saved_model, tmp_path):
     model_dir, model, processor = saved_model
     parts = [image_dataset(8, first=0), image_dataset(8, first=8)]

@@ -102,10 +102,10 @@ def test_gradients_reach_every_safety_module(tiny_safe_llava):
 def test_llm_safety_tokens_sit_before_each_images_features(tiny_safe_llava):
     model, processor = tiny_safe_llava
     inputs = batch(processor, num_rows=1)
-    out = model(**inputs)
+    features = model.model.get_image_features(inputs["pixel_values"]).pooler_output[0]  # what fills the placeholders
     n = model.config.num_llm_safety_tokens
-    assert torch.equal(out.image_hidden_states[:n], model.model.safety_module.llm_tokens.detach())
-    assert out.image_hidden_states.shape[0] == model.config.image_seq_length
+    assert torch.equal(features[:n], model.model.safety_module.llm_tokens.detach())
+    assert features.shape[0] == model.config.image_seq_length
 
 
 def test_save_and_reload_change_no_output(tiny_safe_llava, tmp_path):

@@ -78,6 +78,7 @@ def launch_two_processes(launcher: str, script_and_args: list[str], timeout: int
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_stage1_with_two_cpu_processes_ends_with_identical_weights(tmp_path, launcher):
     worker = tmp_path / "worker.py"
@@ -103,6 +104,7 @@ def test_stage1_with_two_cpu_processes_ends_with_identical_weights(tmp_path, lau
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_training_scripts_under_accelerate_launch_with_deepspeed_zero2_partition_the_optimizer(tmp_path):
     stage1_dir, stage2_dir = tmp_path / "stage1", tmp_path / "stage2"
     common = ["--deepspeed", REPO / "configuration" / "deepspeed_zero2.json", "--max_steps", "2", "--disable_tqdm", "true"]
