@@ -16,7 +16,6 @@ Pipeline (LLaVA-1.5-7B shapes):
              -> level logits (N_img, 4), type logits (N_img, 7) -> riskiest image per row -> (B, 4), (B, 7)
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +37,7 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .safety_module_safe_llava import SafeLlavaSafetyModule, check_images_match, check_input_ids, check_model_inputs
 from .policy_safe_llava import (
     SafeLlavaSafetyAssessment,
     SafetyPolicy,
@@ -105,261 +105,6 @@ class SafeLlavaCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     safety_loss: torch.FloatTensor | None = None
     safety_level_logits: torch.FloatTensor | None = None
     safety_type_logits: torch.FloatTensor | None = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Safety projector: Honeybee's C-Abstractor in plain torch (timm's RegStage/Bottleneck defaults), or an MLP
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class SafeLlavaLayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a `(batch, channels, height, width)` map."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states.permute(0, 2, 3, 1)
-        hidden_states = super().forward(hidden_states)
-        return hidden_states.permute(0, 3, 1, 2)
-
-
-class SafeLlavaSqueezeExcite(nn.Module):
-    """Channel gating: global average pool -> 1x1 conv -> SiLU -> 1x1 conv -> sigmoid."""
-
-    def __init__(self, channels: int, reduced_channels: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, reduced_channels, kernel_size=1)
-        self.act = nn.SiLU()
-        self.fc2 = nn.Conv2d(reduced_channels, channels, kernel_size=1)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        gate = hidden_states.mean(dim=(2, 3), keepdim=True)
-        gate = self.fc2(self.act(self.fc1(gate)))
-        return hidden_states * gate.sigmoid()
-
-
-class SafeLlavaRegBlock(nn.Module):
-    """timm's RegNet `Bottleneck` with bottle_ratio 1, group_size 1 (depthwise 3x3), SE 0.25, SiLU, LayerNorm2d."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
-        self.norm1 = SafeLlavaLayerNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, groups=out_channels, bias=False)
-        self.norm2 = SafeLlavaLayerNorm2d(out_channels)
-        self.squeeze_excite = SafeLlavaSqueezeExcite(out_channels, max(1, round(in_channels * 0.25)))
-        self.conv3 = nn.Conv2d(out_channels, out_channels, kernel_size=1, bias=False)
-        self.norm3 = SafeLlavaLayerNorm2d(out_channels)
-        self.act = nn.SiLU()
-        if in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), SafeLlavaLayerNorm2d(out_channels)
-            )
-        else:
-            self.shortcut = nn.Identity()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut(hidden_states)
-        hidden_states = self.act(self.norm1(self.conv1(hidden_states)))
-        hidden_states = self.act(self.norm2(self.conv2(hidden_states)))
-        hidden_states = self.squeeze_excite(hidden_states)
-        hidden_states = self.norm3(self.conv3(hidden_states))
-        return self.act(hidden_states + residual)
-
-
-class SafeLlavaRegStage(nn.Sequential):
-    """`depth` residual blocks; the first one changes the channel count."""
-
-    def __init__(self, depth: int, in_channels: int, out_channels: int):
-        blocks = [SafeLlavaRegBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(depth)]
-        super().__init__(*blocks)
-
-
-class SafeLlavaCAbstractor(nn.Module):
-    """
-    Honeybee's C-Abstractor: RegStage -> adaptive average pool -> RegStage -> 2-layer MLP readout.
-
-    Input `(num_images, num_patches, vision_dim)` with a square patch grid; output
-    `(num_images, num_patches, text_hidden_size)` (the paper keeps the 24x24 grid: nothing is pooled away).
-    """
-
-    def __init__(self, config: SafeLlavaConfig, input_dim: int):
-        super().__init__()
-        hidden = config.safety_projector_hidden_size
-        self.grid_size = config.vision_config.image_size // config.vision_config.patch_size
-        self.stage1 = SafeLlavaRegStage(config.safety_projector_depth, input_dim, hidden)
-        self.pool = nn.AdaptiveAvgPool2d((self.grid_size, self.grid_size))
-        self.stage2 = SafeLlavaRegStage(config.safety_projector_depth, hidden, hidden)
-        self.readout_in = nn.Linear(hidden, config.text_config.hidden_size)
-        self.readout_act = nn.SiLU()
-        self.readout_out = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
-
-    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        num_images, num_patches, channels = vision_features.shape
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(
-                f"The C-Abstractor needs a square patch grid, got {num_patches} patches per image; use "
-                "vision_feature_select_strategy='default' (drops CLS) or safety_projector_type='mlp'."
-            )
-        grid = vision_features.transpose(1, 2).reshape(num_images, channels, side, side)  # (N, C, H, W)
-        grid = self.stage2(self.pool(self.stage1(grid)))  # (N, hidden, grid, grid)
-        tokens = grid.flatten(2).transpose(1, 2)  # (N, grid*grid, hidden)
-        return self.readout_out(self.readout_act(self.readout_in(tokens)))
-
-
-class SafeLlavaMLPSafetyProjector(nn.Module):
-    """The cheap alternative: the same 2-layer MLP shape as LLaVA's own projector."""
-
-    def __init__(self, config: SafeLlavaConfig, input_dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(input_dim, config.text_config.hidden_size)
-        self.act = nn.GELU()
-        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
-
-    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(vision_features)))
-
-
-SAFETY_PROJECTOR_CLASSES = {"cabstractor": SafeLlavaCAbstractor, "mlp": SafeLlavaMLPSafetyProjector}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Safety head: cross-attention from one text query to [safety tokens ; safety features], then two classifiers
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class SafeLlavaSafetyHead(nn.Module):
-    """
-    Multi-head cross-attention (query: one text embedding per image; keys/values: the head's safety tokens followed
-    by the safety projector's output) and two linear classifiers, for the risk level and the risk type.
-    """
-
-    def __init__(self, config: SafeLlavaConfig):
-        super().__init__()
-        hidden = config.text_config.hidden_size
-        self.num_heads = config.safety_head_num_heads
-        self.head_dim = hidden // self.num_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
-        self.level_classifier = nn.Linear(hidden, len(config.safety_level_labels))
-        self.category_classifier = nn.Linear(hidden, len(config.safety_type_labels))
-
-    def forward(self, query: torch.Tensor, keys_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            query: `(num_images, hidden)`, the text embedding each image is judged with.
-            keys_values: `(num_images, num_keys, hidden)`.
-
-        Returns:
-            level logits `(num_images, num_levels)` and type logits `(num_images, num_types)`.
-        """
-        num_images, num_keys, hidden = keys_values.shape
-        q = self.q_proj(query).view(num_images, self.num_heads, 1, self.head_dim)
-        k = self.k_proj(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
-        pooled = self.o_proj(attended.reshape(num_images, hidden))
-        return self.level_classifier(pooled), self.category_classifier(pooled)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The safety module: everything SafeLlava adds to LLaVA
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class SafeLlavaSafetyModule(nn.Module):
-    """
-    The safety projector, both sets of safety tokens and the safety head. `tokens` are keys/values of the head
-    only; `llm_tokens` (absent with `num_llm_safety_tokens=0`) sit before each image's features in the LLM input.
-    """
-
-    def __init__(self, config: SafeLlavaConfig):
-        super().__init__()
-        hidden = config.text_config.hidden_size
-        layers = config.vision_feature_layer
-        self.vision_feature_layers = [layers] if isinstance(layers, int) else list(layers)
-        self.drop_cls = config.vision_feature_select_strategy == "default"
-        input_dim = config.vision_config.hidden_size * len(self.vision_feature_layers)
-        self.projector = SAFETY_PROJECTOR_CLASSES[config.safety_projector_type](config, input_dim)
-        self.tokens = nn.Parameter(torch.zeros(config.num_safety_tokens, hidden))
-        if config.num_llm_safety_tokens > 0:
-            self.llm_tokens = nn.Parameter(torch.zeros(config.num_llm_safety_tokens, hidden))
-        else:
-            self.register_parameter("llm_tokens", None)
-        self.head = SafeLlavaSafetyHead(config)
-
-    def forward(self, vision_hidden_states, query_embeds, images_per_row) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Args:
-            vision_hidden_states (`tuple(torch.FloatTensor)`): the vision tower's hidden states (at least the
-                configured `vision_feature_layer`s), each `(num_images, 1 + num_patches, vision_dim)`.
-            query_embeds (`torch.FloatTensor` of shape `(batch_size, hidden)`): each row's first real token.
-            images_per_row (`torch.LongTensor` of shape `(batch_size,)`): image count per row, images in row order.
-
-        Returns:
-            Level logits `(batch_size, num_levels)` and type logits `(batch_size, num_types)` of each row's riskiest
-            image; a row without images gets a certain "level 0, clean" verdict (there is nothing to judge).
-        """
-        safety_features = self.projector(self.select_vision_features(vision_hidden_states).to(self.tokens.dtype))
-        num_images = safety_features.shape[0]
-        keys_values = torch.cat([self.tokens.unsqueeze(0).expand(num_images, -1, -1), safety_features], dim=1)
-        batch_size = images_per_row.shape[0]
-        rows = torch.arange(batch_size, device=images_per_row.device)
-        image_rows = torch.repeat_interleave(rows, images_per_row, output_size=num_images)
-        query = query_embeds.to(keys_values.dtype)[image_rows.to(query_embeds.device)]
-        level_logits, type_logits = self.head(query, keys_values)
-        return riskiest_image_per_row(level_logits, type_logits, image_rows.to(level_logits.device), batch_size)
-
-    def select_vision_features(self, vision_hidden_states) -> torch.Tensor:
-        """The features LLaVA projects, `(num_images, num_patches, vision_dim * num_layers)`."""
-        selected = [vision_hidden_states[layer] for layer in self.vision_feature_layers]
-        if any(hidden is None for hidden in selected):
-            raise ValueError(
-                f"The safety head reads vision layer(s) {self.vision_feature_layers}, which these image features do "
-                "not carry; encode the images with this model's get_image_features (or pass pixel_values)."
-            )
-        return torch.cat([hidden[:, 1:] if self.drop_cls else hidden for hidden in selected], dim=-1)
-
-    def no_image_logits(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The "level 0, clean" logits of rows without an image, `(batch_size, num_levels)` and `(batch_size, num_types)`."""
-        level = self.head.level_classifier.weight.new_full((batch_size, self.head.level_classifier.out_features), -1e4)
-        kind = self.head.category_classifier.weight.new_full((batch_size, self.head.category_classifier.out_features), -1e4)
-        level[:, 0] = 0.0
-        kind[:, -1] = 0.0
-        return level, kind
-
-
-def riskiest_image_per_row(level_logits, type_logits, image_rows, batch_size: int):
-    """Each row's image with the highest `1 - P(level 0)` (ties: the earliest), without host syncs."""
-    no_level, no_type = _certain_clean(level_logits, type_logits, batch_size)
-    if level_logits.shape[0] == 0:
-        return no_level, no_type
-    # A NaN image counts as the riskiest, so that its logits reach the decision rule, which refuses to decide on NaN.
-    image_risk = torch.nan_to_num(1.0 - level_logits.float().softmax(-1)[:, 0], nan=2.0)
-    best_risk = torch.full((batch_size,), -1.0, device=level_logits.device)
-    best_risk = best_risk.scatter_reduce(0, image_rows, image_risk, reduce="amax")
-    is_best = image_risk >= best_risk[image_rows]
-    num_images = image_rows.shape[0]
-    image_index = torch.arange(num_images, device=level_logits.device)
-    candidates = torch.where(is_best, image_index, torch.full_like(image_index, num_images))
-    chosen = torch.full((batch_size,), num_images, device=level_logits.device)
-    chosen = chosen.scatter_reduce(0, image_rows, candidates, reduce="amin")
-    has_image = chosen < num_images
-    chosen = chosen.clamp(max=num_images - 1)
-    return (
-        torch.where(has_image[:, None], level_logits[chosen], no_level),
-        torch.where(has_image[:, None], type_logits[chosen], no_type),
-    )
-
-
-def _certain_clean(level_logits, type_logits, batch_size):
-    fill = torch.finfo(level_logits.dtype).min
-    no_level = level_logits.new_full((batch_size, level_logits.shape[-1]), fill)
-    no_type = type_logits.new_full((batch_size, type_logits.shape[-1]), fill)
-    no_level[:, 0] = 0.0
-    no_type[:, -1] = 0.0
-    return no_level, no_type
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -635,7 +380,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         check_model_inputs(self, input_ids, pixel_values, attention_mask)
 
     def check_input_ids(self, input_ids):
-        _check_input_ids(self.config, input_ids)
+        check_input_ids(self.config, input_ids)
 
     def judge_encoded_images(self, image_outputs, input_ids=None, inputs_embeds=None, attention_mask=None):
         """`(level_logits, type_logits, images_per_row)` of already-encoded images (`get_image_features` output)."""
@@ -645,9 +390,9 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
                 "pixel_values, encode with model.get_image_features, or set safety_threshold=1.0 to turn safety off."
             )
         if input_ids is not None:
-            _check_input_ids(self.config, input_ids)
+            check_input_ids(self.config, input_ids)
         level_logits, type_logits, images_per_row = self.model.judge(image_outputs, input_ids, inputs_embeds, attention_mask)
-        _check_images_match(images_per_row, len(image_outputs.pooler_output), self.config)
+        check_images_match(images_per_row, len(image_outputs.pooler_output), self.config)
         return level_logits, type_logits, images_per_row
 
     @torch.no_grad()
@@ -698,7 +443,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         check_model_inputs(self, input_ids, pixel_values, attention_mask)
         vision_outputs = self.model.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
         images_per_row = self.model.images_per_row(input_ids, None, pixel_values.shape[0])
-        _check_images_match(images_per_row, pixel_values.shape[0], self.config)
+        check_images_match(images_per_row, pixel_values.shape[0], self.config)
         query = self.model.first_token_embeddings(input_ids, None, attention_mask)
         level_logits, type_logits = self.model.safety_module(vision_outputs.hidden_states, query, images_per_row)
         return level_logits, type_logits, images_per_row
@@ -736,9 +481,8 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             output_safety = True
             if pixel_values is None and mm_encoder_outputs is None:
                 raise ValueError("safety_labels were given without pixel_values: there is no image to classify.")
-        direct_call = past_key_values is None and kwargs.get("cache") is None  # no cache: not a generation step
-        if input_ids is not None and direct_call and not torch.compiler.is_compiling():
-            _check_input_ids(self.config, input_ids)  # a direct call: a clear error instead of an IndexError in torch
+        if input_ids is not None and past_key_values is None and kwargs.get("cache") is None:
+            _check_direct_call(self.config, input_ids)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -754,13 +498,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             **{**kwargs, "return_dict": True},
         )
         logits = self.lm_head(_keep_logits(outputs.last_hidden_state, logits_to_keep))
-        lm_loss = safety_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        if safety_labels is not None:
-            safety_loss = self.safety_loss(
-                outputs.safety_level_logits, outputs.safety_type_logits, safety_labels, outputs.images_per_row
-            )
+        lm_loss, safety_loss = self._losses(logits, labels, outputs, safety_labels, kwargs)
         # Stock's own fields, whatever this transformers version names them (`past_key_values` or `cache`, ...).
         stock_fields = {name: value for name, value in outputs.items() if name not in _BASE_ONLY_FIELDS}
         return SafeLlavaCausalLMOutputWithPast(
@@ -772,6 +510,17 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             safety_level_logits=outputs.safety_level_logits,
             safety_type_logits=outputs.safety_type_logits,
         )
+
+    def _losses(self, logits, labels, outputs, safety_labels, kwargs):
+        """`(lm_loss, safety_loss)`, each `None` without its labels."""
+        lm_loss = safety_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        if safety_labels is not None:
+            safety_loss = self.safety_loss(
+                outputs.safety_level_logits, outputs.safety_type_logits, safety_labels, outputs.images_per_row
+            )
+        return lm_loss, safety_loss
 
     def safety_loss(self, level_logits, type_logits, safety_labels, images_per_row) -> torch.Tensor:
         """`CE(level) + CE(type)`, each averaged over the rows that carry that label (-100 rows add nothing)."""
@@ -806,86 +555,15 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Input checks where a verdict is computed, losses, construction helpers
+# Losses and construction helpers
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None):
-    """
-    Rejects, with a message naming the bad input, what would give a silently wrong verdict or crash deep inside torch.
-
-    Args:
-        input_ids: `(batch_size, sequence_length)` int64/int32 ids of this model's tokenizer.
-        pixel_values: `(num_images, num_channels, height, width)` floating point, as the processor returns them.
-        attention_mask: `(batch_size, sequence_length)`, every row attending to at least one token.
-    """
-    if input_ids is None or pixel_values is None:
-        raise ValueError("A safety verdict needs input_ids and pixel_values (the processor's output).")
-    for name, tensor in (("input_ids", input_ids), ("pixel_values", pixel_values), ("attention_mask", attention_mask)):
-        if tensor is None:
-            continue
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}; use return_tensors='pt'.")
-        if tensor.device.type == "meta":
-            raise ValueError(f"{name} is on the 'meta' device and holds no data; pass real tensors.")
-        if getattr(model, "hf_device_map", None) is None and tensor.device != model.device:
-            raise ValueError(
-                f"{name} is on {tensor.device} but the model is on {model.device}; move the inputs with "
-                "inputs.to(model.device)."
-            )
-    _check_input_ids(model.config, input_ids)
-    if attention_mask is not None:
-        _check_attention_mask(input_ids, attention_mask)
-    num_channels = model.config.vision_config.num_channels
-    if not pixel_values.is_floating_point():
-        raise ValueError(
-            f"pixel_values must be a floating-point tensor normalised by the processor, got {pixel_values.dtype}; "
-            "raw integer pixels would give wrong safety verdicts."
-        )
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
-        raise ValueError(
-            f"pixel_values must have shape (num_images, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
-        )
-
-
-def _check_input_ids(config, input_ids):
-    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.ndim != 2:
-        raise ValueError(
-            "input_ids must be an int64 or int32 tensor of shape (batch_size, sequence_length), got "
-            f"{input_ids.dtype} of shape {tuple(input_ids.shape)}."
-        )
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids is empty (sequence length 0): a prompt needs at least one token, e.g. BOS.")
-    vocab_size = config.text_config.vocab_size
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"input_ids hold token ids outside [0, {vocab_size - 1}] (min {low}, max {high}); they do not come from "
-            "this model's tokenizer."
-        )
-
-
-def _check_attention_mask(input_ids, attention_mask):
-    if tuple(attention_mask.shape) != tuple(input_ids.shape):
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}; they must "
-            "be equal."
-        )
-    empty_rows = (~attention_mask.bool().any(dim=1)).nonzero().flatten().tolist()
-    if empty_rows:
-        raise ValueError(f"attention_mask rows {empty_rows} attend to no token; every row needs a prompt.")
-
-
-def _check_images_match(images_per_row, num_images, config):
-    """Every image has its `<image>` placeholders (`image_seq_length` each) and every placeholder its image."""
-    per_image = config.image_seq_length
-    if int(images_per_row.sum()) != num_images:
-        placeholders = (images_per_row * per_image).tolist()
-        raise ValueError(
-            f"Image features and image tokens do not match: {num_images} image(s) need {num_images * per_image} "
-            f"<image> placeholders ({per_image} each: {config.num_llm_safety_tokens} LLM safety tokens + patches), "
-            f"the rows hold {placeholders}. Build inputs with SafeLlavaProcessor for this model's config."
-        )
+def _check_direct_call(config, input_ids):
+    """A call without a cache is no generation step: out-of-vocabulary ids get a clear error instead of an
+    IndexError inside torch (skipped under `torch.compile`, where it would be a host sync)."""
+    if not torch.compiler.is_compiling():
+        check_input_ids(config, input_ids)
 
 
 def _keep_logits(hidden_states, logits_to_keep):

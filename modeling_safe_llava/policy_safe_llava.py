@@ -20,7 +20,6 @@ import numbers
 from dataclasses import dataclass, field
 
 import torch
-from transformers.generation import GenerationConfig
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 

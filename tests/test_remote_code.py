@@ -8,6 +8,7 @@ from conftest import chat_prompt, random_image, run_without_the_package
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
+from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
 
 
 def save(model, processor, folder):
@@ -27,7 +28,7 @@ def test_auto_classes_in_process(trained_tiny_safe_llava, tmp_path):
 def test_saved_folder_carries_remote_code_and_auto_map(trained_tiny_safe_llava, tmp_path):
     model, processor = trained_tiny_safe_llava
     save(model, processor, tmp_path)
-    for name in ("configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"):
+    for name in REMOTE_CODE_FILES:
         assert (tmp_path / name).is_file(), name
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_safe_llava.SafeLlavaConfig"

@@ -1,6 +1,6 @@
 """Static audit of the code users run with `trust_remote_code=True`, and of pickle-loading paths in the whole repository.
 
-The three remote-code files are copied next to the weights on the Hub and executed by whoever loads the model, so
+The remote-code files (`REMOTE_CODE_FILES`) are copied next to the weights on the Hub and executed by whoever loads the model, so
 they may import only torch, transformers, their sibling files and a few stdlib modules that do no I/O, and may not
 evaluate code, spawn processes or open connections. The scanner below parses the files with `ast` (nothing is
 imported or run) and is itself checked against planted bad snippets.
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES  # the one list of remote-code files
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIR = REPO_ROOT / "modeling_safe_llava"
-REMOTE_CODE_FILES = (
-    "configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"
-)
+
 REMOTE_CODE_SIBLINGS = {Path(name).stem for name in REMOTE_CODE_FILES}
 # Top-level modules remote code may import: the two libraries, and stdlib modules that do no I/O.
 ALLOWED_MODULES = {"torch", "transformers", "math", "dataclasses", "typing", "contextvars", "copy", "numbers"}
@@ -231,3 +231,26 @@ def test_pickle_scanner_catches_a_planted_loading_path(snippet, fragment):
 def test_pickle_scanner_accepts_safetensors_loading():
     clean = "from safetensors.torch import load_file\nstate = load_file(path)\nmodel = Model.from_pretrained(path)\n"
     assert scan_pickle_paths(clean) == []
+
+
+def test_every_remote_code_file_of_the_package_is_listed_and_scanned():
+    """A new `*_safe_llava.py` sibling must join `REMOTE_CODE_FILES`: exported, copied and scanned like the others."""
+    assert {path.name for path in PACKAGE_DIR.glob("*_safe_llava.py")} == set(REMOTE_CODE_FILES)
+
+
+
+@pytest.mark.parametrize("file_name", REMOTE_CODE_FILES)
+def test_remote_code_functions_are_short(file_name):
+    """Short functions with one job: none over 60 lines in the files users run with trust_remote_code=True."""
+    tree = ast.parse((PACKAGE_DIR / file_name).read_text())
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60
+    ]
+    assert long == []
+
+
+def test_the_model_file_reads_as_llava_plus_one_safety_module():
+    """The model file stays small: the safety module and the policy live in their own remote-code files."""
+    assert len((PACKAGE_DIR / "modeling_safe_llava.py").read_text().splitlines()) <= 700

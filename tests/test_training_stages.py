@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from modeling_safe_llava import SafeLlavaForConditionalGeneration
 from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 from modeling_safe_llava.presets import load_json_preset
+from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
 from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava
 from modeling_safe_llava.training import (
     ModelArguments,
@@ -127,7 +128,7 @@ def test_stage1_saves_a_full_safe_llava_marked_trained(stage1_run):
     _, model, _, folder = stage1_run
     files = {path.name for path in folder.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= files
-    remote_code = {"configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"}
+    remote_code = set(REMOTE_CODE_FILES)
     assert remote_code <= files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((folder / "config.json").read_text())
@@ -415,6 +416,7 @@ def test_stage2_script_runs_top_to_bottom_and_writes_a_merged_model(stage1_run, 
 
 def test_stage1_safety_head_objective_never_runs_the_language_model(tmp_path):
     from modeling_safe_llava.presets import load_json_preset
+from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
     from modeling_safe_llava.tiny import build_tiny_safe_llava
     from modeling_safe_llava.training import train_stage1
     from modeling_safe_llava.training.data import synthetic_safety_records

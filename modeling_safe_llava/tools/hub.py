@@ -1,6 +1,6 @@
 """Hub export of a SafeLlava model: one folder that `from_pretrained(..., trust_remote_code=True)` loads anywhere.
 
-The folder holds safetensors weights, the three remote-code files with `auto_map` (written by the model's and the
+The folder holds safetensors weights, the remote-code files with `auto_map` (written by the model's and the
 processor's `save_pretrained`), the processor (tokenizer, image processor, chat template), a generation config
 carrying the default `safety_threshold`, the policies (in `config.json`: `safety_actions`, `safety_hints`,
 `safety_refusals`) and `README.md`, the model card. It is written into a hidden sibling folder and renamed into
@@ -43,8 +43,13 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_COMMIT_MESSAGE = "Upload SafeLlava export (weights, remote code, processor, model card)"
 
+# The remote code: copied next to the weights, run by `trust_remote_code=True` (torch + transformers + each other).
 REMOTE_CODE_FILES = (
-    "configuration_safe_llava.py", "modeling_safe_llava.py", "policy_safe_llava.py", "processing_safe_llava.py"
+    "configuration_safe_llava.py",
+    "modeling_safe_llava.py",
+    "safety_module_safe_llava.py",
+    "policy_safe_llava.py",
+    "processing_safe_llava.py",
 )
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",
