@@ -416,7 +416,6 @@ def test_stage2_script_runs_top_to_bottom_and_writes_a_merged_model(stage1_run, 
 
 def test_stage1_safety_head_objective_never_runs_the_language_model(tmp_path):
     from modeling_safe_llava.presets import load_json_preset
-from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
     from modeling_safe_llava.tiny import build_tiny_safe_llava
     from modeling_safe_llava.training import train_stage1
     from modeling_safe_llava.training.data import synthetic_safety_records
