@@ -81,6 +81,9 @@ class SafeLlavaConfig(LlavaConfig):
     """
 
     model_type = "safe_llava"
+    # What the Trainer's evaluation leaves out of the predictions: the cache and the image features (the metrics read
+    # the safety logits). Every transformers in range: the cache is `past_key_values` (5.23) or `cache` (5.24).
+    keys_to_ignore_at_inference = ["past_key_values", "cache", "image_hidden_states", "image_outputs"]
 
     num_safety_tokens: int = 64
     num_llm_safety_tokens: int = 64

@@ -1,8 +1,18 @@
-"""The `safe-llava` console script: `--help` works and documents every subcommand."""
+"""The `safe-llava` console script: `--help` works and documents every subcommand; exit codes and stderr."""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
+from modeling_safe_llava.data.mini_benchmark import write_mini_benchmark
+from modeling_safe_llava.tiny import build_tiny_safe_llava
 from modeling_safe_llava.tools.cli import SUBCOMMANDS, main
+from modeling_safe_llava.tools.hub import verify_export_folder
 
 
 @pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
@@ -29,9 +39,6 @@ def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_python_dash_m_runs_the_same_command_line():
-    import subprocess
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "modeling_safe_llava", "--help"], capture_output=True, text=True, timeout=120
     )
@@ -42,16 +49,6 @@ def test_python_dash_m_runs_the_same_command_line():
 # -- the command line as a Unix tool: exit 0 on success; an expected failure is one line on stderr and exit 2 -------
 # Each case runs `python -m modeling_safe_llava ...` in its own process (two at a time).
 
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from modeling_safe_llava.data.mini_benchmark import write_mini_benchmark  # noqa: E402
-from modeling_safe_llava.tiny import build_tiny_safe_llava  # noqa: E402
-from modeling_safe_llava.tools.hub import verify_export_folder  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 SMALL_BENCHMARK = ["--num-per-category", "3", "--image-size", "32"]
@@ -84,6 +81,11 @@ def cli_cases(root: Path) -> dict:
             ["evaluate", *missing_model, "--data", str(root / "run")], 2, "--model must be a folder"
         ),
         "audit-missing-model": (["audit", *missing_model, "--images", str(root)], 2, "--model must be a folder"),
+        "calibrate-missing-model": (
+            ["calibrate", *missing_model, "--data", str(root / "run"), "--target-false-flag-rate", "0.05"],
+            2,
+            "--model must be a folder",
+        ),
         "push-not-an-export": (
             ["push", "--folder", str(root / "run"), "--repo-id", "org/name"], 2, "not a complete SafeLlava export"
         ),
@@ -112,8 +114,8 @@ def cli_runs(tmp_path_factory):
 
 
 CASE_NAMES = [
-    "export-succeeds", "evaluate-missing-model", "audit-missing-model", "push-not-an-export", "benchmark-data-succeeds",
-    "demo-output-under-a-file",
+    "export-succeeds", "evaluate-missing-model", "audit-missing-model", "calibrate-missing-model", "push-not-an-export",
+    "benchmark-data-succeeds", "demo-output-under-a-file",
 ]  # fmt: skip
 
 
