@@ -326,7 +326,12 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         tower, the query's token embeddings), so that a half-loaded model never passes for a trained one."""
         kwargs = _safetensors_only(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            cls._raise_safety_shape_error(pretrained_model_name_or_path, args, kwargs, error)
         missing = sorted(k for k in info["missing_keys"] if k.startswith(VERDICT_PATH_PREFIXES))
         if missing and model.config.safety_modules_trained:
             logger.warning(
@@ -338,6 +343,36 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         if missing:
             model.config.safety_modules_trained = False
         return (model, info) if want_info else model
+
+    @classmethod
+    def _raise_safety_shape_error(cls, path, args, kwargs, error):
+        """A checkpoint whose safety-module shapes disagree with its config: an error naming the config field and both
+        shapes (found by a second, tolerant load), instead of transformers' generic `ignore_mismatched_sizes` one."""
+        _, info = super().from_pretrained(
+            path, *args, output_loading_info=True, **{**kwargs, "ignore_mismatched_sizes": True}
+        )
+        mismatched = [m for m in info.get("mismatched_keys", ()) if m[0].startswith(SAFETY_PARAMETER_PREFIXES)]
+        if not mismatched:
+            raise error
+        details = "; ".join(
+            f"{name} ({_shape_field(name)}): checkpoint {tuple(saved)}, config {tuple(expected)}"
+            for name, saved, expected in sorted(mismatched)
+        )
+        raise ValueError(
+            f"The checkpoint's safety module does not match its config: {details}. Fix the config field(s) named to "
+            "match the checkpoint, or retrain the safety module."
+        ) from error
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        """Refuses any weight file that is not safetensors before it is opened: a shard index can name a pickle."""
+        pickles = [name for name in checkpoint_files or () if not str(name).endswith(".safetensors")]
+        if pickles:
+            raise ValueError(
+                f"SafeLlava loads weights from safetensors files only; the checkpoint names {pickles} (a pickle can run "
+                "code when opened). Convert the checkpoint to safetensors in a trusted environment."
+            )
+        return LlavaForConditionalGeneration._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
 
     # -- the policy beside the model ---------------------------------------------------------------------------
 
@@ -564,6 +599,21 @@ def _check_direct_call(config, input_ids):
     IndexError inside torch (skipped under `torch.compile`, where it would be a host sync)."""
     if not torch.compiler.is_compiling():
         check_input_ids(config, input_ids)
+
+
+_SHAPE_FIELDS = {
+    "model.safety_module.tokens": "num_safety_tokens",
+    "model.safety_module.llm_tokens": "num_llm_safety_tokens",
+    "model.safety_module.head.level_classifier": "safety_level_labels",
+    "model.safety_module.head.category_classifier": "safety_type_labels",
+    "model.safety_module.head": "text_config.hidden_size",
+    "model.safety_module.projector": "safety_projector_type / safety_projector_hidden_size / safety_projector_depth",
+}
+
+
+def _shape_field(name: str) -> str:
+    """The config field that sets the shape of safety parameter `name`."""
+    return next(field for prefix, field in _SHAPE_FIELDS.items() if name.startswith(prefix))
 
 
 def _keep_logits(hidden_states, logits_to_keep):

@@ -94,6 +94,8 @@ class SafeLlavaProcessor(LlavaProcessor):
             )
         if images is not None:
             images = _prepare_images(images, counter=[0])
+            if kwargs.get("do_rescale", getattr(self.image_processor, "do_rescale", False)) is not False:
+                _refuse_rescaled_floats(images, counter=[0])
         return super().__call__(images=images, text=text, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
@@ -131,6 +133,23 @@ def _prepare_images(images, counter: list[int]):
     index = counter[0]
     counter[0] += 1
     return to_rgb_image(images, index)
+
+
+def _refuse_rescaled_floats(images, counter: list[int]):
+    """Raises for a floating-point array or tensor whose samples already lie in [0, 1]: the image processor would
+    divide it by 255 a second time, silently (stock does), and the model would judge a black image."""
+    if isinstance(images, (list, tuple)):
+        for image in images:
+            _refuse_rescaled_floats(image, counter)
+        return
+    index = counter[0]
+    counter[0] += 1
+    is_float = getattr(images, "dtype", None) is not None and "float" in str(images.dtype)
+    if is_float and images.size and 0 <= float(images.min()) and float(images.max()) <= 1:
+        raise ValueError(
+            f"Image {index} is a float array with samples in [0, 1]: it looks already rescaled, and rescaling it again "
+            "would give a black image. Pass do_rescale=False, or uint8 / 0-255 pixels, or a PIL image."
+        )
 
 
 def rgb_array(image, index: int = 0):
