@@ -19,7 +19,6 @@ Pipeline (LLaVA-1.5-7B shapes):
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -37,7 +36,15 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_safe_llava import SafeLlavaConfig
-from .safety_module_safe_llava import SafeLlavaSafetyModule, check_images_match, check_input_ids, check_model_inputs
+from .safety_module_safe_llava import (
+    SAFETY_PARAMETER_PREFIXES,
+    SafeLlavaSafetyModule,
+    check_images_match,
+    check_input_ids,
+    check_model_inputs,
+    safety_loss,
+    shape_field,
+)
 from .policy_safe_llava import (
     SafeLlavaSafetyAssessment,
     SafetyPolicy,
@@ -48,10 +55,8 @@ from .policy_safe_llava import (
 
 logger = logging.get_logger(__name__)
 
-IGNORE_INDEX = -100
 # Fields of the headless model's output that the causal-LM output does not carry.
 _BASE_ONLY_FIELDS = ("last_hidden_state", "safety_level_logits", "safety_type_logits", "images_per_row")
-SAFETY_PARAMETER_PREFIXES = ("model.safety_module.",)
 # Weights the verdict depends on: a checkpoint lacking any of them cannot be a trained safety classifier.
 VERDICT_PATH_PREFIXES = (*SAFETY_PARAMETER_PREFIXES, "model.vision_tower.", "model.language_model.embed_tokens.")
 
@@ -355,7 +360,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         if not mismatched:
             raise error
         details = "; ".join(
-            f"{name} ({_shape_field(name)}): checkpoint {tuple(saved)}, config {tuple(expected)}"
+            f"{name} ({shape_field(name)}): checkpoint {tuple(saved)}, config {tuple(expected)}"
             for name, saved, expected in sorted(mismatched)
         )
         raise ValueError(
@@ -559,10 +564,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
 
     def safety_loss(self, level_logits, type_logits, safety_labels, images_per_row) -> torch.Tensor:
         """`CE(level) + CE(type)`, each averaged over the rows that carry that label (-100 rows add nothing)."""
-        safety_labels = _checked_safety_labels(safety_labels, level_logits, type_logits, images_per_row)
-        return _masked_cross_entropy(level_logits, safety_labels[:, 0]) + _masked_cross_entropy(
-            type_logits, safety_labels[:, 1]
-        )
+        return safety_loss(level_logits, type_logits, safety_labels, images_per_row)
 
     # -- generation --------------------------------------------------------------------------------------------
 
@@ -601,21 +603,6 @@ def _check_direct_call(config, input_ids):
         check_input_ids(config, input_ids)
 
 
-_SHAPE_FIELDS = {
-    "model.safety_module.tokens": "num_safety_tokens",
-    "model.safety_module.llm_tokens": "num_llm_safety_tokens",
-    "model.safety_module.head.level_classifier": "safety_level_labels",
-    "model.safety_module.head.category_classifier": "safety_type_labels",
-    "model.safety_module.head": "text_config.hidden_size",
-    "model.safety_module.projector": "safety_projector_type / safety_projector_hidden_size / safety_projector_depth",
-}
-
-
-def _shape_field(name: str) -> str:
-    """The config field that sets the shape of safety parameter `name`."""
-    return next(field for prefix, field in _SHAPE_FIELDS.items() if name.startswith(prefix))
-
-
 def _keep_logits(hidden_states, logits_to_keep):
     if isinstance(logits_to_keep, int):
         return hidden_states[:, -logits_to_keep:] if logits_to_keep else hidden_states
@@ -627,43 +614,6 @@ def _total_loss(lm_loss, safety_loss, weight):
         return lm_loss
     weighted = weight * safety_loss
     return weighted if lm_loss is None else lm_loss + weighted
-
-
-def _checked_safety_labels(safety_labels, level_logits, type_logits, images_per_row):
-    batch_size = level_logits.shape[0]
-    if (
-        not isinstance(safety_labels, torch.Tensor)
-        or safety_labels.dtype not in (torch.int64, torch.int32)
-        or tuple(safety_labels.shape) != (batch_size, 2)
-    ):
-        shape = tuple(safety_labels.shape) if isinstance(safety_labels, torch.Tensor) else type(safety_labels).__name__
-        raise ValueError(
-            f"safety_labels must be an integer tensor of shape (batch_size, 2) = ({batch_size}, 2) holding "
-            f"(level, type) per row, -100 for none; got {shape}."
-        )
-    safety_labels = safety_labels.to(level_logits.device, torch.long)
-    _check_label_range("level", safety_labels[:, 0], level_logits.shape[-1])
-    _check_label_range("type", safety_labels[:, 1], type_logits.shape[-1])
-    labelled_without_image = (safety_labels != IGNORE_INDEX).any(dim=1) & (images_per_row.to(safety_labels.device) == 0)
-    if bool(labelled_without_image.any()):
-        rows = labelled_without_image.nonzero().flatten().tolist()
-        raise ValueError(f"Rows {rows} have safety labels but no image: label them -100 or add their image.")
-    return safety_labels
-
-
-def _masked_cross_entropy(logits, targets):
-    valid = targets != IGNORE_INDEX
-    if not bool(valid.any()):
-        return logits.float().sum() * 0.0  # keeps the graph connected so DDP sees every parameter used
-    return F.cross_entropy(logits.float()[valid], targets[valid])
-
-
-def _check_label_range(name, labels, num_classes):
-    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(
-            f"safety {name} labels must be in [0, {num_classes - 1}] or -100, got {labels[bad].unique().tolist()}."
-        )
 
 
 def _safetensors_only(load_kwargs: dict) -> dict:

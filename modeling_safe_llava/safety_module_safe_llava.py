@@ -14,6 +14,10 @@ from torch import nn
 
 from .configuration_safe_llava import SafeLlavaConfig
 
+
+IGNORE_INDEX = -100
+SAFETY_PARAMETER_PREFIXES = ("model.safety_module.",)
+
 # ----------------------------------------------------------------------------------------------------------------
 # Safety projector: Honeybee's C-Abstractor in plain torch (timm's RegStage/Bottleneck defaults), or an MLP
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,4 +356,74 @@ def check_images_match(images_per_row, num_images, config):
         )
 
 
-__all__ = ["SafeLlavaSafetyModule", "check_model_inputs", "check_input_ids", "check_images_match"]
+# ----------------------------------------------------------------------------------------------------------------
+# The safety loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def safety_loss(level_logits, type_logits, safety_labels, images_per_row) -> torch.Tensor:
+    """
+    `CE(level) + CE(type)`, each averaged over the rows that carry that label (-100 rows add nothing).
+
+    Args:
+        level_logits (`torch.FloatTensor` of shape `(batch_size, num_levels)`), type_logits (`(batch_size, num_types)`).
+        safety_labels (`torch.LongTensor` of shape `(batch_size, 2)`): `(level, type)` per row, -100 for none.
+        images_per_row (`torch.LongTensor` of shape `(batch_size,)`): a labelled row needs an image.
+    """
+    safety_labels = _checked_safety_labels(safety_labels, level_logits, type_logits, images_per_row)
+    return _masked_cross_entropy(level_logits, safety_labels[:, 0]) + _masked_cross_entropy(type_logits, safety_labels[:, 1])
+
+
+def _checked_safety_labels(safety_labels, level_logits, type_logits, images_per_row):
+    batch_size = level_logits.shape[0]
+    if (
+        not isinstance(safety_labels, torch.Tensor)
+        or safety_labels.dtype not in (torch.int64, torch.int32)
+        or tuple(safety_labels.shape) != (batch_size, 2)
+    ):
+        shape = tuple(safety_labels.shape) if isinstance(safety_labels, torch.Tensor) else type(safety_labels).__name__
+        raise ValueError(
+            f"safety_labels must be an integer tensor of shape (batch_size, 2) = ({batch_size}, 2) holding "
+            f"(level, type) per row, -100 for none; got {shape}."
+        )
+    safety_labels = safety_labels.to(level_logits.device, torch.long)
+    _check_label_range("level", safety_labels[:, 0], level_logits.shape[-1])
+    _check_label_range("type", safety_labels[:, 1], type_logits.shape[-1])
+    labelled_without_image = (safety_labels != IGNORE_INDEX).any(dim=1) & (images_per_row.to(safety_labels.device) == 0)
+    if bool(labelled_without_image.any()):
+        rows = labelled_without_image.nonzero().flatten().tolist()
+        raise ValueError(f"Rows {rows} have safety labels but no image: label them -100 or add their image.")
+    return safety_labels
+
+
+def _masked_cross_entropy(logits, targets):
+    valid = targets != IGNORE_INDEX
+    if not bool(valid.any()):
+        return logits.float().sum() * 0.0  # keeps the graph connected so DDP sees every parameter used
+    return F.cross_entropy(logits.float()[valid], targets[valid])
+
+
+def _check_label_range(name, labels, num_classes):
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise ValueError(
+            f"safety {name} labels must be in [0, {num_classes - 1}] or -100, got {labels[bad].unique().tolist()}."
+        )
+
+
+_SHAPE_FIELDS = {
+    "model.safety_module.tokens": "num_safety_tokens",
+    "model.safety_module.llm_tokens": "num_llm_safety_tokens",
+    "model.safety_module.head.level_classifier": "safety_level_labels",
+    "model.safety_module.head.category_classifier": "safety_type_labels",
+    "model.safety_module.head": "text_config.hidden_size",
+    "model.safety_module.projector": "safety_projector_type / safety_projector_hidden_size / safety_projector_depth",
+}
+
+
+def shape_field(name: str) -> str:
+    """The config field that sets the shape of safety parameter `name`."""
+    return next(field for prefix, field in _SHAPE_FIELDS.items() if name.startswith(prefix))
+
+
+__all__ = ["SafeLlavaSafetyModule", "check_model_inputs", "check_input_ids", "check_images_match", "safety_loss"]
