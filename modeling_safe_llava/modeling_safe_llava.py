@@ -48,7 +48,7 @@ from .safety_module_safe_llava import (
 from .policy_safe_llava import (
     SafeLlavaSafetyAssessment,
     SafetyPolicy,
-    decide_safety_actions,
+    assess_logits,
     generate_with_safety,
 )
 
@@ -453,16 +453,8 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         """
         self.check_safety_ready(allow_untrained_safety)
         level_logits, type_logits, images_per_row = self._judge_pixels(input_ids, pixel_values, attention_mask)
-        config = self.config
-        return decide_safety_actions(
-            (level_logits.float() / config.safety_level_temperature).softmax(-1),
-            (type_logits.float() / config.safety_type_temperature).softmax(-1),
-            self.resolve_safety_threshold(safety_threshold),
-            self.resolve_safety_actions(safety_actions),
-            config.safety_level_labels,
-            config.safety_type_labels,
-            images_per_row,
-        )
+        thresholds, actions = self.resolve_safety_threshold(safety_threshold), self.resolve_safety_actions(safety_actions)
+        return assess_logits(self.config, level_logits, type_logits, thresholds, actions, images_per_row)
 
     def safety_forward(self, input_ids, pixel_values, attention_mask=None, safety_labels=None, **unused_batch_fields):
         """

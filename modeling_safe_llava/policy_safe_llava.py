@@ -358,6 +358,20 @@ def decide_safety_actions(
     )
 
 
+def assess_logits(config, level_logits, type_logits, thresholds, actions, images_per_row) -> SafeLlavaSafetyAssessment:
+    """The verdict from the safety head's logits: calibrated probabilities (`softmax(logits / temperature)`, the
+    temperatures saved in `config`), then [`decide_safety_actions`]."""
+    return decide_safety_actions(
+        (level_logits.float() / config.safety_level_temperature).softmax(-1),
+        (type_logits.float() / config.safety_type_temperature).softmax(-1),
+        thresholds,
+        actions,
+        config.safety_level_labels,
+        config.safety_type_labels,
+        images_per_row,
+    )
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The generation plan
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,16 +477,7 @@ class SafetyGenerationPlan:
         return (self.kwargs.get("mm_encoder_outputs") or {}).get("image")
 
     def _assess(self, level_logits, type_logits, images_per_row):
-        config = self.model.config
-        return decide_safety_actions(
-            (level_logits.float() / config.safety_level_temperature).softmax(-1),
-            (type_logits.float() / config.safety_type_temperature).softmax(-1),
-            self.thresholds,
-            self.actions,
-            config.safety_level_labels,
-            config.safety_type_labels,
-            images_per_row,
-        )
+        return assess_logits(self.model.config, level_logits, type_logits, self.thresholds, self.actions, images_per_row)
 
     def _with_assessment(self, output, assessment):
         if not isinstance(output, ModelOutput):
