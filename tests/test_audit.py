@@ -287,3 +287,15 @@ def test_risky_csv_cells_cannot_become_formulas(tiny_model, tmp_path):
         cells = sorted(row["id"] for row in csv.DictReader(handle))
     assert cells == ["'+1.png", "'-1.png", "'=HYPERLINK(1).png", "'@SUM(1).png", "plain.png"]
     assert "=HYPERLINK(1).png" in result_ids(tmp_path / "out")  # the record keeps the real name
+
+
+def test_starting_over_never_deletes_results_an_audit_did_not_write(tiny_model, tmp_path):
+    """resume=False deletes earlier records only in a folder an audit marked as its own (issue 12: no lost data)."""
+    model, processor = tiny_model
+    make_image_folder(tmp_path / "images", count=2)
+    users = tmp_path / "users_folder"
+    users.mkdir()
+    (users / "results.jsonl").write_text('{"id": "my own notes"}\n')
+    with pytest.raises(ValueError, match="was not written by safe-llava audit"):
+        audit_images(model, processor, tmp_path / "images", users, batch_size=2, resume=False)
+    assert (users / "results.jsonl").read_text() == '{"id": "my own notes"}\n'

@@ -371,3 +371,22 @@ def test_untrained_safety_modules_fail_closed(tiny_safe_llava):
     with pytest.raises(ValueError, match="safety modules of this model are untrained"):
         model.assess_safety(**inputs)
     assert model.generate(**inputs, allow_untrained_safety=True, **GREEDY).shape[0] == 1
+
+
+def test_from_llava_with_a_processor_hints_and_refuses_with_the_papers_policy_out_of_the_box(tiny_llava):
+    """No `**load_safety_policy()` needed: the paper's texts are the default, tokenized with the processor given."""
+    from modeling_safe_llava import SafeLlavaProcessor
+    from modeling_safe_llava.tiny import safety_fields
+
+    llava, llava_processor = tiny_llava
+    fields = safety_fields()
+    processor = SafeLlavaProcessor.from_llava(llava_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
+    model = SafeLlavaForConditionalGeneration.from_llava(llava, processor=processor, **fields).eval()
+    model.config.safety_modules_trained = True
+    inputs = processor(images=[solid("red")], text=[chat_prompt(processor)], return_tensors="pt")
+    for actions in ("hint", "refuse"):
+        every_type = {name: actions for name in RISKY}
+        out = model.generate(**inputs, safety_threshold=0.0, safety_actions=every_type, return_dict_in_generate=True, **GREEDY)
+        assert out.safety_assessment.actions == [actions]
+    assert model.config.safety_refusals["Privacy"].startswith("I'm sorry")
+

@@ -49,6 +49,7 @@ from .audit_report import (
     write_shares_csv,
 )
 from .audit_sources import DatasetSource, FolderSource, StreamingSource, load_dataset_source, make_source
+from .folders import MARKER_FILE, has_marker, write_marker
 from .loading import (
     DEFAULT_QUESTION,
     add_model_cli_arguments,
@@ -64,6 +65,7 @@ from .loading import (
 logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "audit_config.json"
+AUDIT_COMMAND = "audit"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +168,15 @@ def _scan(model, processor, source, context: DistributedContext, plan: dict) -> 
     return {"rank": context.rank, "images": scanned, "seconds": round(time.perf_counter() - started, 3)}
 
 
+def _check_audit_folder(output_dir: Path):
+    """Starting over deletes the records: only in a folder an earlier audit wrote (its marker), never a user's file."""
+    if not has_marker(output_dir, AUDIT_COMMAND):
+        raise ValueError(
+            f"{str(output_dir)!r} holds results but was not written by safe-llava audit (no {MARKER_FILE}); resume=False "
+            "(--no-resume) would delete them. Choose another --output, or remove those files yourself."
+        )
+
+
 def _prepare(output_dir: Path, config: dict, resume: bool, context: DistributedContext, keeper) -> set:
     """
     Checks or writes `audit_config.json`, clears an old scan when `resume=False`, repairs this rank's own file, and
@@ -177,11 +188,13 @@ def _prepare(output_dir: Path, config: dict, resume: bool, context: DistributedC
     _check_config(output_dir, config, resuming=resume and bool(record_files(output_dir)))
     context.barrier()
     if context.is_main:
-        if not resume:
+        if not resume and record_files(output_dir):
+            _check_audit_folder(output_dir)
             logger.info("resume=False: starting the audit in %s over.", output_dir)
             clear_records(output_dir)
             shutil.rmtree(output_dir / THUMBNAILS_DIR, ignore_errors=True)
         (output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_marker(output_dir, AUDIT_COMMAND)
     context.barrier()
     own.parent.mkdir(parents=True, exist_ok=True)
     read_results(own, repair=True)
