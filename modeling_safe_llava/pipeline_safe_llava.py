@@ -44,16 +44,17 @@ def safety_entries(assessment, num_rows: int | None = None) -> list[dict]:
     Returns:
         `list[dict]`: a judged row gets `{"judged": True, **assessment.to_records()[row]}` (risk, flagged,
         threshold, level, level_name, category, category_name, action, level_probs, type_probs). A row that was not
-        judged gets `{"judged": False, "reason": ...}`: when safety is off, and for a row without an image.
+        judged gets `{"judged": False, "reason": ...}`: when safety is off, and for a row without an image (then
+        `images_per_row` is 0, or None for a text-only call).
     """
     if assessment is None:
         if num_rows is None:
             raise ValueError("safety_entries needs num_rows when there is no assessment (safety off).")
         return [{"judged": False, "reason": NOT_JUDGED_SAFETY_OFF} for _ in range(num_rows)]
-    images_per_row = assessment.images_per_row
+    images_per_row = assessment.images_per_row  # None: a text-only call, nothing judged
     entries = []
     for row, record in enumerate(assessment.to_records()):
-        if images_per_row is not None and int(images_per_row[row]) == 0:
+        if images_per_row is None or int(images_per_row[row]) == 0:
             entries.append({"judged": False, "reason": NOT_JUDGED_NO_IMAGE})
         else:
             entries.append({"judged": True, **record})
