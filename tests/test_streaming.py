@@ -115,3 +115,16 @@ def test_without_a_verdict_the_first_token_says_not_judged(trained_tiny_safe_lla
         SafeLlavaTextStreamer(processor.tokenizer, on_verdict="print")
     with pytest.raises(TimeoutError, match="No safety verdict"):
         SafeLlavaTextIteratorStreamer(processor.tokenizer).wait_for_verdict(timeout=0.01)
+
+
+def test_streaming_example_runs_top_to_bottom(capsys):
+    import runpy
+    from pathlib import Path
+
+    runpy.run_path(str(Path(__file__).resolve().parent.parent / "examples" / "streaming.py"), run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[safety] not flagged")  # the verdict line is printed before the answer
+    assert any(line.startswith("server: verdict refuse") for line in lines)
+    assert any(line.startswith("server: streamed \"I'm sorry") for line in lines)
+    assert any(line.startswith("pipeline threshold None: safety 'refuse'") for line in lines)
+    assert any(line.startswith("pipeline threshold 1.0: safety {'judged': False") for line in lines)
