@@ -19,7 +19,7 @@ from modeling_safe_llava.pipeline_safe_llava import (
     SafeLlavaImageTextToTextPipeline,
     safety_entries,
 )
-from modeling_safe_llava.tools.hub import export_for_hub, verify_export_folder
+from modeling_safe_llava.tools.hub import export_for_hub, verify_export_folder, write_custom_pipeline
 
 RISKY = ["Politics", "Illegal Risk", "Insults and Bullying", "Fairness", "Privacy", "Misleading"]
 ILLEGAL = RISKY.index("Illegal Risk")
@@ -62,6 +62,15 @@ def test_export_names_the_pipeline_in_config_and_verify_refuses_a_foreign_one(re
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no custom_pipelines entry"):
         verify_export_folder(folder)
+
+
+def test_write_custom_pipeline_adds_the_file_and_pins_a_foreign_entry(trained_tiny_safe_llava, tmp_path):
+    model, _ = trained_tiny_safe_llava
+    model.config.custom_pipelines = {"image-text-to-text": {"impl": "evil.Evil", "pt": []}}  # e.g. from a download
+    model.save_pretrained(tmp_path)
+    write_custom_pipeline(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["custom_pipelines"] == CUSTOM_PIPELINES
+    assert (tmp_path / "pipeline_safe_llava.py").read_text().startswith("# Copyright 2026 The SafeLlava authors")
 
 
 FRESH_PROCESS_SCRIPT = """
