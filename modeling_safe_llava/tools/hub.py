@@ -362,7 +362,9 @@ def write_custom_pipeline(folder: Path):
     if values.get("custom_pipelines") == pipeline_safe_llava.CUSTOM_PIPELINES:
         return
     if values.get("custom_pipelines"):
-        logger.warning("Export: replacing the custom_pipelines %s of config.json with SafeLlava's own.", values["custom_pipelines"])
+        logger.warning(
+            "Export: replacing the custom_pipelines %s of config.json with SafeLlava's own.", values["custom_pipelines"]
+        )
     values["custom_pipelines"] = copy.deepcopy(pipeline_safe_llava.CUSTOM_PIPELINES)
     path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 

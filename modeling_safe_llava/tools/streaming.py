@@ -96,7 +96,9 @@ class SafeLlavaTextStreamer(_SafetyVerdictMixin, TextStreamer):
             (through `on_finalized_text`) before the answer.
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, on_verdict=None, print_verdict: bool = True, **decode_kwargs):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, on_verdict=None, print_verdict: bool = True, **decode_kwargs
+    ):
         super().__init__(tokenizer, skip_prompt=skip_prompt, **decode_kwargs)
         self._init_verdict(on_verdict)
         self.print_verdict = print_verdict
@@ -117,7 +119,9 @@ class SafeLlavaTextIteratorStreamer(_SafetyVerdictMixin, TextIteratorStreamer):
         on_verdict (`Callable[[dict], None]`, *optional*): called (in the generating thread) with the `safety` entry.
     """
 
-    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, on_verdict=None, **decode_kwargs):
+    def __init__(
+        self, tokenizer, skip_prompt: bool = False, timeout: float | None = None, on_verdict=None, **decode_kwargs
+    ):
         super().__init__(tokenizer, skip_prompt=skip_prompt, timeout=timeout, **decode_kwargs)
         self._init_verdict(on_verdict)
 
