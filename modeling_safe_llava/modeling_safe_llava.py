@@ -16,6 +16,7 @@ Pipeline (LLaVA-1.5-7B shapes):
              -> level logits (N_img, 4), type logits (N_img, 7) -> riskiest image per row -> (B, 4), (B, 7)
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -275,6 +276,18 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         self.model = SafeLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        Stock `save_pretrained`, plus SafeLlava's pipeline: `config.json` names it in `custom_pipelines`, and the
+        relative import below makes transformers' `custom_object_save` copy `pipeline_safe_llava.py` with the other
+        remote-code files, so that `pipeline("image-text-to-text", model=folder, trust_remote_code=True)` returns
+        each answer with its verdict.
+        """
+        from .pipeline_safe_llava import CUSTOM_PIPELINES
+
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     # -- construction ------------------------------------------------------------------------------------------
 

@@ -348,3 +348,21 @@ def test_export_card_reports_the_calibration_and_refuses_an_uncalibrated_model(c
 
         export_for_hub(original, processor, tmp_path / "wrong", calibration=calibration)
     assert not (tmp_path / "wrong").exists()
+
+
+def test_per_category_thresholds_become_the_models_per_type_defaults(tmp_path):
+    """`--per-category` thresholds are saved with the model (`config.safety_thresholds`) and applied by default."""
+    from modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+    from modeling_safe_llava.tools.calibration import apply_calibration
+
+    model, _ = build_tiny_safe_llava(seed=0)
+    names = model.config.risky_type_labels
+    thresholds = {name: 0.1 * (i + 1) for i, name in enumerate(names)}
+    report = {"temperatures": {"level": 2.0, "type": 0.5}, "threshold": 0.7, "per_category": True, "thresholds": thresholds}
+    apply_calibration(model, report)
+    model.save_pretrained(tmp_path)
+    reloaded = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.config.safety_thresholds == pytest.approx(thresholds)
+    assert reloaded.resolve_safety_threshold(None).tolist() == pytest.approx([thresholds[name] for name in names])
+    assert reloaded.resolve_safety_threshold(0.9).tolist() == pytest.approx([0.9] * len(names))  # a call-time number wins

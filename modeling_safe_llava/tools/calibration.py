@@ -60,9 +60,9 @@ above at confidence `1 - (1 - C) / K`, with `K` the number of risky types (Bonfe
 `C`, simultaneously for every category, the false-flag rate among clean images assigned to it is at most `R`, and so
 is the overall clean false-flag rate (a mixture of them). Each category therefore needs
 `ceil(log((1 - C) / K) / log(1 - R))` clean rows assigned to it; `calibrate` refuses, naming each short category,
-otherwise. The model's config has one default threshold: per-category thresholds are reported (`thresholds`) and
-must be passed as `safety_threshold={...}` at call time; the default saved with the model is the global guaranteed
-threshold (computed as without `per_category`).
+otherwise. The per-category thresholds are saved with the model (`config.safety_thresholds`, the per-type defaults
+`generate` and `assess_safety` apply); `safety_threshold` holds the global guaranteed threshold (computed as without
+`per_category`), which a call-time number overrides for every type.
 
 Recall: for each risky type, the share of its risky validation rows that are flagged at the chosen threshold(s),
 with a two-sided Clopper-Pearson (exact binomial) interval at level `C`.
@@ -428,6 +428,9 @@ def apply_calibration(model, report: dict):
     model.config.safety_type_temperature = float(report["temperatures"]["type"])
     model.config.safety_threshold = float(report["threshold"])
     model.generation_config.safety_threshold = float(report["threshold"])
+    if report.get("per_category"):
+        # Per-category defaults travel with the model too (config.safety_thresholds); types keep them at call time.
+        model.config.safety_thresholds = {name: float(value) for name, value in report["thresholds"].items()}
 
 
 def save_calibrated_model(model, processor, folder: Path) -> Path:
@@ -638,7 +641,7 @@ def render_summary(report: dict) -> str:
         f"{report['clean_flag_rate_upper_bound']:.4f}",
     ]
     if report["per_category"]:
-        lines += ["", "Per-category thresholds (pass them as `safety_threshold={...}`; the config holds one default):",
+        lines += ["", "Per-category thresholds (saved as the model's per-type defaults, `config.safety_thresholds`):",
                   "", "| category | threshold | clean rows | allowed | flagged |", "|---|---|---|---|---|"]
         for name, entry in report["category_guarantees"].items():
             lines.append(f"| {name} | {entry['threshold']:.6g} | {entry['clean_rows']} | "

@@ -27,6 +27,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import validate_repo_id
 from transformers import GenerationConfig
 
+from .. import pipeline_safe_llava
 from ..configuration_safe_llava import SafeLlavaConfig
 from .calibration import check_calibration_applied, load_calibration
 from .folders import MARKER_FILE, check_replaceable, write_marker
@@ -50,6 +51,7 @@ REMOTE_CODE_FILES = (
     "safety_module_safe_llava.py",
     "policy_safe_llava.py",
     "processing_safe_llava.py",
+    "pipeline_safe_llava.py",
 )
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",
@@ -64,6 +66,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 EXPORT_COMMAND = "export"
 # Files whose `auto_map` tells `trust_remote_code` which code to run; an export writes SafeLlava's own entries there.
 CONFIG_FILE = "config.json"
+PIPELINE_FILE = "pipeline_safe_llava.py"  # SafeLlava's pipeline, named by `custom_pipelines` in config.json
 PROCESSOR_FILES = ("processor_config.json", "tokenizer_config.json", "preprocessor_config.json")
 
 
@@ -311,6 +314,7 @@ def write_export_folder(
     )
     (folder / "README.md").write_text(card)
     pin_auto_map(folder)
+    write_custom_pipeline(folder)
     write_marker(folder, EXPORT_COMMAND)
 
 
@@ -346,6 +350,42 @@ def pin_auto_map(folder: Path):
         path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
 
 
+def write_custom_pipeline(folder: Path):
+    """
+    Makes `pipeline("image-text-to-text", model=folder, trust_remote_code=True)` pick SafeLlava's pipeline (the
+    text plus a `safety` entry): copies `pipeline_safe_llava.py` into `folder` and pins `custom_pipelines` of its
+    `config.json` to SafeLlava's own (`pipeline_safe_llava.CUSTOM_PIPELINES`), whatever a loaded config said.
+    """
+    shutil.copyfile(pipeline_safe_llava.__file__, folder / PIPELINE_FILE)
+    path = folder / CONFIG_FILE
+    values = json.loads(path.read_text())
+    if values.get("custom_pipelines") == pipeline_safe_llava.CUSTOM_PIPELINES:
+        return
+    if values.get("custom_pipelines"):
+        logger.warning(
+            "Export: replacing the custom_pipelines %s of config.json with SafeLlava's own.", values["custom_pipelines"]
+        )
+    values["custom_pipelines"] = copy.deepcopy(pipeline_safe_llava.CUSTOM_PIPELINES)
+    path.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+
+
+def check_custom_pipelines(folder: Path, custom_pipelines) -> None:
+    """`config.json` must name SafeLlava's pipeline for `image-text-to-text`, and every `custom_pipelines` entry a
+    class in one of the export's audited remote-code files (as `check_auto_map` for `auto_map`)."""
+    if not isinstance(custom_pipelines, dict) or "image-text-to-text" not in custom_pipelines:
+        raise ValueError(
+            f"{folder}/config.json has no custom_pipelines entry for 'image-text-to-text', so pipeline(...) would not "
+            "return the safety verdict; export with export_for_hub (it writes the entry)."
+        )
+    for task, info in custom_pipelines.items():
+        reference = info.get("impl") if isinstance(info, dict) else None
+        if not _is_local_class_reference(folder, reference):
+            raise ValueError(
+                f"{folder}/config.json: custom_pipelines[{task!r}] = {info!r} does not name a class in a file of this "
+                f"folder (accepted: 'impl': 'module.Class' with module.py one of {list(REMOTE_CODE_FILES)} present)."
+            )
+
+
 def export_generation_config(model) -> GenerationConfig:
     """The model's generation config with `safety_threshold` set (from the config when absent), built so that the
     custom key survives reloading (a config flagged "from model config" would drop it)."""
@@ -378,6 +418,7 @@ def verify_export_folder(folder) -> Path:
     config = json.loads((folder / "config.json").read_text())
     if config.get("model_type") != SafeLlavaConfig.model_type or "AutoModel" not in (config.get("auto_map") or {}):
         raise ValueError(f"{folder}/config.json is not a SafeLlava config with auto_map.")
+    check_custom_pipelines(folder, config.get("custom_pipelines"))
     for name in (CONFIG_FILE, *PROCESSOR_FILES):
         if (folder / name).is_file():
             check_auto_map(folder, name, json.loads((folder / name).read_text()).get("auto_map"))
@@ -606,6 +647,7 @@ def run_push(args: argparse.Namespace):
 __all__ = [
     "export_for_hub",
     "verify_export_folder",
+    "write_custom_pipeline",
     "check_exportable",
     "push_to_hub",
     "add_export_arguments",
