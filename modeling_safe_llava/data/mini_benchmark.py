@@ -66,6 +66,7 @@ DEFAULT_IMAGE_SIZE = 96
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
 MAX_ATTEMPTS_PER_IMAGE = 20
 RECORD_KEYS = ("id", "image", "conversations", "safe_level", "safe_type", "source")
+OPTIONAL_KEYS = ("category", "expect_refusal")  # written by `safe-llava data convert`; read by the refusal metrics
 LIMITATIONS = (  # also in the module docstring (a test keeps the two equal)
     "anything about real-world safety. It is synthetic and tiny (tens of images per source, 96x96 "
     "pixels by default); its wording comes from short fixed lists, so a model can memorise it; it has no real NSFW, "
@@ -624,10 +625,11 @@ def generate_rows(
     return rows
 
 
-def benchmark_features():
-    """The `datasets.Features` of a benchmark split (images decode to PIL)."""
+def benchmark_features(optional=()):
+    """The `datasets.Features` of a benchmark split (images decode to PIL), plus the `optional` keys named."""
     import datasets
 
+    extra = {"category": datasets.Value("string"), "expect_refusal": datasets.Value("bool")}
     return datasets.Features(
         {
             "id": datasets.Value("string"),
@@ -636,6 +638,7 @@ def benchmark_features():
             "safe_level": datasets.Value("int64"),
             "safe_type": datasets.Value("int64"),
             "source": datasets.Value("string"),
+            **{key: extra[key] for key in optional},
         }
     )
 
@@ -808,22 +811,31 @@ def load_llava_jsonl(path, image_root=None):
 
 def load_mini_benchmark(folder):
     """
-    The benchmark written by [`write_mini_benchmark`] as a `datasets.DatasetDict` (images decode to PIL).
+    A folder of paper-schema splits as a `datasets.DatasetDict` (images decode to PIL): the benchmark written by
+    [`write_mini_benchmark`], or a dataset converted by `safe-llava data convert`.
+
+    Every `<split>.jsonl` of the folder is a split (the benchmark's `train`, `validation`, `test`, `shifted` first).
+    Columns: those of `RECORD_KEYS` (`source` may be absent: then empty) plus, where every split has them, the
+    optional `OPTIONAL_KEYS` (`category`, `expect_refusal`) that the refusal metrics group by.
 
     Args:
-        folder (`str` or `os.PathLike`): The folder holding `train.jsonl`, `validation.jsonl`, `test.jsonl`.
+        folder (`str` or `os.PathLike`): The folder holding the `<split>.jsonl` files.
     """
     import datasets
 
     folder = Path(folder)
     present = [split for split in SPLITS if (folder / f"{split}.jsonl").is_file()]
+    present += sorted(path.stem for path in folder.glob("*.jsonl") if path.stem not in present)
     if not present:
-        raise ValueError(f"{str(folder)!r} holds none of {[f'{split}.jsonl' for split in SPLITS]}.")
-    features = benchmark_features()
+        raise ValueError(f"{str(folder)!r} holds no <split>.jsonl file (e.g. {[f'{split}.jsonl' for split in SPLITS]}).")
+    loaded = {split: load_llava_jsonl(folder / f"{split}.jsonl", image_root=folder) for split in present}
+    optional = [key for key in OPTIONAL_KEYS if all(key in split.column_names for split in loaded.values())]
+    features = benchmark_features(optional)
     splits = {}
-    for split in present:
-        dataset = load_llava_jsonl(folder / f"{split}.jsonl", image_root=folder)
-        splits[split] = dataset.select_columns(list(RECORD_KEYS)).cast(features)
+    for split, dataset in loaded.items():
+        if "source" not in dataset.column_names:
+            dataset = dataset.add_column("source", [""] * len(dataset))
+        splits[split] = dataset.select_columns(list(RECORD_KEYS) + optional).cast(features)
     return datasets.DatasetDict(splits)
 
 
