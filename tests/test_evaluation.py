@@ -258,3 +258,17 @@ def test_console_script_evaluates_a_saved_model_on_a_benchmark_folder(tiny_model
     assert main([*common, *argv]) == 0
     from_jsonl = [row["risk"] for row in read_predictions(tmp_path / "out_jsonl")]
     assert from_jsonl == [row["risk"] for row in read_predictions(tmp_path / "out")]
+    # The benchmark's shifted split is evaluated next to the in-distribution one, side by side.
+    shifted_metrics = json.loads((tmp_path / "out" / "shifted" / "metrics.json").read_text())
+    table = json.loads((tmp_path / "out" / "distribution_shift.json").read_text())
+    assert table["level accuracy"] == {
+        "in_distribution": metrics["level"]["accuracy"], "shifted": shifted_metrics["level"]["accuracy"]
+    }
+    assert table["rows"] == {"in_distribution": 6, "shifted": 6}
+    assert "| level accuracy |" in (tmp_path / "out" / "distribution_shift.md").read_text()
+
+
+def test_risk_auroc_equals_a_hand_computation():
+    # risky risks 0.9, 0.4; clean 0.4, 0.1: pairs (0.9>0.4) (0.9>0.1) (0.4=0.4: half) (0.4>0.1) -> 3.5 / 4
+    assert evaluation.risk_auroc([0.9, 0.4, 0.4, 0.1], [True, True, False, False]) == 3.5 / 4
+    assert evaluation.risk_auroc([0.2, 0.3], [True, True]) is None

@@ -186,6 +186,22 @@ def threshold_sweep(risk, is_risky, thresholds) -> list[dict]:
     return sweep
 
 
+def risk_auroc(risk, is_risky) -> float | None:
+    """
+    Area under the ROC curve of `risk` separating risky from clean rows: the probability that a random risky row has
+    a higher risk than a random clean one (ties count one half); `None` without both kinds of rows.
+    """
+    risk = np.asarray(list(risk), dtype=np.float64)
+    is_risky = np.asarray(list(is_risky), dtype=bool)
+    if risk.shape != is_risky.shape:
+        raise ValueError(f"risk and is_risky must have the same length, got {risk.shape[0]} and {is_risky.shape[0]}.")
+    risky, clean = risk[is_risky], risk[~is_risky]
+    if not len(risky) or not len(clean):
+        return None
+    higher = (risky[:, None] > clean[None, :]).sum() + 0.5 * (risky[:, None] == clean[None, :]).sum()
+    return float(higher / (len(risky) * len(clean)))
+
+
 def suggest_threshold(sweep: list[dict]) -> dict | None:
     """The sweep entry with the highest balanced accuracy (ties: lowest threshold); `None` if undefined."""
     candidates = [entry for entry in sweep if entry["balanced_accuracy"] is not None]
@@ -485,6 +501,7 @@ def compute_metrics(predictions: list[dict], model, safety_threshold, thresholds
             range(len(type_names)), type_names,
         ),
         "flag_rates_at_model_threshold": _flag_rates_at_model_threshold(predictions),
+        "risk_auroc": risk_auroc([row["risk"] for row in predictions], [row["true_level"] > 0 for row in predictions]),
         "threshold_sweep": sweep,
         "suggested_threshold": suggest_threshold(sweep),
         "per_source": _per_source(predictions),
@@ -610,6 +627,7 @@ def render_summary(metrics: dict) -> str:
         f"- rows: {metrics['num_rows']} ({flags['num_risky']} risky, {flags['num_clean']} clean)",
         f"- level accuracy: {metrics['level']['accuracy']:.3f} (macro F1 {metrics['level']['macro_f1']:.3f})",
         f"- type accuracy: {metrics['type']['accuracy']:.3f} (macro F1 {metrics['type']['macro_f1']:.3f})",
+        f"- risky-vs-clean AUROC of the risk: {_format_rate(metrics['risk_auroc'])}",
         f"- at the model's threshold ({describe_thresholds(metrics['safety_thresholds'])}): "
         f"{_format_rate(flags['flag_rate_risky'])} of risky "
         f"rows and {_format_rate(flags['flag_rate_clean'])} of clean rows flagged",
@@ -760,8 +778,12 @@ def evaluate_safety_head(
     return metrics
 
 
-def load_evaluation_data(data, split: str = "test", image_root=None):
-    """The rows to evaluate: a mini-benchmark folder (one of its splits) or a paper-schema JSONL file."""
+def load_evaluation_splits(data, split: str = "test", image_root=None) -> dict:
+    """
+    The splits to evaluate: `{split: rows}` of a folder of `<split>.jsonl` files (the mini benchmark, or a dataset
+    converted by `safe-llava data convert`), plus its `shifted` split when it has one; or `{split: rows}` of one
+    paper-schema JSONL file.
+    """
     from ..data.mini_benchmark import load_llava_jsonl, load_mini_benchmark
 
     path = Path(data)
@@ -769,10 +791,71 @@ def load_evaluation_data(data, split: str = "test", image_root=None):
         splits = load_mini_benchmark(path)
         if split not in splits:
             raise ValueError(f"Split {split!r} is not in {str(path)!r}; available: {list(splits)}.")
-        return splits[split]
+        return {name: splits[name] for name in dict.fromkeys([split, SHIFTED_SPLIT]) if name in splits}
     if path.is_file() and path.suffix == ".jsonl":
-        return load_llava_jsonl(path, image_root=image_root)
-    raise ValueError(f"--data must be a benchmark folder or a .jsonl file, got {str(data)!r}.")
+        return {split: load_llava_jsonl(path, image_root=image_root)}
+    raise ValueError(f"--data must be a folder of <split>.jsonl files or a .jsonl file, got {str(data)!r}.")
+
+
+def load_evaluation_data(data, split: str = "test", image_root=None):
+    """The rows of one split to evaluate (see [`load_evaluation_splits`])."""
+    return load_evaluation_splits(data, split, image_root)[split]
+
+
+SHIFTED_SPLIT = "shifted"
+SIDE_BY_SIDE_KEYS = (("level accuracy", ("level", "accuracy")), ("type accuracy", ("type", "accuracy")),
+                     ("level macro F1", ("level", "macro_f1")), ("risky-vs-clean AUROC", ("risk_auroc",)))
+
+
+def distribution_shift_summary(in_distribution: dict, shifted: dict) -> dict:
+    """
+    In-distribution and shifted numbers side by side, from two `metrics.json` dicts.
+
+    Returns:
+        `dict`: `{name: {"in_distribution": value, "shifted": value}}` for level / type accuracy, level macro F1 and
+        the risky-vs-clean AUROC, plus `rows`.
+    """
+
+    def value(metrics, path):
+        for key in path:
+            metrics = metrics[key]
+        return metrics
+
+    table = {name: {"in_distribution": value(in_distribution, path), "shifted": value(shifted, path)}
+             for name, path in SIDE_BY_SIDE_KEYS}
+    table["rows"] = {"in_distribution": in_distribution["num_rows"], "shifted": shifted["num_rows"]}
+    return table
+
+
+def render_distribution_shift(table: dict, split: str) -> str:
+    """`distribution_shift.md`: the side-by-side table and what it means."""
+    lines = [
+        "# In-distribution vs shifted", "",
+        f"`{split}` shares its surface forms (fonts, colours, layouts, wordings) with train; `{SHIFTED_SPLIT}` is drawn "
+        "only from forms train never uses. A large drop means the head learnt the generator's look, not the content.",
+        "", f"| metric | {split} (in-distribution) | {SHIFTED_SPLIT} |", "|---|---|---|",
+    ]
+    for name, values in table.items():
+        cells = [str(v) if name == "rows" else _format_rate(v) for v in (values["in_distribution"], values["shifted"])]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_with_shift(model, processor, splits, output_dir, split: str = "test", **options) -> dict:
+    """
+    Evaluates `splits[split]` into `output_dir` and, when `splits` has a `shifted` split, that one into
+    `output_dir/shifted`, then writes `distribution_shift.json` / `.md` side by side (also under
+    `metrics["distribution_shift"]` of the returned metrics). Options are those of [`evaluate_safety_head`].
+    """
+    output_dir = Path(output_dir)
+    metrics = evaluate_safety_head(model, processor, splits[split], output_dir, **options)
+    if split == SHIFTED_SPLIT or SHIFTED_SPLIT not in splits:
+        return metrics
+    shifted = evaluate_safety_head(model, processor, splits[SHIFTED_SPLIT], output_dir / SHIFTED_SPLIT, **options)
+    table = distribution_shift_summary(metrics, shifted)
+    (output_dir / "distribution_shift.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    (output_dir / "distribution_shift.md").write_text(render_distribution_shift(table, split), encoding="utf-8")
+    return {**metrics, "distribution_shift": table}
 
 
 def _parse_thresholds(text: str) -> list[float]:
@@ -785,8 +868,16 @@ def _parse_thresholds(text: str) -> list[float]:
 def add_cli_arguments(parser):
     """Options of `safe-llava evaluate` (added to an `argparse` parser, which is returned)."""
     add_model_cli_arguments(parser)
-    parser.add_argument("--data", required=True, help="Mini-benchmark folder or paper-schema .jsonl file.")
-    parser.add_argument("--split", default="test", help="Split to evaluate when --data is a folder (default: test).")
+    parser.add_argument(
+        "--data", required=True,
+        help="Folder of <split>.jsonl files (mini benchmark, or the output of `safe-llava data convert`) or a "
+        "paper-schema .jsonl file.",
+    )
+    parser.add_argument(
+        "--split", default="test",
+        help="Split to evaluate when --data is a folder (default: test); the folder's shifted split, if any, is "
+        "evaluated too and reported side by side (distribution_shift.md).",
+    )
     parser.add_argument("--image-root", default=None, help="Folder that relative image paths of a .jsonl start from.")
     parser.add_argument("--batch-size", type=int, default=8, help="Rows per model call (default: 8).")
     parser.add_argument(
@@ -802,12 +893,13 @@ def add_cli_arguments(parser):
 def run_from_args(args) -> int:
     """Runs `safe-llava evaluate` from parsed arguments; returns the process exit code."""
     model, processor = load_model_and_processor(args.model, args.device)
-    dataset = load_evaluation_data(args.data, args.split, args.image_root)
-    metrics = evaluate_safety_head(
+    splits = load_evaluation_splits(args.data, args.split, args.image_root)
+    metrics = evaluate_with_shift(
         model,
         processor,
-        dataset,
+        splits,
         args.output,
+        split=args.split,
         batch_size=args.batch_size,
         thresholds=_parse_thresholds(args.thresholds) if args.thresholds else None,
         generate_answers=args.generate_answers,
@@ -819,6 +911,18 @@ def run_from_args(args) -> int:
         f"Evaluated {metrics['num_rows']} rows: level accuracy {metrics['level']['accuracy']:.3f}, type accuracy "
         f"{metrics['type']['accuracy']:.3f}. Reports in {args.output} (summary.md)."
     )
+    if "distribution_shift" in metrics:
+        shift = metrics["distribution_shift"]
+        print(
+            f"Shifted split: level accuracy {shift['level accuracy']['shifted']:.3f} (in-distribution "
+            f"{shift['level accuracy']['in_distribution']:.3f}); side by side in distribution_shift.md."
+        )
+    generation = metrics["generation"]
+    if generation is not None:
+        print(
+            f"Attack success rate {_format_rate(generation['attack_success_rate'])}, over-refusal rate "
+            f"{_format_rate(generation['over_refusal_rate'])} (per category in summary.md)."
+        )
     return 0
 
 
@@ -834,6 +938,10 @@ __all__ = [
     "attack_and_over_refusal",
     "refusal_rates",
     "load_evaluation_data",
+    "load_evaluation_splits",
+    "evaluate_with_shift",
+    "distribution_shift_summary",
+    "risk_auroc",
     "add_cli_arguments",
     "run_from_args",
 ]
