@@ -313,3 +313,14 @@ def test_round_trip_through_training_loader_and_evaluate(vlguard, tmp_path):
     assert set(per_category) == {"vlguard / disinformation", "vlguard / safe", "(all)"}
     assert per_category["(all)"]["unsafe_rows"] == 2 and per_category["(all)"]["safe_rows"] == 1
     assert per_category["vlguard / safe"]["unsafe_rows"] == 1 and per_category["vlguard / safe"]["safe_rows"] == 1
+
+
+def test_cli_failure_is_one_line_and_exit_code_2(vlguard, tmp_path, capsys):
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    argv = ["data", "convert", "--source", "vlguard", "--input", str(vlguard), "--output", str(busy), "--overwrite"]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("safe-llava data: error: --output") and "\n" not in error
+    assert (busy / "notes.txt").read_text() == "mine"
