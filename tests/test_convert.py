@@ -280,9 +280,11 @@ def test_holisafe_parquet_and_hub_rows_with_decoded_images(tmp_path, monkeypatch
     ],
 )
 def test_malformed_holisafe_rows_name_the_row_and_field(tmp_path, change, message):
-    rows = [{**_holisafe_rows()[0], **change}]
-    with pytest.raises(ValueError, match=message):
+    rows = [_holisafe_rows()[1], {**_holisafe_rows()[0], **change}]
+    rows[1]["id"] = 1
+    with pytest.raises(ValueError, match=message.replace("row 0", "row 1")):
         convert("holisafe", _holisafe_folder(tmp_path, rows), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # every row is checked before anything is written
 
 
 def test_round_trip_through_training_loader_and_evaluate(vlguard, tmp_path):

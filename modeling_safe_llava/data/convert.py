@@ -332,10 +332,10 @@ def convert_vlguard_split(input_dir: Path, split: str, mapping: TaxonomyMapping)
         _require(row, row_name, "safe", bool, "true or false")
         _vlguard_pairs(row, row_name)  # validate every row before writing anything
         label, category = _vlguard_label(row, row_name, mapping)
-        image_path, relative = _vlguard_image(input_dir, split, row_name, _require(row, row_name, "image", str, "a path"))
-        if label is None:
+        if label is None:  # skipped or reported: its image is not needed
             unmapped.setdefault(category, []).append(str(row["id"]))
             continue
+        image_path, relative = _vlguard_image(input_dir, split, row_name, _require(row, row_name, "image", str, "a path"))
         plans.append((row, row_name, image_path, relative, label, category))
     return plans, unmapped
 
@@ -451,7 +451,9 @@ def _file_stem(row_id) -> str:
     return "holisafe-" + re.sub(r"[^A-Za-z0-9._-]", "_", str(row_id)).lstrip(".")
 
 
-def _holisafe_record(row, row_name, store, input_dir, label, category) -> dict:
+def _holisafe_fields(row: dict, row_name: str, input_dir: Path | None) -> dict:
+    """A HoliSafe row's checked fields: `id`, `query`, `kind` (its type) and `image` (`("file", path, relative)` or
+    `("decoded", bytes or PIL image)`). Raises a `ValueError` naming the row and the field."""
     row_id = _require(row, row_name, "id", (str, int), "a string or integer")
     query = _require(row, row_name, "query", str, "a non-empty string")
     kind = _require(row, row_name, "type", str, f"one of {list(HOLISAFE_TYPES)}").upper()
@@ -464,15 +466,25 @@ def _holisafe_record(row, row_name, store, input_dir, label, category) -> dict:
         found = next((path for path in candidates if path.is_file()), None)
         if found is None:
             raise ValueError(f"{row_name}: field 'image' names {image!r}, not found under {str(input_dir)!r}.")
-        placed = store.place_file(found, relative)
+        source = ("file", found, relative)
     elif isinstance(image, dict) and image.get("bytes"):
-        placed = store.place_image(image["bytes"], _file_stem(row_id))
+        source = ("decoded", image["bytes"])
     elif hasattr(image, "convert"):
-        placed = store.place_image(image, _file_stem(row_id))
+        source = ("decoded", image)
     else:
         raise ValueError(f"{row_name}: field 'image' must be a relative path, image bytes or an image, got {image!r}.")
-    record = _record(row_id, placed, query, "", label, "holisafe", category, kind != "SSS")
-    record["holisafe_type"] = kind
+    return {"id": row_id, "query": query, "kind": kind, "image": source}
+
+
+def _holisafe_record(fields: dict, store: ImageStore, label, category) -> dict:
+    """The paper-schema record of a checked HoliSafe row; places its image."""
+    source = fields["image"]
+    if source[0] == "file":
+        placed = store.place_file(source[1], source[2])
+    else:
+        placed = store.place_image(source[1], _file_stem(fields["id"]))
+    record = _record(fields["id"], placed, fields["query"], "", label, "holisafe", category, fields["kind"] != "SSS")
+    record["holisafe_type"] = fields["kind"]
     return record
 
 
@@ -495,21 +507,21 @@ def convert_holisafe(
     mapping = load_mapping(mapping, "holisafe")
     _check_unmapped_policy(unmapped)
     planned, unmapped_ids = [], {}
-    for row_name, row in rows:
+    for row_name, row in rows:  # every row is checked before anything is written
         if not isinstance(row, dict):
             raise ValueError(f"{row_name}: must be a JSON object, got {row!r}.")
         label, category = _holisafe_label(row, row_name, mapping)
         if label is None:
             unmapped_ids.setdefault(category, []).append(str(row.get("id")))
         else:
-            planned.append((row_name, row, label, category))
+            planned.append((_holisafe_fields(row, row_name, Path(input_dir) if local else None), label, category))
     _check_unmapped(unmapped_ids, mapping, unmapped)
     output_dir = Path(output_dir)
     prepare_output(output_dir, overwrite)
     store = ImageStore(output_dir, split)
     records = [
-        _holisafe_record(row, row_name, store, Path(input_dir) if local else None, label, category)
-        for row_name, row, label, category in tqdm(planned, desc=f"Converting {split}", unit="row")
+        _holisafe_record(fields, store, label, category)
+        for fields, label, category in tqdm(planned, desc=f"Converting {split}", unit="row")
     ]
     _write_jsonl(output_dir / f"{split}.jsonl", records)
     return _finish(output_dir, "holisafe", mapping, {split: records}, unmapped_ids)
