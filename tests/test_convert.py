@@ -198,8 +198,9 @@ def test_output_folder_is_never_clobbered(vlguard, tmp_path):
     convert("vlguard", vlguard, out, splits=["test"])
     with pytest.raises(ValueError, match="--overwrite"):
         convert("vlguard", vlguard, out)
+    (out / "my_eval_notes.md").write_text("mine")
     convert("vlguard", vlguard, out, overwrite=True)
-    assert (out / "train.jsonl").is_file()
+    assert (out / "train.jsonl").is_file() and (out / "my_eval_notes.md").read_text() == "mine"
 
 
 def _holisafe_rows():

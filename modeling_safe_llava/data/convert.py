@@ -11,7 +11,8 @@ Each converter reads one source in its published layout and writes a self-contai
 - `OUT/images/{split}/...`: the images, hard-linked where possible, else copied (decoded images are saved as PNG).
 - `OUT/unmapped_report.json` (only with `unmapped="skip"` and skipped rows): the labels without a mapping.
 - `OUT/.safe_llava_convert.json`: a marker with the source, the mapping and the row counts. Only a folder holding
-  this marker may be replaced (`overwrite=True`); any other non-empty folder is refused.
+  this marker may be replaced (`overwrite=True`: its images, split files, report and marker are removed, other
+  files are kept); any other non-empty folder is refused.
 
 Sources:
 
@@ -174,8 +175,21 @@ def prepare_output(output_dir: Path, overwrite: bool):
             raise ValueError(
                 f"--output {str(output_dir)!r} holds a previous conversion; pass --overwrite to replace it."
             )
-        shutil.rmtree(output_dir)
+        _remove_previous_conversion(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _remove_previous_conversion(output_dir: Path):
+    """Removes what a previous conversion wrote (its images, split files, report and marker), nothing else."""
+    try:
+        splits = list(json.loads((output_dir / MARKER_NAME).read_text(encoding="utf-8"))["rows"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{str(output_dir / MARKER_NAME)!r} is damaged ({error}); remove the folder by hand.") from error
+    if (output_dir / "images").is_dir():
+        shutil.rmtree(output_dir / "images")
+    for name in [f"{split}.jsonl" for split in splits] + [UNMAPPED_REPORT, MARKER_NAME]:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()
 
 
 def _safe_relative(row_name: str, field: str, value: str) -> PurePosixPath:
