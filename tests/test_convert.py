@@ -252,8 +252,8 @@ def test_holisafe_parquet_and_hub_rows_with_decoded_images(tmp_path, monkeypatch
     hub = datasets.Dataset.from_list([{**row, "image": image} for row in rows])
     hub = hub.cast_column("image", datasets.Image())
     folder = tmp_path / "parquet"
-    folder.mkdir()
-    hub.to_parquet(str(folder / "test-00000.parquet"))
+    (folder / "data").mkdir(parents=True)
+    hub.to_parquet(str(folder / "data" / "test-00000.parquet"))  # a Hub download's layout
     convert("holisafe", folder, tmp_path / "out_parquet")
     assert [row["image"] for row in _rows(tmp_path / "out_parquet" / "test.jsonl")] == [
         "images/test/holisafe-1.png", "images/test/holisafe-2.png"

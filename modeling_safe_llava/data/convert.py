@@ -399,10 +399,16 @@ def convert_vlguard(input_dir, output_dir, splits=None, mapping=None, unmapped: 
 
 
 def _holisafe_local_rows(input_dir: Path) -> list[tuple[str, dict]]:
-    """`(row name, row)` of every `.json` / `.jsonl` / `.parquet` file directly in `input_dir` (sorted by name)."""
-    files = sorted(path for path in input_dir.iterdir() if path.suffix in HOLISAFE_EXTENSIONS and path.is_file())
-    if not files:
-        raise ValueError(f"{str(input_dir)!r} holds no {list(HOLISAFE_EXTENSIONS)} file of HoliSafe-Bench rows.")
+    """`(row name, row)` of every `.json` / `.jsonl` / `.parquet` file directly in `input_dir`, or else in its `data/`
+    subfolder (a Hub download's layout), sorted by name."""
+    for folder in (input_dir, input_dir / "data"):
+        files = sorted(p for p in folder.glob("*") if p.suffix in HOLISAFE_EXTENSIONS and p.is_file())
+        if files:
+            break
+    else:
+        raise ValueError(
+            f"{str(input_dir)!r} (and its data/ subfolder) holds no {list(HOLISAFE_EXTENSIONS)} file of HoliSafe-Bench rows."
+        )
     rows = []
     for path in files:
         if path.suffix == ".json":
