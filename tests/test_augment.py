@@ -54,6 +54,12 @@ def test_only_the_wrapped_split_is_augmented_and_none_leaves_it_alone():
     assert wrapped[0]["safe_level"] == 0
 
 
+def test_a_misspelt_augmentation_fails_before_training(tmp_path):
+    model, processor = build_tiny_safe_llava()
+    with pytest.raises(ValueError, match=r"Unknown image augmentation\(s\) \['flip'\]"):
+        train_stage1(model, processor, [], tmp_path / "s1", image_augmentation="invert,flip")
+
+
 def test_stage1_override_turns_augmentation_on_for_training_only(tmp_path, monkeypatch):
     seen = []
     original = augment.ImageAugmenter.__call__

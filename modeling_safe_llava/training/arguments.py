@@ -106,6 +106,11 @@ class DataArguments:
         },
     )
 
+    def __post_init__(self):
+        from .augment import parse_augmentations  # a typo fails here, before any row is loaded
+
+        parse_augmentations(self.image_augmentation)
+
 
 @dataclass
 class StageArguments:
