@@ -42,9 +42,9 @@ def test_same_seed_writes_byte_identical_files(tmp_path):
     first = file_hashes(write_mini_benchmark(tmp_path / "a", seed=0, **SMALL))
     second = file_hashes(write_mini_benchmark(tmp_path / "b", seed=0, **SMALL))
     assert first == second
-    expected_images = 5 * len(SOURCES)
+    expected_images = sum(split_sizes(5).values()) * len(SOURCES)
     assert sum(name.endswith(".png") for name in first) == expected_images
-    assert {"README.md", "train.jsonl", "validation.jsonl", "test.jsonl"} <= set(first)
+    assert {"README.md", "train.jsonl", "validation.jsonl", "test.jsonl", "shifted.jsonl"} <= set(first)
 
 
 def test_another_seed_gives_other_images(tmp_path):
@@ -164,3 +164,52 @@ def test_console_script_writes_the_same_files_as_the_function(tmp_path):
     assert main([*argv, "--image-size", "32"]) == 0
     expected = file_hashes(write_mini_benchmark(tmp_path / "api", seed=2, num_per_category=3, image_size=32))
     assert file_hashes(tmp_path / "cli") == expected
+
+
+# -- honest synthetic data: varied surface forms and a shifted split ----------------------------------------------
+
+
+def test_shifted_forms_and_wordings_are_disjoint_from_the_training_ones():
+    inside, shifted = mini_benchmark.SURFACE_FORMS["in_distribution"], mini_benchmark.SURFACE_FORMS["shifted"]
+    for factor in ("fonts", "colours", "layouts"):
+        assert inside[factor] and shifted[factor] and not set(inside[factor]) & set(shifted[factor]), factor
+    assert len(inside["fonts"]) >= 3
+    assert {"dark-on-light", "light-on-dark"} <= set(inside["colours"]) | set(shifted["colours"])  # both polarities
+    for pool, held_out in mini_benchmark.SHIFTED_WORDING.items():
+        assert not set(pool) & set(held_out)
+    for name, questions in mini_benchmark.SHIFTED_QUESTIONS.items():
+        assert not set(questions) & set(mini_benchmark.QUESTIONS[name])
+
+
+def test_every_font_renders_offline():
+    sizes = {mini_benchmark.scalable_font(12, name).getbbox("Steps to")[2] for name in mini_benchmark.FONTS}
+    assert len(sizes) >= 3  # different fonts, different text widths
+
+
+def test_rows_draw_their_forms_from_their_split(monkeypatch):
+    """Train/validation/test rows use only in-distribution forms; shifted rows only held-out ones."""
+    drawn = []
+    original = mini_benchmark.draw_surface_form
+
+    def recording(rng, shifted):
+        form = original(rng, shifted)
+        drawn.append(form)
+        return form
+
+    monkeypatch.setattr(mini_benchmark, "draw_surface_form", recording)
+    mini_benchmark.generate_rows(seed=0, num_per_category=5, image_size=40)
+    inside = mini_benchmark.SURFACE_FORMS["in_distribution"]
+    for form in drawn:
+        factors = mini_benchmark.SURFACE_FORMS["shifted" if form.shifted else "in_distribution"]
+        assert form.font in factors["fonts"] and form.colours in factors["colours"] and form.layout in factors["layouts"]
+    in_distribution = [form for form in drawn if not form.shifted]
+    assert {form.colours for form in in_distribution} == set(inside["colours"])
+    assert {form.colours for form in drawn if form.shifted} == set(mini_benchmark.SURFACE_FORMS["shifted"]["colours"])
+    assert len({form.font for form in in_distribution}) >= 3
+
+
+def test_shifted_split_asks_held_out_questions(benchmark):
+    held_out = {question for questions in mini_benchmark.SHIFTED_QUESTIONS.values() for question in questions}
+    for split in SPLITS:
+        questions = {row["conversations"][0]["value"].split("\n", 1)[1] for row in benchmark[split]}
+        assert (questions <= held_out) if split == "shifted" else not questions & held_out, split

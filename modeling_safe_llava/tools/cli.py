@@ -36,6 +36,10 @@ SUBCOMMANDS = {
         "modeling_safe_llava.data.mini_benchmark", "add_cli_arguments", "run_from_args",
         "write the offline mini safety benchmark to a folder",
     ),
+    "data": (
+        "modeling_safe_llava.data.convert", "add_cli_arguments", "run_from_args",
+        "convert a public safety dataset (VLGuard, HoliSafe-Bench) to the paper's schema",
+    ),
 }
 
 

@@ -4,7 +4,8 @@
 2. builds the embedded default SafeLlava: a small random vision tower in front of SmolLM2-135M (or a tiny LM);
 3. stage 1: trains the safety modules (head-only objective: the language model is not run);
 4. stage 2: LoRA on the language model, merged;
-5. evaluates the safety head on the test split (metrics, confusion matrices, threshold sweep);
+5. evaluates the safety head on the test split (metrics, confusion matrices, threshold sweep) and on the shifted
+   split (the same kinds of images in fonts, colours, layouts and wordings train never uses), side by side;
 6. exports a Hub-ready folder (safetensors, remote code, model card) and reloads it through
    the classes of its own remote-code files (as `AutoModel.from_pretrained(..., trust_remote_code=True)` does);
 7. judges held-out test images with the reloaded model and prints category, level, risk, action and answer;
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .embedded import LANGUAGE_MODELS, build_embedded_default
-from .evaluation import evaluate_safety_head
+from .evaluation import evaluate_with_shift
 from .hub import export_for_hub
 from ..data.mini_benchmark import build_mini_benchmark
 from .report import format_table, verdict_rows, write_html_report, write_png_report
@@ -82,8 +83,8 @@ def run_demo(
         **stage2_overrides,
     ).eval()
 
-    clock.step("evaluating the safety head on the test split")
-    metrics = evaluate_safety_head(model, processor, data["test"], output_dir / "evaluation")
+    clock.step("evaluating the safety head on the test split and the shifted split")
+    metrics = evaluate_with_shift(model, processor, data, output_dir / "evaluation", split="test")
 
     clock.step("exporting a Hub-ready folder and reloading it through remote code")
     training = _training_summary(output_dir, language_model, num_per_category, len(data["train"]))
@@ -178,10 +179,15 @@ def _write_results(output_dir, rows, shown, metrics, export_dir, model, seconds)
     images = [row["image"] for row in shown]
     write_html_report(rows, images, output_dir / "report.html", "SafeLlava demo: held-out test images", notes)
     write_png_report(rows, images, output_dir / "report.png")
+    shift = metrics["distribution_shift"]
     results = {
         "seconds": round(seconds, 1),
         "level_accuracy": metrics["level"]["accuracy"],
         "type_accuracy": metrics["type"]["accuracy"],
+        "risk_auroc": metrics["risk_auroc"],
+        "shifted_level_accuracy": shift["level accuracy"]["shifted"],
+        "shifted_type_accuracy": shift["type accuracy"]["shifted"],
+        "shifted_risk_auroc": shift["risky-vs-clean AUROC"]["shifted"],
         "export_dir": str(export_dir),
         "reloaded_class": f"{type(model).__module__}.{type(model).__name__}",
         "judged": rows,
@@ -192,12 +198,18 @@ def _write_results(output_dir, rows, shown, metrics, export_dir, model, seconds)
 
 def _closing_summary(results: dict) -> str:
     return (
-        f"\nsafety head on the held-out test split: level accuracy {results['level_accuracy']:.3f}, "
-        f"type accuracy {results['type_accuracy']:.3f}\n"
+        "\nsafety head          | test (in-distribution) | shifted (unseen forms)\n"
+        f"level accuracy       | {results['level_accuracy']:.3f}                  | {results['shifted_level_accuracy']:.3f}\n"
+        f"type accuracy        | {results['type_accuracy']:.3f}                  | {results['shifted_type_accuracy']:.3f}\n"
+        f"risky-vs-clean AUROC | {_rate(results['risk_auroc'])}                  | {_rate(results['shifted_risk_auroc'])}\n"
         f"exported to {results['export_dir']} (reloaded as {results['reloaded_class']})\n"
         f"reports: report.html, report.png, evaluation/ in {Path(results['export_dir']).parent}\n"
         f"finished in {results['seconds']:.0f} s"
     )
+
+
+def _rate(value) -> str:
+    return "n/a  " if value is None else f"{value:.3f}"
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

@@ -106,6 +106,18 @@ class DataArguments:
     synthetic_rows: int = field(
         default=64, metadata={"help": "Rows of the built-in synthetic dataset used without --train_file."}
     )
+    image_augmentation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Label-preserving augmentation of training images: a comma-separated subset of invert, affine "
+            "(modeling_safe_llava/training/augment.py); unset: none. Evaluation images are never augmented."
+        },
+    )
+
+    def __post_init__(self):
+        from .augment import parse_augmentations  # a typo fails here, before any row is loaded
+
+        parse_augmentations(self.image_augmentation)
 
 
 @dataclass

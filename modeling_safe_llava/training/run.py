@@ -23,6 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
 from .arguments import DataArguments, LoraArguments, ModelArguments, load_recipe, resolve_stage_arguments
+from .augment import with_augmentation
 from .collator import IGNORE_INDEX, SafeLlavaTrainingCollator
 from .data import data_root, load_safety_dataset, prepare_safety_dataset
 from .stages import prepare_for_stage, restore_checkpoint_weights, save_stage1, save_stage2, stage2_lora_config
@@ -89,6 +90,7 @@ def _train_stage(stage, model, processor, train_dataset, output_dir, recipe, eva
     training_args, data_args, lora_args = resolve_stage_arguments(stage, recipe, output_dir, **overrides)
     checkpoint = resolve_resume_checkpoint(training_args.resume_from_checkpoint, output_dir)
     train = _prepare_split(train_dataset, model.config, data_args, training_args, "train")
+    train = with_augmentation(train, data_args.image_augmentation, training_args.seed)
     evaluation = None
     if eval_dataset is not None:
         evaluation = _prepare_split(eval_dataset, model.config, data_args, training_args, "eval")
