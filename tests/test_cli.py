@@ -92,6 +92,11 @@ def cli_cases(root: Path) -> dict:
         "benchmark-data-succeeds": (
             ["benchmark-data", "--output", str(root / "new_benchmark"), *SMALL_BENCHMARK], 0, "Wrote the mini"
         ),
+        "data-convert-missing-input": (
+            ["data", "convert", "--source", "vlguard", "--input", str(root / "no_input"), "--output", str(root / "c")],
+            2,
+            "is not a folder",
+        ),
         "demo-output-under-a-file": (["demo", "--output-dir", str(root / "a_file" / "demo")], 2, "Not a directory"),
     }
 
@@ -115,7 +120,7 @@ def cli_runs(tmp_path_factory):
 
 CASE_NAMES = [
     "export-succeeds", "evaluate-missing-model", "audit-missing-model", "calibrate-missing-model", "push-not-an-export",
-    "benchmark-data-succeeds", "demo-output-under-a-file",
+    "benchmark-data-succeeds", "data-convert-missing-input", "demo-output-under-a-file",
 ]  # fmt: skip
 
 
