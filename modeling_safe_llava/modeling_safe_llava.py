@@ -26,11 +26,13 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers import AutoModel, GenerationMixin
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     LlavaModel,
     LlavaModelOutputWithPast,
+    LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
 from transformers.utils import logging
@@ -141,12 +143,16 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
     config_class = SafeLlavaConfig
 
     def __init__(self, config: SafeLlavaConfig):
-        super().__init__(config)  # builds the vision tower, projector and language model, then post_init()
+        # LlavaModel's modules, then the safety module, then one post_init() (LlavaModel.__init__ would run post_init()
+        # before the safety module exists, and a second one would initialise the stock weights twice).
+        LlavaPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.safety_module = SafeLlavaSafetyModule(config)
-        # LlavaModel.__init__ already marked this module initialised, which would skip the safety module's init.
-        self._is_hf_initialized = False
         self.post_init()
 
+    @can_return_tuple
     def get_image_features(self, pixel_values, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
         """
         LLaVA's image features with the LLM safety tokens first: `pooler_output` is a list with one
@@ -228,6 +234,7 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
                 image_sizes=image_sizes,
+                return_dict=True,
                 **asked,
             )
             mm_encoder_outputs, pixel_values = {"image": image_outputs}, None
@@ -251,7 +258,7 @@ class SafeLlavaModel(LlavaModel, SafeLlavaPreTrainedModel):
         return SafeLlavaModelOutputWithPast(**outputs, **safety)
 
 
-class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlavaPreTrainedModel):
+class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlavaPreTrainedModel, GenerationMixin):
     """
     LLaVA-1.5 with the safety module. `forward` is stock LLaVA's plus the safety logits; `generate` is stock's with the
     verdict in front (see `policy_safe_llava.generate_with_safety`).

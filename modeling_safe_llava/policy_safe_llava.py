@@ -461,9 +461,12 @@ class SafetyGenerationPlan:
         """No image: nothing to judge. Stock generation, with an all-"allow" assessment attached."""
         if input_ids is not None:
             self.model.check_input_ids(input_ids)
-        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        output = run_governed(stock_generate, *args, **self.kwargs)
+        if not isinstance(output, ModelOutput):
+            return output
+        batch_size = output.sequences.shape[0] // (self.config.num_return_sequences or 1)
         assessment = self._assess(*self.model.model.safety_module.no_image_logits(batch_size), None)
-        return self._with_assessment(run_governed(stock_generate, *args, **self.kwargs), assessment)
+        return self._with_assessment(output, assessment)
 
     def _image_outputs(self):
         pixel_values = self.kwargs.get("pixel_values")

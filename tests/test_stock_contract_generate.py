@@ -71,6 +71,13 @@ def test_dict_outputs_scores_logits_and_transition_scores_equal_stock(pair, mode
     assert isinstance(actual, stock_class), f"{type(actual).__name__} is not a {stock_class.__name__}"
 
 
+def test_generate_from_nothing_but_the_bos_token(pair, mode):
+    """No input_ids, no image: stock starts from BOS; nothing to judge, so SafeLlava gives stock's tokens."""
+    stock, safe, _ = pair
+    expected, actual = generate_both(stock, safe, mode, do_sample=False, return_dict_in_generate=True, **NEW)
+    assert_same(expected.sequences, actual.sequences, "sequences from BOS")
+
+
 def test_assisted_decoding_with_the_model_as_its_own_assistant(pair, mode):
     stock, safe, processor = pair
     inputs = image_inputs(processor, questions=("What is shown in this image?",))  # assisted decoding: batch 1
