@@ -144,10 +144,14 @@ def scan_pickle_paths(source: str, filename: str = "<snippet>") -> list[str]:
 def repository_python_files() -> list[Path]:
     """Our Python files: the package, scripts, examples and benchmarks. Not the virtual environment, and not the
     tests, which pass `use_safetensors=False` and the like on purpose to check that they are refused."""
-    skipped = {".venv", "venv", ".git", "build", "dist", ".hypothesis", "__pycache__", ".eggs", "tests"}
-    return sorted(
-        path for path in REPO_ROOT.rglob("*.py") if not skipped.intersection(path.relative_to(REPO_ROOT).parts)
-    )
+    skipped = {"venv", "build", "dist", "__pycache__", "tests"}
+
+    def ours(path: Path) -> bool:
+        parts = path.relative_to(REPO_ROOT).parts
+        # Hidden folders (.venv, .venv-newest, .git, .hypothesis, ...) hold no code of ours.
+        return not skipped.intersection(parts) and not any(part.startswith(".") for part in parts)
+
+    return sorted(path for path in REPO_ROOT.rglob("*.py") if ours(path))
 
 
 # -- the real files ---------------------------------------------------------------------------------------------------
