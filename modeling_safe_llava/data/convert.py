@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_json_preset
+from ..tools.loading import read_json_list
 from .mini_benchmark import ASSISTANT_ROLE, IMAGE_PLACEHOLDER, USER_ROLE
 
 
@@ -271,16 +272,6 @@ def _check_unmapped(unmapped: dict, mapping: TaxonomyMapping, policy: str):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _read_json_list(path: Path) -> list:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON ({error}).") from error
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} must hold a JSON list of rows, got a {type(rows).__name__}.")
-    return rows
-
-
 def _require(row: dict, row_name: str, field: str, kinds, what: str):
     value = row.get(field) if isinstance(row, dict) else None
     if value is None or not isinstance(value, kinds) or (isinstance(value, str) and not value.strip()):
@@ -340,7 +331,7 @@ def convert_vlguard_split(input_dir: Path, split: str, mapping: TaxonomyMapping)
     """
     path = input_dir / f"{split}.json"
     plans, unmapped = [], {}
-    for index, row in enumerate(_read_json_list(path)):
+    for index, row in enumerate(read_json_list(path, "VLGuard file")):
         row_name = f"{path.name} row {index}" + (f" (id {row.get('id')!r})" if isinstance(row, dict) else "")
         if not isinstance(row, dict):
             raise ValueError(f"{row_name}: must be a JSON object, got {row!r}.")
@@ -420,7 +411,7 @@ def _holisafe_local_rows(input_dir: Path) -> list[tuple[str, dict]]:
     rows = []
     for path in files:
         if path.suffix == ".json":
-            content = _read_json_list(path)
+            content = read_json_list(path, "HoliSafe-Bench file")
         elif path.suffix == ".jsonl":
             content = _read_jsonl(path)
         else:

@@ -4,6 +4,7 @@ inputs, loading a saved model, and the command-line options both tools take."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import struct
 from pathlib import Path
@@ -78,6 +79,18 @@ def _upright_rgb(image: Image.Image) -> Image.Image:
 
 def _unreadable(error: BaseException) -> ValueError:
     return ValueError(f"unreadable image ({type(error).__name__}: {error})")
+
+
+def read_json_list(path: Path, what: str) -> list:
+    """The JSON list in `path`, parsed by `json` (so that `1` and `1.0` stay distinct); a clear error naming `what` the
+    file is, and the problem, otherwise."""
+    try:
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({error}).") from error
+    if not isinstance(rows, list):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON list of rows, got a {type(rows).__name__}.")
+    return rows
 
 
 def first_user_question(conversations) -> str:

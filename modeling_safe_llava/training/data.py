@@ -33,7 +33,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..tools.loading import load_image
+from ..tools.loading import load_image, read_json_list
 
 
 logger = logging.getLogger(__name__)
@@ -122,13 +122,7 @@ def read_json_records(path: Path) -> list:
     """The records of a `.json` file (one list) or a `.jsonl` file (one per non-blank line), as parsed by `json`,
     so that `1` and `1.0` stay distinct."""
     if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"Training data {str(path)!r} is not valid JSON ({error}).") from error
-        if not isinstance(records, list):
-            raise ValueError(f"Training data {str(path)!r} must hold a JSON list of records, got a {type(records).__name__}.")
-        return records
+        return read_json_list(path, "Training data")
     records = []
     with path.open(encoding="utf-8") as lines:
         for number, line in enumerate(lines, start=1):
