@@ -125,6 +125,14 @@ class SafeLlavaPreTrainedModel(LlavaPreTrainedModel):
     config_class = SafeLlavaConfig
     _no_split_modules = ["SafeLlavaSafetyHead", "SafeLlavaCAbstractor"]
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Initialised like transformers' own models. For custom code, transformers skips every module whose own
+        parameters are already flagged, which is vacuously true of a module without parameters of its own, so CLIP's
+        attention and MLP init would be skipped on weights a checkpoint lacks. Every SafeLlava init goes through
+        `transformers.initialization`, which flags each parameter, so that shortcut is not needed."""
+        return False
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # Bare parameters are not covered by the generic init: without this they would keep uninitialised memory

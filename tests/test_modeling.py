@@ -235,3 +235,26 @@ def test_safety_forward_matches_forward_without_running_the_language_model(tiny_
     assert torch.allclose(alone.loss, model.config.safety_loss_weight * full.safety_loss, atol=1e-5)
     alone.loss.backward()
     assert model.model.safety_module.head.level_classifier.weight.grad.abs().sum() > 0
+
+
+def test_weights_a_checkpoint_lacks_are_initialised_as_in_init(tiny_safe_llava, monkeypatch):
+    """Meta-device loading then `_init_weights` gives the weights `__init__` gives (CLIP's own attention and MLP init
+    included), as for stock LLaVA; each module's init is seeded so that both paths draw the same numbers."""
+    import copy
+
+    from transformers import PreTrainedModel, set_seed
+
+    model, _ = tiny_safe_llava
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        set_seed(42)
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
+    from_init = SafeLlavaForConditionalGeneration(copy.deepcopy(model.config)).state_dict()
+    from_meta = SafeLlavaForConditionalGeneration.from_pretrained(
+        None, config=copy.deepcopy(model.config), state_dict={}
+    ).state_dict()
+    differing = [name for name in from_init if not torch.equal(from_init[name], from_meta[name])]
+    assert differing == []
