@@ -125,6 +125,15 @@ class SafeLlavaConfig(LlavaConfig):
         # Always SafeLlava's own classes: an auto_map read from a checkpoint could name another repository's code.
         self.auto_map = dict(AUTO_MAP)
 
+    @classmethod
+    def from_llava_config(cls, llava_config, **safety_fields) -> "SafeLlavaConfig":
+        """A SafeLlava config with every field of a stock `LlavaConfig` (its image sequence length recomputed) and the
+        given SafeLlava fields."""
+        fields = llava_config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version", "image_seq_length"):
+            fields.pop(key, None)
+        return cls(**fields, **safety_fields)
+
     @property
     def risky_type_labels(self) -> list[str]:
         """Every type name but the last (clean) one."""

@@ -53,6 +53,7 @@ from .policy_safe_llava import (
     SafetyPolicy,
     assess_logits,
     generate_with_safety,
+    generation_config_with_threshold,
 )
 
 
@@ -324,14 +325,14 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
             model = cls._from_llava_model(model_or_path, config_overrides)
         else:
             model = cls._from_llava_checkpoint(model_or_path, config_overrides, load_kwargs)
-        model.generation_config = _generation_config_with_threshold(model.generation_config, model.config)
+        model.generation_config = generation_config_with_threshold(model.generation_config, model.config.safety_threshold)
         if processor is not None:
             model.tokenize_safety_texts(processor)
         return model
 
     @classmethod
     def _from_llava_model(cls, llava, config_overrides):
-        config = SafeLlavaConfig(**_llava_config_dict(llava.config), **config_overrides)
+        config = SafeLlavaConfig.from_llava_config(llava.config, **config_overrides)
         model = cls(config).to(dtype=llava.dtype, device=llava.device)
         missing, unexpected = model.load_state_dict(llava.state_dict(), strict=False)
         _check_only_safety_weights_missing(missing, unexpected)
@@ -346,7 +347,7 @@ class SafeLlavaForConditionalGeneration(LlavaForConditionalGeneration, SafeLlava
         llava_config = AutoConfig.from_pretrained(path, **hub_kwargs)
         if llava_config.model_type != "llava":
             raise ValueError(f"from_llava expects a 'llava' checkpoint, {path!r} has model_type {llava_config.model_type!r}.")
-        config = SafeLlavaConfig(**_llava_config_dict(llava_config), **config_overrides)
+        config = SafeLlavaConfig.from_llava_config(llava_config, **config_overrides)
         model, info = super().from_pretrained(path, config=config, output_loading_info=True, **_safetensors_only(load_kwargs))
         _check_only_safety_weights_missing(info["missing_keys"], info["unexpected_keys"])
         model.config.safety_modules_trained = False
@@ -649,13 +650,6 @@ def _safetensors_only(load_kwargs: dict) -> dict:
 _LOAD_KWARGS = ("dtype", "device_map", "revision", "cache_dir", "local_files_only", "token", "attn_implementation")
 
 
-def _llava_config_dict(llava_config) -> dict:
-    config_dict = llava_config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "image_seq_length"):
-        config_dict.pop(key, None)
-    return config_dict
-
-
 def _check_only_safety_weights_missing(missing, unexpected):
     not_safety = sorted(k for k in missing if not k.startswith(SAFETY_PARAMETER_PREFIXES))
     if not_safety or unexpected:
@@ -663,14 +657,6 @@ def _check_only_safety_weights_missing(missing, unexpected):
             "The LLaVA weights do not match this SafeLlava configuration: "
             f"missing {not_safety[:10]}, unexpected {sorted(unexpected)[:10]}."
         )
-
-
-def _generation_config_with_threshold(generation_config, config) -> GenerationConfig:
-    """A generation config that keeps `safety_threshold` through save/load (one built "from the model config" drops
-    custom keys when reloaded)."""
-    values = {k: v for k, v in generation_config.to_diff_dict().items() if not k.startswith("_")}
-    values["safety_threshold"] = config.safety_threshold
-    return GenerationConfig(**values)
 
 
 __all__ = [

@@ -716,6 +716,14 @@ def _cut_at_stop_strings(tokens: list[int], stop_strings, tokenizer) -> list[int
     return tokens
 
 
+def generation_config_with_threshold(generation_config, safety_threshold: float):
+    """A copy of `generation_config` that keeps `safety_threshold` through save/load (one built "from the model config"
+    drops custom keys when reloaded)."""
+    values = {k: v for k, v in generation_config.to_diff_dict().items() if not k.startswith("_")}
+    values["safety_threshold"] = safety_threshold
+    return type(generation_config)(**values)
+
+
 def select_images(image_outputs, images_per_row: list[int], rows: list[int]) -> BaseModelOutputWithPooling:
     """The encoded images of `rows` (`pooler_output` is a list with one tensor per image, in row order), with their
     vision hidden states."""
