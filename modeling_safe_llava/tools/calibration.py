@@ -83,7 +83,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .evaluation import _batches, _check_dataset, _check_positive_int, _column, _new_figure, load_evaluation_data
+from .evaluation import (
+    _batches,
+    _check_dataset,
+    _check_positive_int,
+    _column,
+    _new_figure,
+    finish_flag_rate_plot,
+    load_evaluation_data,
+)
 from .loading import first_user_question, image_prompt, load_image, load_model_and_processor, model_description
 from .loading import processor_batch
 
@@ -592,14 +600,10 @@ def plot_thresholds(path: Path, risk, is_risky, report: dict):
         for name, value in report["thresholds"].items():
             axes.axvline(value, color="grey", linestyle="-.", linewidth=0.8)
             axes.text(value, 0.5, name, rotation=90, fontsize=6, va="center")
-    axes.set_xlim(0, 1)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("safety_threshold (flag iff risk > threshold), calibrated risk")
-    axes.set_ylabel("share of validation rows flagged")
-    axes.legend(fontsize=7, loc="best")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
+    finish_flag_rate_plot(
+        figure, axes, path, "safety_threshold (flag iff risk > threshold), calibrated risk",
+        "share of validation rows flagged", 7,
+    )
 
 
 def _interval_text(entry: dict) -> str:

@@ -587,11 +587,18 @@ def plot_threshold_sweep(path: Path, sweep: list[dict], model_threshold: float |
     if suggested is not None:
         label = f"best balanced accuracy {suggested['threshold']:g}"
         axes.axvline(suggested["threshold"], color="green", linestyle=":", label=label)
+    finish_flag_rate_plot(
+        figure, axes, path, "safety_threshold (flag iff 1 - P(level 0) > threshold)", "share of rows flagged", 8
+    )
+
+
+def finish_flag_rate_plot(figure, axes, path: Path, xlabel: str, ylabel: str, legend_size: int):
+    """Axes of a flag-rate-against-threshold plot (both in [0, 1]), legend and grid; saves the PNG to `path`."""
     axes.set_xlim(0, 1)
     axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel("safety_threshold (flag iff 1 - P(level 0) > threshold)")
-    axes.set_ylabel("share of rows flagged")
-    axes.legend(fontsize=8, loc="best")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize=legend_size, loc="best")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
