@@ -21,6 +21,7 @@ setup(
         "modeling_safe_llava.training",
         "modeling_safe_llava.tools",
         "modeling_safe_llava.data",
+        "modeling_safe_llava.fileio",
         *[f"modeling_safe_llava.presets.{kind}" for kind in PRESET_KINDS],
     ],
     package_dir={f"modeling_safe_llava.presets.{kind}": kind for kind in PRESET_KINDS},

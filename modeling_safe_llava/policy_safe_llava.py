@@ -17,7 +17,7 @@ import contextvars
 import copy
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
@@ -109,6 +109,7 @@ class SafetyPolicy:
         self.refusals = {**paper_refusals, **_check_refusals(_check_type_keys("safety_refusals", self.refusals or {}, risky))}
         if self.text_token_ids is not None and not isinstance(self.text_token_ids, dict):
             raise ValueError(f"safety_text_token_ids must be a dict, got {type(self.text_token_ids).__name__}.")
+        self.check_texts_for(self.actions)
 
     @property
     def risky_types(self) -> list[str]:
@@ -168,7 +169,35 @@ class SafetyPolicy:
             )
         for name, levels in _check_type_keys("safety_actions", safety_actions, self.risky_types).items():
             actions[name] = check_action_list(name, levels)
+        self.check_texts_for(actions)
         return actions
+
+    def check_texts_for(self, actions: dict):
+        """Raises unless every `hint` in `actions` has a non-empty hint text at its level (refusal texts are never
+        empty: `__post_init__` checks them)."""
+        for name, per_level in actions.items():
+            for level, action in enumerate(per_level):
+                if action == "hint" and not self.hints[name][level].strip():
+                    raise ValueError(
+                        f"The policy hints at ({name!r}, level {level}) but safety_hints[{name!r}][{level}] is empty; "
+                        "give that level a hint text or another action."
+                    )
+
+    def needs_texts(self) -> bool:
+        """Whether any action is a hint or a refusal (then `text_token_ids` must be set before `generate`)."""
+        return any(action != "allow" for per_level in self.actions.values() for action in per_level)
+
+    def check_tokenized_by(self, processor_or_tokenizer):
+        """Raises unless `text_token_ids` are this policy's texts as tokenized by `processor_or_tokenizer` (a policy
+        that never hints or refuses needs none)."""
+        if not self.needs_texts():
+            return
+        expected = replace(self, text_token_ids=None).tokenize(processor_or_tokenizer)
+        if (self.text_token_ids or {}) != expected:
+            raise ValueError(
+                "safety_text_token_ids do not match the hints/refusals tokenized by this processor; call "
+                "model.tokenize_safety_texts(processor) after the last change of the policy texts."
+            )
 
     def tokenize(self, processor_or_tokenizer) -> dict:
         """The hints, refusals and the assistant-turn marker as token ids of `processor_or_tokenizer` (anything with
@@ -205,13 +234,14 @@ def assistant_prefix_ids(processor_or_tokenizer) -> list[int]:
     return with_prompt[common:]
 
 
-def check_probability(name: str, value) -> float:
-    """`value` as a float in [0, 1]: Python and numpy numbers of every width; bools, NaN and the rest raise."""
+THRESHOLD_FORMS = "None, a number in [0, 1], or a dict {risky type name: number in [0, 1]}"
+
+
+def check_probability(name: str, value, accepted: str = THRESHOLD_FORMS) -> float:
+    """`value` as a float in [0, 1]: Python and numpy numbers of every width; bools, NaN and the rest raise, naming
+    `accepted` forms. The project's one [0, 1] check (thresholds, generation configs, evaluation sweeps)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise ValueError(
-            f"{name} {value!r} cannot be applied; accepted: None, a number in [0, 1], or a dict "
-            "{risky type name: number in [0, 1]}."
-        )
+        raise ValueError(f"{name} {value!r} cannot be applied; accepted: {accepted}.")
     return float(value)
 
 
@@ -716,11 +746,19 @@ def _cut_at_stop_strings(tokens: list[int], stop_strings, tokenizer) -> list[int
     return tokens
 
 
-def generation_config_with_threshold(generation_config, safety_threshold: float):
-    """A copy of `generation_config` that keeps `safety_threshold` through save/load (one built "from the model config"
-    drops custom keys when reloaded)."""
+def generation_config_with_threshold(generation_config, default_threshold: float):
+    """
+    The one builder of a SafeLlava generation config: a copy of `generation_config` whose `safety_threshold` (its own,
+    else `default_threshold`, e.g. `config.safety_threshold`) is checked to be in [0, 1] and survives save/load (a
+    config built "from the model config" drops custom keys when reloaded). Used by `from_llava`, export and
+    calibration alike.
+    """
     values = {k: v for k, v in generation_config.to_diff_dict().items() if not k.startswith("_")}
-    values["safety_threshold"] = safety_threshold
+    values.pop("transformers_version", None)
+    threshold = values.get("safety_threshold")
+    values["safety_threshold"] = check_probability(
+        "generation_config.safety_threshold", default_threshold if threshold is None else threshold
+    )
     return type(generation_config)(**values)
 
 

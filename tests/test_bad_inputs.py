@@ -38,8 +38,8 @@ PATCHES = {
     "P5": "P5 (check_model_inputs: dtypes, shapes, devices, vocabulary, length)",
     "P6": "P6 (safetensors-only loading)",
     "P7": "P7 (processor decodes images eagerly and scales 16/32-bit modes)",
-    "D1": "D1 (tools/loading.py load_image (training data) must composite alpha like the processor; owner: data loading)",
-    "D2": "D2 (tools/loading.py load_image (audit/evaluate) must composite alpha like the processor; owner: audit/evaluate)",
+    "D1": "D1 (fileio/images.py load_image (training data) must composite alpha like the processor; owner: data loading)",
+    "D2": "D2 (fileio/images.py load_image (audit/evaluate) must composite alpha like the processor; owner: audit/evaluate)",
     "C1": "C1 (cli.build_parser imports no subcommand module for an unknown command)",
 }
 
@@ -696,13 +696,13 @@ def load_training_data(source):
 
 
 def data_load_image(env):
-    from modeling_safe_llava.tools.loading import load_image
+    from modeling_safe_llava.fileio import load_image
 
     return load_image(env.file("data_transparent.png", png_bytes(transparent_rgba())))
 
 
 def audit_load_image(env, path=None):
-    from modeling_safe_llava.tools.loading import load_image
+    from modeling_safe_llava.fileio import load_image
 
     return load_image(path or env.file("audit_transparent.png", png_bytes(transparent_rgba())))
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from modeling_safe_llava.tools import hub as hub_module
 from modeling_safe_llava import load_safety_policy
-from modeling_safe_llava.tools.folders import MARKER_FILE
+from modeling_safe_llava.fileio import MARKER_FILE
 from modeling_safe_llava.tools.hub import export_for_hub, push_to_hub, verify_export_folder
 from modeling_safe_llava.tools.model_card import ModelFacts, format_metric, model_facts, render_model_card
 from modeling_safe_llava.tiny import build_tiny_safe_llava

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_json_preset
-from ..tools.loading import read_json_list
+from ..fileio import read_json_list
 from .mini_benchmark import ASSISTANT_ROLE, IMAGE_PLACEHOLDER, USER_ROLE
 
 

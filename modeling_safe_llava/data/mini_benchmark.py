@@ -63,7 +63,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_safety_policy
-from ..tools.folders import check_replaceable, write_marker
+from ..fileio import check_replaceable, write_marker
 
 
 logger = logging.getLogger(__name__)

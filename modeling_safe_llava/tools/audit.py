@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..fileio import MARKER_FILE, has_marker, load_image, write_marker
 from .audit_distributed import (
     DistributedContext,
     append_records,
@@ -49,12 +50,10 @@ from .audit_report import (
     write_shares_csv,
 )
 from .audit_sources import DatasetSource, FolderSource, StreamingSource, load_dataset_source, make_source
-from .folders import MARKER_FILE, has_marker, write_marker
 from .loading import (
     DEFAULT_QUESTION,
     add_model_cli_arguments,
     image_prompt,
-    load_image,
     load_model_and_processor,
     model_description,
     processor_batch,

@@ -17,7 +17,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from .loading import IMAGE_EXTENSIONS
+from ..fileio import IMAGE_EXTENSIONS
 
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}

@@ -83,6 +83,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..fileio import load_image
+from ..policy_safe_llava import generation_config_with_threshold
 from .evaluation import (
     _batches,
     _check_dataset,
@@ -92,7 +94,7 @@ from .evaluation import (
     finish_flag_rate_plot,
     load_evaluation_data,
 )
-from .loading import first_user_question, image_prompt, load_image, load_model_and_processor, model_description
+from .loading import first_user_question, image_prompt, load_model_and_processor, model_description
 from .loading import processor_batch
 
 
@@ -443,12 +445,10 @@ def apply_calibration(model, report: dict):
 
 def save_calibrated_model(model, processor, folder: Path) -> Path:
     """`save_pretrained` of model and processor (remote code included), and a generation config that keeps the
-    default `safety_threshold` (see `tools.hub.export_generation_config`)."""
-    from .hub import export_generation_config
-
+    default `safety_threshold` (`policy_safe_llava.generation_config_with_threshold`)."""
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    export_generation_config(model).save_pretrained(folder)
+    generation_config_with_threshold(model.generation_config, model.config.safety_threshold).save_pretrained(folder)
     return folder
 
 

@@ -43,13 +43,14 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..fileio import load_image
+from ..policy_safe_llava import check_probability
 from .loading import (
     add_model_cli_arguments,
     describe_thresholds,
     first_user_question,
     image_prompt,
     load_model_and_processor,
-    load_image,
     model_description,
     processor_batch,
     resolved_thresholds,
@@ -139,8 +140,7 @@ def check_thresholds(thresholds) -> list[float]:
         raise ValueError(f"thresholds must be a list of numbers in [0, 1] or None, got {thresholds!r}.")
     values = list(thresholds)
     for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"Every threshold must be a number in [0, 1], got {value!r} in {values!r}.")
+        check_probability(f"threshold (in {values!r})", value, accepted="a list of numbers in [0, 1]")
     if not values:
         raise ValueError("thresholds must hold at least one number in [0, 1].")
     return sorted({float(value) for value in values})

@@ -25,12 +25,11 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 from huggingface_hub.utils import validate_repo_id
-from transformers import GenerationConfig
-
 from .. import pipeline_safe_llava
 from ..configuration_safe_llava import SafeLlavaConfig
+from ..fileio import MARKER_FILE, check_replaceable, write_marker
+from ..policy_safe_llava import SafetyPolicy, generation_config_with_threshold
 from .calibration import check_calibration_applied, load_calibration
-from .folders import MARKER_FILE, check_replaceable, write_marker
 from .model_card import (
     DEFAULT_BASE_MODEL,
     DEFAULT_LICENSE,
@@ -113,7 +112,7 @@ def export_for_hub(
         ValueError: untrained safety modules (without `allow_untrained_safety`), a PEFT/LoRA model, a processor that
             does not fit the model, bad evaluation/training input, a pickle file in the folder, an `output_dir` under a
             file, or an existing folder that an earlier export did not write (it lacks the marker file
-            `.safe-llava-output.json`). `folders.FolderNotEmptyError` (a FileExistsError): `output_dir` holds files
+            `.safe-llava-output.json`). `fileio.FolderNotEmptyError` (a FileExistsError): `output_dir` holds files
             and `overwrite` is False.
     """
     output_dir = Path(output_dir).absolute()
@@ -122,7 +121,7 @@ def export_for_hub(
     check_evaluation_matches(model.config, evaluation)
     calibration, _ = load_calibration(calibration)
     if calibration is not None:
-        check_calibration_applied(model.config, export_generation_config(model).safety_threshold, calibration)
+        check_calibration_applied(model.config, generation_config_with_threshold(model.generation_config, model.config.safety_threshold).safety_threshold, calibration)
     training = check_training(training)
     card_metadata(base_model, license, is_demo=False)  # validates the metadata before any heavy work
     check_replaceable(output_dir, EXPORT_COMMAND, overwrite)
@@ -175,7 +174,7 @@ def check_exportable(model, processor, allow_untrained_safety: bool = False):
             "as giving no protection."
         )
     check_processor_fits(config, processor)
-    check_policy_texts(config, processor)
+    SafetyPolicy.from_config(config).check_tokenized_by(processor)
 
 
 def check_processor_fits(config, processor):
@@ -188,30 +187,6 @@ def check_processor_fits(config, processor):
         )
     if getattr(processor, "chat_template", None) is None:
         raise ValueError("The processor has no chat template; SafeLlava places safe hints with it, so it must ship.")
-
-
-def check_policy_texts(config, processor):
-    """Every `hint`/`refuse` action needs its text, tokenized by this processor into `config.safety_text_token_ids`."""
-    hints, refusals = config.safety_hints or {}, config.safety_refusals or {}
-    needs_texts = False
-    for type_name, actions in config.safety_actions.items():
-        for level, action in enumerate(actions):
-            if action == "hint" and not (hints.get(type_name) or [""] * 4)[level].strip():
-                raise ValueError(
-                    f"The policy hints at ({type_name!r}, level {level}) but config.safety_hints has no text for it."
-                )
-            if action == "refuse" and not refusals.get(type_name, "").strip():
-                raise ValueError(f"The policy refuses {type_name!r} but config.safety_refusals has no text for it.")
-            needs_texts = needs_texts or action != "allow"
-    if not needs_texts:
-        return
-    expected = processor.encode_safety_texts(hints=config.safety_hints, refusals=config.safety_refusals)
-    expected = json.loads(json.dumps(expected))  # the config holds them as JSON (lists, string keys)
-    if json.loads(json.dumps(config.safety_text_token_ids or {})) != expected:
-        raise ValueError(
-            "config.safety_text_token_ids does not match the hints/refusals tokenized by this processor; call "
-            "model.tokenize_safety_texts(processor) after the last change of the policy texts, then export."
-        )
 
 
 def load_evaluation(evaluation) -> tuple[dict | None, str | None]:
@@ -289,7 +264,7 @@ def write_export_folder(
     model.save_pretrained(folder, max_shard_size=max_shard_size)  # transformers 5 writes safetensors only
     logger.info("Writing the processor")
     processor.save_pretrained(folder)
-    generation_config = export_generation_config(model)
+    generation_config = generation_config_with_threshold(model.generation_config, model.config.safety_threshold)
     generation_config.save_pretrained(folder)
     if evaluation is not None:
         (folder / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
@@ -384,19 +359,6 @@ def check_custom_pipelines(folder: Path, custom_pipelines) -> None:
                 f"{folder}/config.json: custom_pipelines[{task!r}] = {info!r} does not name a class in a file of this "
                 f"folder (accepted: 'impl': 'module.Class' with module.py one of {list(REMOTE_CODE_FILES)} present)."
             )
-
-
-def export_generation_config(model) -> GenerationConfig:
-    """The model's generation config with `safety_threshold` set (from the config when absent), built so that the
-    custom key survives reloading (a config flagged "from model config" would drop it)."""
-    values = {k: v for k, v in model.generation_config.to_diff_dict().items() if not k.startswith("_")}
-    values.pop("transformers_version", None)
-    threshold = values.get("safety_threshold")
-    threshold = model.config.safety_threshold if threshold is None else threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"generation_config.safety_threshold must be a number in [0, 1], got {threshold!r}.")
-    values["safety_threshold"] = float(threshold)
-    return GenerationConfig(**values)
 
 
 def verify_export_folder(folder) -> Path:
@@ -617,7 +579,7 @@ def push_to_hub(
         repo_type="model",
         revision=revision,
         commit_message=commit_message,
-        ignore_patterns=[MARKER_FILE],  # local bookkeeping (see tools/folders.py), not part of the model repository
+        ignore_patterns=[MARKER_FILE],  # local bookkeeping (see fileio/folders.py), not part of the model repository
     )
 
 

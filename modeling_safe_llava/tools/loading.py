@@ -1,96 +1,14 @@
-"""Helpers shared by the tools and the training data: decoding images, building prompts, batching processor
-inputs, loading a saved model, and the command-line options both tools take."""
+"""What the tools share: prompts for images, batching processor inputs, loading a saved model, and the
+command-line options every tool that loads a model takes. (Decoding images and reading record files is
+`modeling_safe_llava.fileio`, below the tools, training and data.)"""
 
 from __future__ import annotations
 
-import io
-import json
-import logging
-import struct
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
-from ..processing_safe_llava import rgb_array
-
-
-logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 USER_ROLES = ("USER", "user", "human")
 IMAGE_PLACEHOLDER = "<image>"
 DEFAULT_QUESTION = "What is shown in this image?"
-# What Pillow raises for a file that is not a readable image (UnidentifiedImageError and truncation are OSErrors;
-# some broken PNG chunks raise SyntaxError).
-_PILLOW_DECODE_ERRORS = (OSError, SyntaxError, EOFError, Image.DecompressionBombError)
-# What reading a malformed EXIF block can raise.
-_EXIF_ERRORS = (*_PILLOW_DECODE_ERRORS, ValueError, TypeError, KeyError, IndexError, struct.error)
-
-
-def load_image(value) -> Image.Image:
-    """
-    Opens and decodes one image as RGB (first frame of an animation), exactly as `SafeLlavaProcessor` renders it
-    (16-bit samples scaled, transparency composited onto white), so that training, evaluation and audits see what
-    inference sees. The EXIF orientation is applied (`PIL.ImageOps.exif_transpose`), so a phone photo stored
-    sideways is judged upright, as the person saw it. The one image loader of the project's tools.
-
-    Args:
-        value: a `PIL.Image.Image`, a path (`str` / `os.PathLike`), encoded `bytes`, or a `datasets.Image(decode=False)`
-            value `{"bytes": ..., "path": ...}`.
-
-    Raises:
-        ValueError: the value is of another kind, or the image is missing, cannot be decoded (also a decompression
-            bomb, Pillow's `DecompressionBombError`) or carries a malformed EXIF block.
-    """
-    if isinstance(value, Image.Image):
-        return _upright_rgb(value)
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        source = io.BytesIO(value)
-    elif isinstance(value, (str, Path)) and str(value):
-        source = value
-    else:
-        raise ValueError(
-            f"Cannot read an image from a {type(value).__name__}; accepted: a PIL image, a file path, encoded bytes, "
-            "or {'bytes': ..., 'path': ...}."
-        )
-    try:
-        image = Image.open(source)
-    except _PILLOW_DECODE_ERRORS as error:
-        raise _unreadable(error) from error
-    with image:
-        return _upright_rgb(image)
-
-
-def _upright_rgb(image: Image.Image) -> Image.Image:
-    """`image` decoded, turned as its EXIF orientation says (a copy without the tag), and rendered as the processor
-    renders it."""
-    try:
-        image.load()
-    except _PILLOW_DECODE_ERRORS as error:
-        raise _unreadable(error) from error
-    try:
-        upright = ImageOps.exif_transpose(image)
-    except _EXIF_ERRORS as error:
-        raise ValueError(f"unreadable image (malformed EXIF data, {type(error).__name__}: {error})") from error
-    return Image.fromarray(rgb_array(upright))
-
-
-def _unreadable(error: BaseException) -> ValueError:
-    return ValueError(f"unreadable image ({type(error).__name__}: {error})")
-
-
-def read_json_list(path: Path, what: str) -> list:
-    """The JSON list in `path`, parsed by `json` (so that `1` and `1.0` stay distinct); a clear error naming `what` the
-    file is, and the problem, otherwise."""
-    try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{what} {str(path)!r} is not valid JSON ({error}).") from error
-    if not isinstance(rows, list):
-        raise ValueError(f"{what} {str(path)!r} must hold a JSON list of rows, got a {type(rows).__name__}.")
-    return rows
 
 
 def first_user_question(conversations) -> str:
@@ -200,8 +118,6 @@ def describe_thresholds(thresholds: dict) -> str:
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
-    "load_image",
     "first_user_question",
     "image_prompt",
     "processor_batch",

@@ -20,7 +20,7 @@ import logging
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..tools.loading import load_image
+from ..fileio import load_image
 
 
 logger = logging.getLogger(__name__)

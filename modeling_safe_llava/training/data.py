@@ -33,7 +33,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..tools.loading import load_image, read_json_list
+from ..fileio import load_image, read_json_list
 
 
 logger = logging.getLogger(__name__)
