@@ -78,10 +78,11 @@ def component_flops(stock, safe, num_text_tokens: int, new_tokens: int, device: 
     flops["vision_tower"], vision = count_flops(
         lambda: stock.model.vision_tower(_empty(device, dtype, 1, 3, size, size), output_hidden_states=True)
     )
-    features = safe.model.safety_module.select_vision_features(vision.hidden_states)
+    vision_states = safe.model.safety_vision_states(vision)  # (1, grid_h, grid_w, vision_dim)
+    features = vision_states.flatten(1, 2)
     num_patches = features.shape[1]
     flops["llava_projector"], _ = count_flops(lambda: stock.model.multi_modal_projector(features))
-    flops["safety_projector"], _ = count_flops(lambda: safe.model.safety_module.projector(features))
+    flops["safety_projector"], _ = count_flops(lambda: safe.model.safety_module.projector(vision_states))
     keys = _empty(device, dtype, 1, config.num_safety_tokens + num_patches, hidden)
     flops["safety_head"], _ = count_flops(lambda: safe.model.safety_module.head(_empty(device, dtype, 1, hidden), keys))
     flops["lm_head_per_token"], _ = count_flops(lambda: stock.lm_head(_empty(device, dtype, 1, 1, hidden)))

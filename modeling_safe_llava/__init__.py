@@ -23,6 +23,10 @@ from .policy_safe_llava import (
     decide_safety_actions,
 )
 from .processing_safe_llava import SafeLlavaProcessor
+from .safety_config_safe_llava import SafetyConfigMixin
+from .safety_loading_safe_llava import SafetyPreTrainedMixin
+from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
+from .safety_processing_safe_llava import SafetyProcessorMixin
 from .presets import load_chat_template, load_safety_policy
 
 
@@ -53,4 +57,10 @@ __all__ = [
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",
+    # The seam every base builds on (docs/bases.md).
+    "SafetyConfigMixin",
+    "SafetyPreTrainedMixin",
+    "SafetyModelMixin",
+    "SafetyForConditionalGenerationMixin",
+    "SafetyProcessorMixin",
 ]

@@ -5,14 +5,12 @@ This file is remote code: it is copied next to the weights on the Hub and import
 transformers and its sibling files.
 """
 
-import math
-
 from transformers import LlavaConfig
 
-from .policy_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS, SafetyPolicy
+from .policy_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS  # noqa: F401 (re-exported)
+from .safety_config_safe_llava import SafetyConfigMixin
 
 
-SAFETY_PROJECTOR_TYPES = ("cabstractor", "mlp")
 # Remote code: transformers records only one auto class per model class, so both entries are written here.
 AUTO_MAP = {
     "AutoConfig": "configuration_safe_llava.SafeLlavaConfig",
@@ -21,54 +19,13 @@ AUTO_MAP = {
 }
 
 
-class SafeLlavaConfig(LlavaConfig):
+class SafeLlavaConfig(SafetyConfigMixin, LlavaConfig):
     r"""
-    Configuration of a [`SafeLlavaForConditionalGeneration`]: every field of [`LlavaConfig`] plus the safety
-    modules of "Safety Alignment for Vision Language Models" (arXiv 2405.13581).
+    Configuration of a [`SafeLlavaForConditionalGeneration`]: every field of [`LlavaConfig`] plus the safety fields of
+    [`SafetyConfigMixin`] (safety projector, safety tokens, safety head and policy; arXiv 2405.13581).
 
-    Args:
-        num_safety_tokens (`int`, *optional*, defaults to 64):
-            Learnable tokens prepended to the safety projector's output; keys/values of the safety head only.
-        num_llm_safety_tokens (`int`, *optional*, defaults to 64):
-            Learnable tokens placed before each image's features in the language model input. With 0 the
-            language-model path is exactly stock LLaVA.
-        safety_projector_type (`str`, *optional*, defaults to `"cabstractor"`):
-            `"cabstractor"` (Honeybee's C-Abstractor, as in the paper) or `"mlp"` (a cheaper 2-layer MLP).
-        safety_projector_hidden_size (`int`, *optional*):
-            Channels inside the C-Abstractor. Defaults to the vision hidden size plus `num_safety_tokens`
-            (1024 + 64 = 1088 in the paper).
-        safety_projector_depth (`int`, *optional*, defaults to 3):
-            Residual blocks in each of the C-Abstractor's two stages.
-        safety_head_num_heads (`int`, *optional*, defaults to 8):
-            Attention heads of the safety head's cross-attention; must divide the text hidden size.
-        safety_level_labels (`list[str]`, *optional*):
-            Names of the 4 risk levels, from "safe to answer" (index 0) to "reject" (index 3).
-        safety_type_labels (`list[str]`, *optional*):
-            Names of the risk types; the last one is the clean (no risk) type.
-        safety_loss_weight (`float`, *optional*, defaults to 10.0):
-            `loss = lm_loss + safety_loss_weight * (CE(level) + CE(type))`.
-        safety_threshold (`float`, *optional*, defaults to 0.5):
-            Default threshold of `generate`: a row is flagged iff `1 - P(level 0) > safety_threshold`.
-        safety_thresholds (`dict[str, float]`, *optional*):
-            Per risky type default thresholds that override `safety_threshold` (e.g. from `safe-llava calibrate`).
-        safety_actions (`dict[str, list[str]]`, *optional*):
-            For each risky type, the action (`"allow"`, `"hint"` or `"refuse"`) taken at each of the 4 levels.
-            Types left out get the paper's default `["allow", "hint", "hint", "refuse"]`.
-        safety_hints (`dict[str, list[str]]`, *optional*):
-            For each risky type, the safe-hint text of each level (index 0 unused). Types left out get the paper's.
-        safety_refusals (`dict[str, str]`, *optional*):
-            For each risky type, the answer given when the action is `"refuse"`. Types left out get the paper's.
-        safety_text_token_ids (`dict`, *optional*):
-            The hints, refusals and assistant-turn marker as token ids; written by
-            [`SafeLlavaForConditionalGeneration.tokenize_safety_texts`] so that `generate` needs no tokenizer.
-        safety_level_temperature (`float`, *optional*, defaults to 1.0):
-            Temperature of the level head: `P(level) = softmax(level_logits / safety_level_temperature)`. Fitted by
-            `safe-llava calibrate` so that `risk` is a calibrated probability.
-        safety_type_temperature (`float`, *optional*, defaults to 1.0):
-            Temperature of the type head, likewise.
-        safety_modules_trained (`bool`, *optional*, defaults to `False`):
-            Set by the training code once the safety modules have been trained. Safety-aware generation refuses
-            to run on untrained safety modules unless explicitly allowed.
+    The LLaVA placeholder count per image, `image_seq_length`, is the patch count plus `num_llm_safety_tokens`: the
+    LLM safety tokens sit before each image's patches.
 
     Example:
 
@@ -81,117 +38,25 @@ class SafeLlavaConfig(LlavaConfig):
     """
 
     model_type = "safe_llava"
-    # What the Trainer's evaluation leaves out of the predictions: the cache and the image features (the metrics read
-    # the safety logits). Every transformers in range: the cache is `past_key_values` (5.23) or `cache` (5.24).
-    keys_to_ignore_at_inference = ["past_key_values", "cache", "image_hidden_states", "image_outputs"]
-
-    num_safety_tokens: int = 64
-    num_llm_safety_tokens: int = 64
-    safety_projector_type: str = "cabstractor"
-    safety_projector_hidden_size: int | None = None
-    safety_projector_depth: int = 3
-    safety_head_num_heads: int = 8
-    safety_level_labels: list[str] | None = None
-    safety_type_labels: list[str] | None = None
-    safety_loss_weight: float = 10.0
-    safety_threshold: float = 0.5
-    safety_thresholds: dict | None = None
-    safety_actions: dict | None = None
-    safety_hints: dict | None = None
-    safety_refusals: dict | None = None
-    safety_text_token_ids: dict | None = None
-    safety_level_temperature: float = 1.0
-    safety_type_temperature: float = 1.0
-    safety_modules_trained: bool = False
+    safety_auto_map = AUTO_MAP
 
     def __post_init__(self, **kwargs):
-        if self.safety_level_labels is None:
-            self.safety_level_labels = list(SAFETY_LEVEL_LABELS)
-        if self.safety_type_labels is None:
-            self.safety_type_labels = list(SAFETY_TYPE_LABELS)
         super().__post_init__(**kwargs)
-        self._validate_safety_fields()
-        # The policy is validated in one place (policy_safe_llava.SafetyPolicy), which also fills in the paper's
-        # actions, hints and refusals for every type left out.
-        for name, value in SafetyPolicy.from_config(self).config_fields().items():
-            setattr(self, name, value)
-        if self.safety_projector_hidden_size is None:
-            self.safety_projector_hidden_size = self.vision_config.hidden_size + self.num_safety_tokens
-        # The LLaVA placeholder count per image grows by the LLM safety tokens (they sit before the patches).
         num_patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
         if self.vision_feature_select_strategy == "full":
             num_patches += 1
         self.image_seq_length = num_patches + self.num_llm_safety_tokens
-        # Always SafeLlava's own classes: an auto_map read from a checkpoint could name another repository's code.
-        self.auto_map = dict(AUTO_MAP)
 
     @classmethod
     def from_llava_config(cls, llava_config, **safety_fields) -> "SafeLlavaConfig":
-        """A SafeLlava config with every field of a stock `LlavaConfig` (its image sequence length recomputed) and the
-        given SafeLlava fields."""
-        fields = llava_config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version", "image_seq_length"):
-            fields.pop(key, None)
-        return cls(**fields, **safety_fields)
+        """[`SafetyConfigMixin.from_base_config`] for a stock `LlavaConfig`."""
+        return cls.from_base_config(llava_config, **safety_fields)
 
     @property
-    def risky_type_labels(self) -> list[str]:
-        """Every type name but the last (clean) one."""
-        return list(self.safety_type_labels[:-1])
-
-    @property
-    def clean_type_label(self) -> str:
-        return self.safety_type_labels[-1]
-
-    def _validate_safety_fields(self):
-        _check_int("num_safety_tokens", self.num_safety_tokens, minimum=1)
-        _check_int("num_llm_safety_tokens", self.num_llm_safety_tokens, minimum=0)
-        _check_int("safety_projector_depth", self.safety_projector_depth, minimum=1)
-        _check_int("safety_head_num_heads", self.safety_head_num_heads, minimum=1)
-        if self.safety_projector_hidden_size is not None:
-            _check_int("safety_projector_hidden_size", self.safety_projector_hidden_size, minimum=1)
-        if self.safety_projector_type not in SAFETY_PROJECTOR_TYPES:
-            raise ValueError(
-                f"safety_projector_type={self.safety_projector_type!r} is not supported; "
-                f"accepted values: {', '.join(repr(t) for t in SAFETY_PROJECTOR_TYPES)}."
-            )
-        text_hidden = self.text_config.hidden_size
-        if text_hidden % self.safety_head_num_heads != 0:
-            raise ValueError(
-                f"safety_head_num_heads={self.safety_head_num_heads} must divide the text hidden size "
-                f"({text_hidden})."
-            )
-        _check_labels("safety_level_labels", self.safety_level_labels, exact_length=4)
-        _check_labels("safety_type_labels", self.safety_type_labels, exact_length=None)
-        if isinstance(self.safety_loss_weight, bool) or not isinstance(self.safety_loss_weight, (int, float)):
-            raise ValueError(f"safety_loss_weight must be a number >= 0, got {self.safety_loss_weight!r}.")
-        if not math.isfinite(self.safety_loss_weight) or self.safety_loss_weight < 0:
-            raise ValueError(f"safety_loss_weight must be a finite number >= 0, got {self.safety_loss_weight!r}.")
-        for name in ("safety_level_temperature", "safety_type_temperature"):
-            _check_positive_number(name, getattr(self, name))
-        if not isinstance(self.safety_modules_trained, bool):
-            raise ValueError(f"safety_modules_trained must be True or False, got {self.safety_modules_trained!r}.")
-
-
-def _check_int(name: str, value, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
-def _check_positive_number(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
-
-
-def _check_labels(name: str, labels, exact_length: int | None):
-    if not isinstance(labels, list) or not all(isinstance(label, str) and label for label in labels):
-        raise ValueError(f"{name} must be a list of non-empty strings, got {labels!r}.")
-    if exact_length is not None and len(labels) != exact_length:
-        raise ValueError(f"{name} must have {exact_length} names, got {len(labels)}: {labels!r}.")
-    if exact_length is None and len(labels) < 2:
-        raise ValueError(f"{name} needs at least one risky type and the clean type (last), got {labels!r}.")
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"{name} has duplicate names: {labels!r}.")
+    def safety_vision_dim(self) -> int:
+        """The vision layer(s) LLaVA projects, concatenated: `vision hidden size * number of vision_feature_layer`."""
+        layers = self.vision_feature_layer
+        return self.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
 
 
 __all__ = ["SafeLlavaConfig"]

@@ -23,6 +23,8 @@ import torch
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
+from .safety_module_safe_llava import check_input_ids, check_model_inputs
+
 
 SAFETY_LEVEL_LABELS = ["Safe to answer", "Answer carefully", "Answer or reject", "Reject"]
 SAFETY_TYPE_LABELS = ["Politics", "Illegal Risk", "Insults and Bullying", "Fairness", "Privacy", "Misleading", "Clean"]
@@ -199,6 +201,12 @@ class SafetyPolicy:
                 "model.tokenize_safety_texts(processor) after the last change of the policy texts."
             )
 
+    def for_call(self, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":
+        """What one `generate` / `assess_safety` call applies: its thresholds and actions, resolved once. The default
+        threshold is `generation_config.safety_threshold` when set, else the policy's."""
+        default = getattr(generation_config, "safety_threshold", None)
+        return SafetyCallRule(self, self.resolve_thresholds(safety_threshold, default), self.resolve_actions(safety_actions))
+
     def tokenize(self, processor_or_tokenizer) -> dict:
         """The hints, refusals and the assistant-turn marker as token ids of `processor_or_tokenizer` (anything with
         a `chat_template` and a tokenizer); stored in `text_token_ids` and returned."""
@@ -210,6 +218,44 @@ class SafetyPolicy:
             "refusals": {name: encode(text) for name, text in self.refusals.items()},
         }
         return self.text_token_ids
+
+
+@dataclass
+class SafetyCallRule:
+    """The policy of one call, resolved once (`SafetyPolicy.for_call`) and passed down.
+
+    Args:
+        policy (`SafetyPolicy`): the model's policy (texts and their token ids).
+        thresholds (`torch.FloatTensor` of shape `(num_risky_types,)`): the call's threshold per risky type.
+        actions (`dict[str, list[str]]`): the call's action per risky type and level.
+    """
+
+    policy: SafetyPolicy
+    thresholds: torch.Tensor
+    actions: dict
+
+    @property
+    def safety_off(self) -> bool:
+        """`risk <= 1` is never `> 1`: with every threshold at 1 nothing can be flagged."""
+        return bool((self.thresholds >= 1.0).all())
+
+    def assess(self, config, level_logits, type_logits, images_per_row) -> "SafeLlavaSafetyAssessment":
+        """The verdict of the safety head's logits under this rule (see [`assess_logits`])."""
+        return assess_logits(config, level_logits, type_logits, self.thresholds, self.actions, images_per_row)
+
+
+def check_safety_ready(config, allow_untrained_safety: bool = False):
+    """Fails closed: a verdict from untrained safety modules raises unless explicitly allowed (only `True` counts: a
+    string such as `"False"` is truthy and must not unlock anything)."""
+    if not isinstance(allow_untrained_safety, bool):
+        raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
+    if config.safety_modules_trained is not True and not allow_untrained_safety:
+        raise ValueError(
+            "The safety modules of this model are untrained (config.safety_modules_trained is "
+            f"{config.safety_modules_trained!r}), so its safety verdicts are random. Train them (stage 1) or load a "
+            "trained checkpoint; pass allow_untrained_safety=True only for tests and debugging, or "
+            "safety_threshold=1.0 to turn safety off."
+        )
 
 
 _PROBE_CONVERSATION = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
@@ -388,6 +434,16 @@ def decide_safety_actions(
     )
 
 
+def no_image_logits(config, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The certain "level 0, clean" logits of rows without an image, `(batch_size, num_levels)` and
+    `(batch_size, num_types)`: there is nothing to judge."""
+    level = torch.full((batch_size, len(config.safety_level_labels)), -1e4)
+    kind = torch.full((batch_size, len(config.safety_type_labels)), -1e4)
+    level[:, 0] = 0.0
+    kind[:, -1] = 0.0
+    return level, kind
+
+
 def assess_logits(config, level_logits, type_logits, thresholds, actions, images_per_row) -> SafeLlavaSafetyAssessment:
     """The verdict from the safety head's logits: calibrated probabilities (`softmax(logits / temperature)`, the
     temperatures saved in `config`), then [`decide_safety_actions`]."""
@@ -434,32 +490,34 @@ def run_governed(stock_generate, *args, **kwargs):
         _VERDICT_GIVEN.reset(token)
 
 
-def generate_with_safety(model, stock_generate, args, kwargs, safety_threshold, safety_actions, allow_untrained_safety):
+def generate_with_safety(model, stock_generate, args, kwargs, rule: SafetyCallRule, allow_untrained_safety):
     """
     `model.generate` with the verdict in front. Stock behaviour, exactly, when safety is off (`safety_threshold=1.0`
     flags nothing), when there is no image to judge, and for every allowed row; see [`SafetyGenerationPlan`].
     """
-    if _VERDICT_GIVEN.get():
-        return stock_generate(*args, **kwargs)
-    policy = model.safety_policy
-    generation_config = kwargs.get("generation_config") or model.generation_config
-    thresholds = policy.resolve_thresholds(safety_threshold, getattr(generation_config, "safety_threshold", None))
-    actions = policy.resolve_actions(safety_actions)
-    if bool((thresholds >= 1.0).all()):  # risk <= 1 is never > 1: nothing can be flagged
+    if _VERDICT_GIVEN.get() or rule.safety_off:
         return run_governed(stock_generate, *args, **kwargs)
     kwargs = dict(kwargs)
     if args:
         kwargs["input_ids"], args = args[0], args[1:]
-    plan = SafetyGenerationPlan(model, policy, thresholds, actions, kwargs)
+    plan = SafetyGenerationPlan(model, rule, kwargs)
     return plan.run(stock_generate, args, allow_untrained_safety)
 
 
 class SafetyGenerationPlan:
-    """One `generate` call's verdicts carried out: images encoded once, judged, then each row generated as its action
-    says. Each row gets what it would get alone."""
+    """
+    One `generate` call's verdicts carried out: images encoded once, judged, then each row generated as its action
+    says. Each row gets what it would get alone.
 
-    def __init__(self, model, policy, thresholds, actions, kwargs):
-        self.model, self.policy, self.thresholds, self.actions, self.kwargs = model, policy, thresholds, actions, kwargs
+    The plan talks to the model through a narrow interface: `model.config`, `model.generation_config`,
+    `model.device`, and the headless model's `encode_images(pixel_values, **image_kwargs)`,
+    `judge(image_outputs, input_ids, inputs_embeds, attention_mask)` and `prompt_inputs(input_ids, attention_mask)`
+    (see `safety_model_safe_llava.py`).
+    """
+
+    def __init__(self, model, rule: SafetyCallRule, kwargs):
+        self.model, self.rule, self.policy, self.kwargs = model, rule, rule.policy, kwargs
+        self.base = model.model
         self.config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
         self.config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
 
@@ -467,17 +525,16 @@ class SafetyGenerationPlan:
 
     def run(self, stock_generate, args, allow_untrained_safety):
         input_ids, inputs_embeds = self.kwargs.get("input_ids"), self.kwargs.get("inputs_embeds")
-        pixel_values = self.kwargs.get("pixel_values")
+        pixel_values, attention_mask = self.kwargs.get("pixel_values"), self.kwargs.get("attention_mask")
         if pixel_values is None and (self.kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
             return self._run_text_only(stock_generate, args, input_ids, inputs_embeds)
-        self.model.check_safety_ready(allow_untrained_safety)
+        check_safety_ready(self.model.config, allow_untrained_safety)
         if pixel_values is not None and input_ids is not None:
-            self.model.check_model_inputs(input_ids, pixel_values, self.kwargs.get("attention_mask"))
+            check_model_inputs(self.model, input_ids, pixel_values, attention_mask)
+        elif input_ids is not None:
+            check_input_ids(self.model.config, input_ids)
         image_outputs = self._image_outputs()
-        level_logits, type_logits, images_per_row = self.model.judge_encoded_images(
-            image_outputs, input_ids, inputs_embeds, self.kwargs.get("attention_mask")
-        )
-        assessment = self._assess(level_logits, type_logits, images_per_row)
+        assessment = self._assess(*self.base.judge(image_outputs, input_ids, inputs_embeds, attention_mask))
         streamer = self.kwargs.get("streamer")
         if hasattr(streamer, "on_safety_assessment"):
             streamer.on_safety_assessment(assessment)
@@ -490,27 +547,23 @@ class SafetyGenerationPlan:
     def _run_text_only(self, stock_generate, args, input_ids, inputs_embeds):
         """No image: nothing to judge. Stock generation, with an all-"allow" assessment attached."""
         if input_ids is not None:
-            self.model.check_input_ids(input_ids)
+            check_input_ids(self.model.config, input_ids)
         output = run_governed(stock_generate, *args, **self.kwargs)
         if not isinstance(output, ModelOutput):
             return output
         batch_size = output.sequences.shape[0] // (self.config.num_return_sequences or 1)
-        assessment = self._assess(*self.model.model.safety_module.no_image_logits(batch_size), None)
-        return self._with_assessment(output, assessment)
+        return self._with_assessment(output, self._assess(*no_image_logits(self.model.config, batch_size), None))
 
     def _image_outputs(self):
         pixel_values = self.kwargs.get("pixel_values")
         if pixel_values is not None:
-            image_kwargs = {
-                k: self.kwargs[k]
-                for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-                if self.kwargs.get(k) is not None
-            }
-            return self.model.model.get_image_features(pixel_values, return_dict=True, **image_kwargs)
+            # The images are encoded for the language model and the head at once; output flags are for the former.
+            skip = ("pixel_values", "output_hidden_states", "output_attentions")
+            return self.base.encode_images(pixel_values, **{k: v for k, v in self.kwargs.items() if k not in skip})
         return (self.kwargs.get("mm_encoder_outputs") or {}).get("image")
 
     def _assess(self, level_logits, type_logits, images_per_row):
-        return assess_logits(self.model.config, level_logits, type_logits, self.thresholds, self.actions, images_per_row)
+        return self.rule.assess(self.model.config, level_logits, type_logits, images_per_row)
 
     def _with_assessment(self, output, assessment):
         if not isinstance(output, ModelOutput):
@@ -565,7 +618,8 @@ class SafetyGenerationPlan:
             mask[i, width - len(prompt) :] = 1
         images = select_images(image_outputs, assessment.images_per_row.tolist(), rows)
         kwargs = {**self.kwargs, "input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": images}}
-        if not images.pooler_output:  # only text-only rows reach the language model
+        kwargs.update(self.base.prompt_inputs(ids, mask))
+        if len(images.pooler_output) == 0:  # only text-only rows reach the language model
             kwargs.pop("mm_encoder_outputs")
         kwargs["return_dict_in_generate"] = True
         self.lm_prompt_width = width
@@ -674,7 +728,7 @@ class _Answers:
     def _step_scores(self, rows, width, name):
         """`width` tensors of `(batch * block, vocab)`: the language model's for its rows while it ran, else forced."""
         lm_steps = getattr(self.lm_output, name, None) if self.lm_output is not None else None
-        vocab = lm_steps[0].shape[-1] if lm_steps else self.plan.model.config.text_config.vocab_size
+        vocab = lm_steps[0].shape[-1] if lm_steps else self.plan.model.config.get_text_config().vocab_size
         block = self.num_beams if self.num_beams > 1 else self.num_return
         steps = []
         for t in range(width):
@@ -763,17 +817,20 @@ def generation_config_with_threshold(generation_config, default_threshold: float
 
 
 def select_images(image_outputs, images_per_row: list[int], rows: list[int]) -> BaseModelOutputWithPooling:
-    """The encoded images of `rows` (`pooler_output` is a list with one tensor per image, in row order), with their
-    vision hidden states."""
+    """
+    The language-model features of the images of `rows`, for the stock `generate` of those rows. `pooler_output` holds
+    one entry per image, in row order: a list of tensors or one stacked tensor, as the base's `get_image_features`
+    gives them. Vision hidden states are left out: the verdict was given already, and the language model never
+    reads them.
+    """
     starts = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
     chosen = [starts[row] + i for row in rows for i in range(images_per_row[row])]
-    hidden_states = image_outputs.hidden_states
-    if hidden_states is not None:
-        index = torch.tensor(chosen, dtype=torch.long)
-        hidden_states = tuple(h if h is None else h[index.to(h.device)] for h in hidden_states)
-    return BaseModelOutputWithPooling(
-        pooler_output=[image_outputs.pooler_output[i] for i in chosen], hidden_states=hidden_states
-    )
+    features = image_outputs.pooler_output
+    if isinstance(features, torch.Tensor):
+        selected = features[torch.tensor(chosen, dtype=torch.long, device=features.device)]
+    else:
+        selected = [features[i] for i in chosen]
+    return BaseModelOutputWithPooling(pooler_output=selected)
 
 
 __all__ = [

@@ -1,18 +1,16 @@
 # Copyright 2026 The SafeLlava authors. Licensed under the Apache License, Version 2.0.
-"""The safety module SafeLlava adds to LLaVA-1.5 (arXiv 2405.13581): the safety projector (Honeybee's C-Abstractor in
-plain torch, or an MLP), two sets of safety tokens and the safety head; and the checks of the inputs a verdict is
-computed from.
+"""The safety module SafeLlava adds to a vision-language base (arXiv 2405.13581): the safety projector (Honeybee's
+C-Abstractor in plain torch, or an MLP), two sets of safety tokens and the safety head; and the checks of the inputs a
+verdict is computed from. Nothing here depends on the base: the module reads a grid of vision states per image, which
+each base supplies (`safety_vision_states`, see `safety_model_safe_llava.py`).
 
 This file is remote code: it imports only torch, transformers and its sibling files.
 """
-
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_safe_llava import SafeLlavaConfig
 
 
 IGNORE_INDEX = -100
@@ -86,48 +84,46 @@ class SafeLlavaRegStage(nn.Sequential):
 
 class SafeLlavaCAbstractor(nn.Module):
     """
-    Honeybee's C-Abstractor: RegStage -> adaptive average pool -> RegStage -> 2-layer MLP readout.
+    Honeybee's C-Abstractor: RegStage -> adaptive average pool -> RegStage -> 2-layer MLP readout, on any grid.
 
-    Input `(num_images, num_patches, vision_dim)` with a square patch grid; output
-    `(num_images, num_patches, text_hidden_size)` (the paper keeps the 24x24 grid: nothing is pooled away).
+    Input `(num_images, grid_height, grid_width, vision_dim)`; output `(num_images, out_h * out_w, text_hidden_size)`,
+    where `(out_h, out_w)` is `config.safety_projector_grid_size` squared, or the input grid when that is `None` (the
+    paper keeps LLaVA-1.5's 24x24 grid: nothing is pooled away).
     """
 
-    def __init__(self, config: SafeLlavaConfig, input_dim: int):
+    def __init__(self, config, input_dim: int):
         super().__init__()
         hidden = config.safety_projector_hidden_size
-        self.grid_size = config.vision_config.image_size // config.vision_config.patch_size
+        text_hidden = config.get_text_config().hidden_size
+        self.grid_size = config.safety_projector_grid_size
         self.stage1 = SafeLlavaRegStage(config.safety_projector_depth, input_dim, hidden)
-        self.pool = nn.AdaptiveAvgPool2d((self.grid_size, self.grid_size))
         self.stage2 = SafeLlavaRegStage(config.safety_projector_depth, hidden, hidden)
-        self.readout_in = nn.Linear(hidden, config.text_config.hidden_size)
+        self.readout_in = nn.Linear(hidden, text_hidden)
         self.readout_act = nn.SiLU()
-        self.readout_out = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+        self.readout_out = nn.Linear(text_hidden, text_hidden)
 
-    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        num_images, num_patches, channels = vision_features.shape
-        side = math.isqrt(num_patches)
-        if side * side != num_patches:
-            raise ValueError(
-                f"The C-Abstractor needs a square patch grid, got {num_patches} patches per image; use "
-                "vision_feature_select_strategy='default' (drops CLS) or safety_projector_type='mlp'."
-            )
-        grid = vision_features.transpose(1, 2).reshape(num_images, channels, side, side)  # (N, C, H, W)
-        grid = self.stage2(self.pool(self.stage1(grid)))  # (N, hidden, grid, grid)
-        tokens = grid.flatten(2).transpose(1, 2)  # (N, grid*grid, hidden)
+    def forward(self, vision_states: torch.Tensor) -> torch.Tensor:
+        grid = vision_states.permute(0, 3, 1, 2)  # (N, C, H, W)
+        grid = self.stage1(grid)
+        pooled_size = grid.shape[-2:] if self.grid_size is None else (self.grid_size, self.grid_size)
+        grid = self.stage2(F.adaptive_avg_pool2d(grid, pooled_size))  # (N, hidden, out_h, out_w)
+        tokens = grid.flatten(2).transpose(1, 2)  # (N, out_h * out_w, hidden)
         return self.readout_out(self.readout_act(self.readout_in(tokens)))
 
 
 class SafeLlavaMLPSafetyProjector(nn.Module):
-    """The cheap alternative: the same 2-layer MLP shape as LLaVA's own projector."""
+    """The cheap alternative: the same 2-layer MLP shape as LLaVA's own projector, on every grid cell."""
 
-    def __init__(self, config: SafeLlavaConfig, input_dim: int):
+    def __init__(self, config, input_dim: int):
         super().__init__()
-        self.linear_1 = nn.Linear(input_dim, config.text_config.hidden_size)
+        text_hidden = config.get_text_config().hidden_size
+        self.linear_1 = nn.Linear(input_dim, text_hidden)
         self.act = nn.GELU()
-        self.linear_2 = nn.Linear(config.text_config.hidden_size, config.text_config.hidden_size)
+        self.linear_2 = nn.Linear(text_hidden, text_hidden)
 
-    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(vision_features)))
+    def forward(self, vision_states: torch.Tensor) -> torch.Tensor:
+        tokens = vision_states.flatten(1, 2)  # (N, H * W, vision_dim)
+        return self.linear_2(self.act(self.linear_1(tokens)))
 
 
 SAFETY_PROJECTOR_CLASSES = {"cabstractor": SafeLlavaCAbstractor, "mlp": SafeLlavaMLPSafetyProjector}
@@ -144,15 +140,18 @@ class SafeLlavaSafetyHead(nn.Module):
     by the safety projector's output) and two linear classifiers, for the risk level and the risk type.
     """
 
-    def __init__(self, config: SafeLlavaConfig):
+    # Named apart from language-model attention (`q_proj`, ...), so that the usual LoRA recipe
+    # (`target_modules=["q_proj", "v_proj"]`) wraps the language model's projections and none of the head's.
+    # Checkpoints saved with the old names load through the conversion mapping (`safety_loading_safe_llava.py`).
+    def __init__(self, config):
         super().__init__()
-        hidden = config.text_config.hidden_size
+        hidden = config.get_text_config().hidden_size
         self.num_heads = config.safety_head_num_heads
         self.head_dim = hidden // self.num_heads
-        self.q_proj = nn.Linear(hidden, hidden)
-        self.k_proj = nn.Linear(hidden, hidden)
-        self.v_proj = nn.Linear(hidden, hidden)
-        self.o_proj = nn.Linear(hidden, hidden)
+        self.query_projection = nn.Linear(hidden, hidden)
+        self.key_projection = nn.Linear(hidden, hidden)
+        self.value_projection = nn.Linear(hidden, hidden)
+        self.output_projection = nn.Linear(hidden, hidden)
         self.level_classifier = nn.Linear(hidden, len(config.safety_level_labels))
         self.category_classifier = nn.Linear(hidden, len(config.safety_type_labels))
 
@@ -166,16 +165,16 @@ class SafeLlavaSafetyHead(nn.Module):
             level logits `(num_images, num_levels)` and type logits `(num_images, num_types)`.
         """
         num_images, num_keys, hidden = keys_values.shape
-        q = self.q_proj(query).view(num_images, self.num_heads, 1, self.head_dim)
-        k = self.k_proj(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self.query_projection(query).view(num_images, self.num_heads, 1, self.head_dim)
+        k = self.key_projection(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.value_projection(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
         attended = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
-        pooled = self.o_proj(attended.reshape(num_images, hidden))
+        pooled = self.output_projection(attended.reshape(num_images, hidden))
         return self.level_classifier(pooled), self.category_classifier(pooled)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The safety module: everything SafeLlava adds to LLaVA
+# The safety module: everything SafeLlava adds to a base
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -185,14 +184,10 @@ class SafeLlavaSafetyModule(nn.Module):
     only; `llm_tokens` (absent with `num_llm_safety_tokens=0`) sit before each image's features in the LLM input.
     """
 
-    def __init__(self, config: SafeLlavaConfig):
+    def __init__(self, config):
         super().__init__()
-        hidden = config.text_config.hidden_size
-        layers = config.vision_feature_layer
-        self.vision_feature_layers = [layers] if isinstance(layers, int) else list(layers)
-        self.drop_cls = config.vision_feature_select_strategy == "default"
-        input_dim = config.vision_config.hidden_size * len(self.vision_feature_layers)
-        self.projector = SAFETY_PROJECTOR_CLASSES[config.safety_projector_type](config, input_dim)
+        hidden = config.get_text_config().hidden_size
+        self.projector = SAFETY_PROJECTOR_CLASSES[config.safety_projector_type](config, config.safety_vision_dim)
         self.tokens = nn.Parameter(torch.zeros(config.num_safety_tokens, hidden))
         if config.num_llm_safety_tokens > 0:
             self.llm_tokens = nn.Parameter(torch.zeros(config.num_llm_safety_tokens, hidden))
@@ -200,19 +195,19 @@ class SafeLlavaSafetyModule(nn.Module):
             self.register_parameter("llm_tokens", None)
         self.head = SafeLlavaSafetyHead(config)
 
-    def forward(self, vision_hidden_states, query_embeds, images_per_row) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, vision_states, query_embeds, images_per_row) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            vision_hidden_states (`tuple(torch.FloatTensor)`): the vision tower's hidden states (at least the
-                configured `vision_feature_layer`s), each `(num_images, 1 + num_patches, vision_dim)`.
-            query_embeds (`torch.FloatTensor` of shape `(batch_size, hidden)`): each row's first real token.
-            images_per_row (`torch.LongTensor` of shape `(batch_size,)`): image count per row, images in row order.
+            vision_states (`torch.FloatTensor` of shape `(num_units, grid_height, grid_width, vision_dim)`): what the
+                base's `safety_vision_states` gives, in row order (a unit is an image, or one of its crops).
+            query_embeds (`torch.FloatTensor` of shape `(batch_size, hidden)`): the base's `safety_query`.
+            images_per_row (`torch.LongTensor` of shape `(batch_size,)`): units per row, units in row order.
 
         Returns:
             Level logits `(batch_size, num_levels)` and type logits `(batch_size, num_types)` of each row's riskiest
-            image; a row without images gets a certain "level 0, clean" verdict (there is nothing to judge).
+            unit; a row without images gets a certain "level 0, clean" verdict (there is nothing to judge).
         """
-        safety_features = self.projector(self.select_vision_features(vision_hidden_states).to(self.tokens.dtype))
+        safety_features = self.projector(vision_states.to(self.tokens.dtype))
         num_images = safety_features.shape[0]
         keys_values = torch.cat([self.tokens.unsqueeze(0).expand(num_images, -1, -1), safety_features], dim=1)
         batch_size = images_per_row.shape[0]
@@ -221,24 +216,6 @@ class SafeLlavaSafetyModule(nn.Module):
         query = query_embeds.to(keys_values.dtype)[image_rows.to(query_embeds.device)]
         level_logits, type_logits = self.head(query, keys_values)
         return riskiest_image_per_row(level_logits, type_logits, image_rows.to(level_logits.device), batch_size)
-
-    def select_vision_features(self, vision_hidden_states) -> torch.Tensor:
-        """The features LLaVA projects, `(num_images, num_patches, vision_dim * num_layers)`."""
-        selected = [vision_hidden_states[layer] for layer in self.vision_feature_layers]
-        if any(hidden is None for hidden in selected):
-            raise ValueError(
-                f"The safety head reads vision layer(s) {self.vision_feature_layers}, which these image features do "
-                "not carry; encode the images with this model's get_image_features (or pass pixel_values)."
-            )
-        return torch.cat([hidden[:, 1:] if self.drop_cls else hidden for hidden in selected], dim=-1)
-
-    def no_image_logits(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The "level 0, clean" logits of rows without an image, `(batch_size, num_levels)` and `(batch_size, num_types)`."""
-        level = self.head.level_classifier.weight.new_full((batch_size, self.head.level_classifier.out_features), -1e4)
-        kind = self.head.category_classifier.weight.new_full((batch_size, self.head.category_classifier.out_features), -1e4)
-        level[:, 0] = 0.0
-        kind[:, -1] = 0.0
-        return level, kind
 
 
 def riskiest_image_per_row(level_logits, type_logits, image_rows, batch_size: int):
@@ -284,7 +261,8 @@ def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=
 
     Args:
         input_ids: `(batch_size, sequence_length)` int64/int32 ids of this model's tokenizer.
-        pixel_values: `(num_images, num_channels, height, width)` floating point, as the processor returns them.
+        pixel_values: `(..., num_channels, height, width)` floating point, as the processor returns them (LLaVA:
+            `(num_images, 3, 336, 336)`; bases with crops add a crop dimension).
         attention_mask: `(batch_size, sequence_length)`, every row attending to at least one token.
     """
     if input_ids is None or pixel_values is None:
@@ -310,9 +288,10 @@ def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=
             f"pixel_values must be a floating-point tensor normalised by the processor, got {pixel_values.dtype}; "
             "raw integer pixels would give wrong safety verdicts."
         )
-    if pixel_values.ndim != 4 or pixel_values.shape[1] != num_channels:
+    if pixel_values.ndim < 4 or pixel_values.shape[-3] != num_channels:
         raise ValueError(
-            f"pixel_values must have shape (num_images, {num_channels}, height, width), got {tuple(pixel_values.shape)}."
+            f"pixel_values must have shape (num_images, {num_channels}, height, width) (with crops: (num_images, "
+            f"num_crops, {num_channels}, height, width)), got {tuple(pixel_values.shape)}."
         )
 
 
@@ -324,7 +303,7 @@ def check_input_ids(config, input_ids):
         )
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids is empty (sequence length 0): a prompt needs at least one token, e.g. BOS.")
-    vocab_size = config.text_config.vocab_size
+    vocab_size = config.get_text_config().vocab_size
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         raise ValueError(
@@ -345,14 +324,17 @@ def _check_attention_mask(input_ids, attention_mask):
 
 
 def check_images_match(images_per_row, num_images, config):
-    """Every image has its `<image>` placeholders (`image_seq_length` each) and every placeholder its image."""
-    per_image = config.image_seq_length
+    """Every image has its image placeholders and every placeholder its image (`images_per_row` counts them)."""
     if int(images_per_row.sum()) != num_images:
-        placeholders = (images_per_row * per_image).tolist()
+        per_image = getattr(config, "image_seq_length", None)
+        if per_image:
+            need, hold = f"{num_images * per_image} <image> placeholders ({per_image} each: ", images_per_row * per_image
+        else:
+            need, hold = "their placeholders (", images_per_row
         raise ValueError(
-            f"Image features and image tokens do not match: {num_images} image(s) need {num_images * per_image} "
-            f"<image> placeholders ({per_image} each: {config.num_llm_safety_tokens} LLM safety tokens + patches), "
-            f"the rows hold {placeholders}. Build inputs with SafeLlavaProcessor for this model's config."
+            f"Image features and image tokens do not match: {num_images} image(s) need {need}"
+            f"{config.num_llm_safety_tokens} LLM safety tokens + patches), the rows hold {hold.tolist()}. Build inputs "
+            "with this model's processor for its config."
         )
 
 

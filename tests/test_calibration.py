@@ -364,5 +364,6 @@ def test_per_category_thresholds_become_the_models_per_type_defaults(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.config.safety_thresholds == pytest.approx(thresholds)
-    assert reloaded.resolve_safety_threshold(None).tolist() == pytest.approx([thresholds[name] for name in names])
-    assert reloaded.resolve_safety_threshold(0.9).tolist() == pytest.approx([0.9] * len(names))  # a call-time number wins
+    resolved = lambda value: reloaded.safety_policy.for_call(value, generation_config=reloaded.generation_config)  # noqa: E731
+    assert resolved(None).thresholds.tolist() == pytest.approx([thresholds[name] for name in names])
+    assert resolved(0.9).thresholds.tolist() == pytest.approx([0.9] * len(names))  # a call-time number wins

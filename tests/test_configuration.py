@@ -51,8 +51,16 @@ def test_json_round_trip(tmp_path):
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
-        ({"num_safety_tokens": 0}, "num_safety_tokens must be an integer >= 1, got 0"),
-        ({"num_llm_safety_tokens": -1}, "num_llm_safety_tokens must be an integer >= 0, got -1"),
+        ({"num_safety_tokens": 0}, "num_safety_tokens must be an integer in [1, 4096], got 0"),
+        ({"num_llm_safety_tokens": -1}, "num_llm_safety_tokens must be an integer in [0, 4096], got -1"),
+        # Sizes are bounded: a typo gets this message, not a raw allocation error from the first torch.zeros.
+        ({"num_safety_tokens": 10**12}, "num_safety_tokens must be an integer in [1, 4096], got 1000000000000"),
+        ({"num_llm_safety_tokens": 10**9}, "num_llm_safety_tokens must be an integer in [0, 4096], got 1000000000"),
+        ({"safety_projector_hidden_size": 10**12}, "safety_projector_hidden_size must be an integer in [1, 65536]"),
+        ({"safety_projector_depth": 10**6}, "safety_projector_depth must be an integer in [1, 64], got 1000000"),
+        ({"safety_projector_grid_size": 0}, "safety_projector_grid_size must be an integer in [1, 256], got 0"),
+        ({"safety_head_num_heads": 10**6}, "safety_head_num_heads must be an integer in [1, 64], got 1000000"),
+        ({"safety_type_labels": [f"t{i}" for i in range(10**4)]}, "at most 256 names"),
         ({"num_llm_safety_tokens": 2.5}, "got 2.5"),
         ({"safety_projector_type": "resampler"}, "safety_projector_type='resampler' is not supported"),
         ({"safety_head_num_heads": 3}, "safety_head_num_heads=3 must divide the text hidden size (64)"),

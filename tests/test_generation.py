@@ -8,7 +8,7 @@ from conftest import chat_prompt, random_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import TextIteratorStreamer
+from transformers import LlavaForConditionalGeneration, TextIteratorStreamer
 
 from modeling_safe_llava import SafeLlavaForConditionalGeneration, decide_safety_actions
 from modeling_safe_llava.configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
@@ -25,24 +25,25 @@ def solid(colour):
 
 def force_verdicts(model):
     """Replaces the random head's logits by a verdict read from each image's colour, keeping the real vision pass:
-    the image encoder records each image's colour, and both ways to a verdict (`assess_safety` from pixels, `generate`
-    from encoded images) read it."""
-    encode, judge_encoded, judge_from_pixels = model.model.get_image_features, model.judge_encoded_images, model._judge_pixels
+    both encoders (`encode_images` for generate and forward, `encode_images_for_safety` for `assess_safety`) record
+    each image's colour, and the one route to the head, `judge`, reads it."""
+    base = model.model
+    encode, encode_for_safety, judge = base.encode_images, base.encode_images_for_safety, base.judge
 
-    def get_image_features(pixel_values, *args, **kwargs):
-        outputs = encode(pixel_values, *args, **kwargs)
-        outputs.forced_colours = _colours(pixel_values)
-        return outputs
+    def recording(encoder):
+        def encode_and_record(pixel_values, *args, **kwargs):
+            outputs = encoder(pixel_values, *args, **kwargs)
+            outputs.forced_colours = _colours(pixel_values)
+            return outputs
 
-    def judge_encoded_images(image_outputs, *args, **kwargs):
-        return _forced(*judge_encoded(image_outputs, *args, **kwargs), image_outputs.forced_colours)
+        return encode_and_record
 
-    def judge_pixels(input_ids, pixel_values, *args, **kwargs):
-        return _forced(*judge_from_pixels(input_ids, pixel_values, *args, **kwargs), _colours(pixel_values))
+    def forced_judge(image_outputs, *args, **kwargs):
+        verdict = judge(image_outputs, *args, **kwargs)
+        return verdict if image_outputs is None else _forced(*verdict, image_outputs.forced_colours)
 
-    model.model.get_image_features = get_image_features
-    model.judge_encoded_images = judge_encoded_images
-    model._judge_pixels = judge_pixels
+    base.encode_images, base.encode_images_for_safety = recording(encode), recording(encode_for_safety)
+    base.judge = forced_judge
     return model
 
 
@@ -94,7 +95,7 @@ def test_threshold_one_equals_generation_with_safety_off(trained_tiny_safe_llava
         text=[chat_prompt(processor), chat_prompt(processor, "Describe the picture please.")],
         return_tensors="pt", padding=True,
     )
-    safety_off = super(SafeLlavaForConditionalGeneration, model).generate(**inputs, **GREEDY)
+    safety_off = LlavaForConditionalGeneration.generate(model, **inputs, **GREEDY)
     assert torch.equal(model.generate(**inputs, safety_threshold=1.0, **GREEDY), safety_off)
 
 
@@ -205,7 +206,7 @@ def test_allowed_row_is_generated_unchanged(trained_tiny_safe_llava):
     out = model.generate(**inputs, **GREEDY)
     handle.remove()
     assert torch.equal(seen[0], inputs["input_ids"])
-    assert torch.equal(out, super(SafeLlavaForConditionalGeneration, model).generate(**inputs, **GREEDY))
+    assert torch.equal(out, LlavaForConditionalGeneration.generate(model, **inputs, **GREEDY))
 
 
 def test_switching_one_category_to_allow_changes_only_its_rows(trained_tiny_safe_llava):
@@ -231,7 +232,8 @@ def test_policies_in_the_config_persist_through_save_and_load(trained_tiny_safe_
     reloaded = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.config.safety_actions["Illegal Risk"] == ["allow", "allow", "allow", "hint"]
     assert reloaded.generation_config.safety_threshold == 0.3
-    assert reloaded.resolve_safety_threshold(None).tolist() == pytest.approx([0.3] * 6)
+    rule = reloaded.safety_policy.for_call(None, generation_config=reloaded.generation_config)
+    assert rule.thresholds.tolist() == pytest.approx([0.3] * 6)
     assert reloaded.config.safety_text_token_ids == model.config.safety_text_token_ids
 
 

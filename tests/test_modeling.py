@@ -141,6 +141,11 @@ def test_checkpoints_keep_the_flat_safety_names_so_old_and_new_checkpoints_load_
         .replace("model.safety_module.llm_tokens", "model.llm_safety_tokens")
         .replace("model.safety_module.head.", "model.safety_head.")
         .replace("model.safety_module.projector.", "model.safety_projector.")
+        .replace("_projection.", "_proj.")
+        .replace("safety_head.query_proj", "safety_head.q_proj")
+        .replace("safety_head.key_proj", "safety_head.k_proj")
+        .replace("safety_head.value_proj", "safety_head.v_proj")
+        .replace("safety_head.output_proj", "safety_head.o_proj")
         for name in in_memory
     }
     assert legacy <= saved

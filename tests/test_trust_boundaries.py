@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration
 from modeling_safe_llava.configuration_safe_llava import AUTO_MAP
 from modeling_safe_llava.tiny import build_tiny_safe_llava
+from modeling_safe_llava.policy_safe_llava import check_safety_ready
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_a_trained_checkpoint_without_its_vision_tower_loads_untrained_and_names
     assert model.config.safety_modules_trained is False  # the config said True
     assert "model.vision_tower." in caplog.text and "marked untrained" in caplog.text
     with pytest.raises(ValueError, match="untrained"):
-        model.check_safety_ready()
+        check_safety_ready(model.config)
 
 
 def test_a_pickle_shard_named_in_a_safetensors_index_is_refused_before_it_is_opened(saved_trained, monkeypatch):

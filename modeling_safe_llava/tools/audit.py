@@ -27,6 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..fileio import MARKER_FILE, has_marker, load_image, write_marker
+from ..policy_safe_llava import check_safety_ready
 from .audit_distributed import (
     DistributedContext,
     append_records,
@@ -296,7 +297,7 @@ def audit_images(
     """
     _check_positive_int("batch_size", batch_size, 1)
     _check_positive_int("contact_sheet_size", contact_sheet_size, 0)
-    model.check_safety_ready(allow_untrained_safety)
+    check_safety_ready(model.config, allow_untrained_safety)
     made = make_source(source, image_column, id_column)
     prompt = image_prompt(processor, question)
     config = {
@@ -304,7 +305,7 @@ def audit_images(
         "model": model_description(model),
         "safety_thresholds": resolved_thresholds(model, safety_threshold),
         "calibration": calibration(model),
-        "safety_actions": model.resolve_safety_actions(safety_actions),
+        "safety_actions": model.safety_policy.resolve_actions(safety_actions),
         "prompt": prompt,
     }
     output_dir = Path(output_dir)

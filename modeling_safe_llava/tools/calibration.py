@@ -84,7 +84,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..fileio import load_image
-from ..policy_safe_llava import generation_config_with_threshold
+from ..policy_safe_llava import check_safety_ready, generation_config_with_threshold
 from .evaluation import (
     _batches,
     _check_dataset,
@@ -720,7 +720,7 @@ def calibrate(
     _check_positive_int("batch_size", batch_size)
     if not isinstance(per_category, bool):
         raise ValueError(f"per_category must be True or False, got {per_category!r}.")
-    model.check_safety_ready(allow_untrained_safety)
+    check_safety_ready(model.config, allow_untrained_safety)
     config = model.config
     _check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
     _check_clean_rows(_column(dataset, "safe_level"), target_false_flag_rate, confidence)

@@ -44,7 +44,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..fileio import load_image
-from ..policy_safe_llava import check_probability
+from ..policy_safe_llava import check_probability, check_safety_ready
 from .loading import (
     add_model_cli_arguments,
     describe_thresholds,
@@ -774,9 +774,9 @@ def evaluate_safety_head(
     _check_positive_int("batch_size", batch_size)
     _check_positive_int("max_new_tokens", max_new_tokens)
     thresholds = check_thresholds(thresholds)
-    model.check_safety_ready(allow_untrained_safety)
+    check_safety_ready(model.config, allow_untrained_safety)
     resolved_thresholds(model, safety_threshold)  # a bad threshold or policy fails before any work
-    model.resolve_safety_actions(safety_actions)
+    model.safety_policy.resolve_actions(safety_actions)
     _check_dataset(dataset, len(model.config.safety_level_labels), len(model.config.safety_type_labels))
     predictions = predict_safety(
         model, processor, dataset, batch_size, safety_threshold, generate_answers, max_new_tokens,

@@ -51,6 +51,10 @@ REMOTE_CODE_FILES = (
     "policy_safe_llava.py",
     "processing_safe_llava.py",
     "pipeline_safe_llava.py",
+    "safety_config_safe_llava.py",
+    "safety_loading_safe_llava.py",
+    "safety_model_safe_llava.py",
+    "safety_processing_safe_llava.py",
 )
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",

@@ -105,7 +105,8 @@ def model_description(model) -> dict:
 
 def resolved_thresholds(model, safety_threshold) -> dict:
     """`{risky type name: threshold}` that a `safety_threshold` argument means for `model`."""
-    values = model.resolve_safety_threshold(safety_threshold).tolist()
+    rule = model.safety_policy.for_call(safety_threshold, generation_config=model.generation_config)
+    values = rule.thresholds.tolist()
     return {name: round(float(value), 6) for name, value in zip(model.config.risky_type_labels, values)}
 
 

@@ -1,0 +1,240 @@
+# Copyright 2026 The SafeLlava authors. Licensed under the Apache License, Version 2.0.
+"""Loading, saving, initialisation and construction from stock, shared by every SafeLlava base.
+
+- [`SafetyPreTrainedMixin`] sits in front of the base's stock `PreTrainedModel` (`SafeLlavaPreTrainedModel`, ...): it
+  reads weights from safetensors only, marks a model untrained when its checkpoint lacks a weight the verdict depends
+  on, names the config field behind a safety shape mismatch, initialises the safety tokens, ships the pipeline with
+  `save_pretrained`, and keeps the policy beside the model (`safety_policy`, `tokenize_safety_texts`).
+- [`safety_checkpoint_mapping`]: the checkpoint key renamings, which depend on the config (no rule for parameters the
+  config does not create).
+
+Internal transformers APIs used here, each pinned by a canary test (`tests/test_transformers_canaries.py`):
+`PreTrainedModel._load_pretrained_model` (the one place that sees every weight file before it is opened) and the
+conversion-mapping registry (`register_checkpoint_conversion_mapping`, `WeightRenaming`).
+
+This file is remote code: it imports only torch, transformers and its sibling files.
+"""
+
+import copy
+
+from transformers import AutoConfig, GenerationConfig
+from transformers import initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+from transformers.utils import logging
+
+from .policy_safe_llava import SafetyPolicy, generation_config_with_threshold
+from .safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES, SafeLlavaSafetyModule, shape_field
+
+
+logger = logging.get_logger(__name__)
+
+# Weights the verdict depends on: a checkpoint lacking any of them cannot be a trained safety classifier.
+VERDICT_PATH_PREFIXES = (*SAFETY_PARAMETER_PREFIXES, "model.vision_tower.", "model.language_model.embed_tokens.")
+# On-disk (flat) name -> in-memory name of the safety parameters. SafeLlava has always saved the flat names; the head's
+# projections were renamed in memory so that language-model LoRA targets (`q_proj`, ...) do not match them.
+_FLAT_SAFETY_NAMES = {
+    r"^model\.safety_projector\.": "model.safety_module.projector.",
+    r"^model\.safety_tokens": "model.safety_module.tokens",
+    r"^model\.safety_head\.q_proj\.": "model.safety_module.head.query_projection.",
+    r"^model\.safety_head\.k_proj\.": "model.safety_module.head.key_projection.",
+    r"^model\.safety_head\.v_proj\.": "model.safety_module.head.value_projection.",
+    r"^model\.safety_head\.o_proj\.": "model.safety_module.head.output_projection.",
+    r"^model\.safety_head\.level_classifier\.": "model.safety_module.head.level_classifier.",
+    r"^model\.safety_head\.category_classifier\.": "model.safety_module.head.category_classifier.",
+}
+_FLAT_LLM_TOKENS = (r"^model\.llm_safety_tokens", "model.safety_module.llm_tokens")
+_LOAD_KWARGS = ("dtype", "device_map", "revision", "cache_dir", "local_files_only", "token", "attn_implementation")
+_HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+
+
+def safety_checkpoint_mapping(config, stock_model_type: str) -> list:
+    """
+    The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...), then the
+    flat safety names. A rule exists only for parameters this config creates (no LLM safety tokens rule in head-only
+    mode), so that every rule matches a key, both when loading and, reversed, when saving.
+    """
+    renamings = dict(_FLAT_SAFETY_NAMES)
+    if config.num_llm_safety_tokens > 0:
+        renamings[_FLAT_LLM_TOKENS[0]] = _FLAT_LLM_TOKENS[1]
+    stock = get_checkpoint_conversion_mapping(stock_model_type) or []
+    return [*stock, *(WeightRenaming(source_patterns=s, target_patterns=t) for s, t in renamings.items())]
+
+
+def safetensors_only(load_kwargs: dict) -> dict:
+    """`from_pretrained` kwargs that read weights from safetensors files only, never from a pickle."""
+    if load_kwargs.get("use_safetensors") is False or load_kwargs.get("weights_only") is False:
+        raise ValueError(
+            "SafeLlava loads weights from safetensors files only: use_safetensors=False and weights_only=False "
+            "(pickle checkpoints) are refused. Convert the checkpoint to safetensors in a trusted environment."
+        )
+    return {**load_kwargs, "use_safetensors": True}
+
+
+class SafetyPreTrainedMixin:
+    """Put in front of a base's stock `PreTrainedModel`: loading, saving and initialisation of every SafeLlava class.
+
+    A ForConditionalGeneration class sets `stock_class` (e.g. `LlavaForConditionalGeneration`): it names the stock
+    checkpoints `from_base` accepts and the stock conversion mapping its own extends."""
+
+    stock_class = None
+
+    def post_init(self):
+        # The mapping depends on the config, so it is registered for this class when a model is built (transformers
+        # looks it up by class name when loading, and when saving a model that was not loaded).
+        if self.stock_class is not None:
+            mapping = safety_checkpoint_mapping(self.config, self.stock_class.config_class.model_type)
+            register_checkpoint_conversion_mapping(type(self).__name__, mapping, overwrite=True)
+        super().post_init()
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Initialised like transformers' own models. For custom code, transformers skips every module whose own
+        parameters are already flagged, which is vacuously true of a module without parameters of its own, so CLIP's
+        attention and MLP init would be skipped on weights a checkpoint lacks. Every SafeLlava init goes through
+        `transformers.initialization`, which flags each parameter, so that shortcut is not needed."""
+        return False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # Bare parameters are not covered by the generic init: without this they would keep uninitialised memory
+        # whenever a checkpoint lacks them (e.g. when converting a stock checkpoint).
+        if isinstance(module, SafeLlavaSafetyModule):
+            init.normal_(module.tokens, mean=0.0, std=0.02)
+            if module.llm_tokens is not None:
+                init.normal_(module.llm_tokens, mean=0.0, std=0.02)
+
+    # -- the policy beside the model ---------------------------------------------------------------------------
+
+    @property
+    def safety_policy(self) -> SafetyPolicy:
+        """The [`SafetyPolicy`] saved in this model's config."""
+        return SafetyPolicy.from_config(self.config)
+
+    def tokenize_safety_texts(self, processor) -> dict:
+        """Stores the policy texts as token ids of `processor` in the config, so that `generate` needs no tokenizer."""
+        self.config.safety_text_token_ids = self.safety_policy.tokenize(processor)
+        return self.config.safety_text_token_ids
+
+    # -- saving and loading --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """
+        Stock `save_pretrained`, plus SafeLlava's pipeline: `config.json` names it in `custom_pipelines`, and the
+        relative import below makes transformers' `custom_object_save` copy `pipeline_safe_llava.py` with the other
+        remote-code files, so that `pipeline("image-text-to-text", model=folder, trust_remote_code=True)` returns
+        each answer with its verdict.
+        """
+        from .pipeline_safe_llava import CUSTOM_PIPELINES
+
+        self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that reads safetensors only, and that marks the model untrained, with a
+        warning naming them, when the checkpoint lacks any weight the verdict depends on (the safety module, the vision
+        tower, the query's token embeddings), so that a half-loaded model never passes for a trained one."""
+        kwargs = safetensors_only(kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
+                raise
+            cls._raise_safety_shape_error(pretrained_model_name_or_path, args, kwargs, error)
+        missing = sorted(k for k in info["missing_keys"] if k.startswith(VERDICT_PATH_PREFIXES))
+        if missing and model.config.safety_modules_trained:
+            logger.warning(
+                "The checkpoint lacks weights the safety verdict depends on, which were freshly initialised: %s. "
+                "The model is marked untrained (config.safety_modules_trained=False); safety-aware generation "
+                "refuses to run until the safety module is trained.",
+                ", ".join(missing),
+            )
+        if missing:
+            model.config.safety_modules_trained = False
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _raise_safety_shape_error(cls, path, args, kwargs, error):
+        """A checkpoint whose safety-module shapes disagree with its config: an error naming the config field and both
+        shapes (found by a second, tolerant load), instead of transformers' generic `ignore_mismatched_sizes` one."""
+        _, info = super().from_pretrained(
+            path, *args, output_loading_info=True, **{**kwargs, "ignore_mismatched_sizes": True}
+        )
+        mismatched = [m for m in info.get("mismatched_keys", ()) if m[0].startswith(SAFETY_PARAMETER_PREFIXES)]
+        if not mismatched:
+            raise error
+        details = "; ".join(
+            f"{name} ({shape_field(name)}): checkpoint {tuple(saved)}, config {tuple(expected)}"
+            for name, saved, expected in sorted(mismatched)
+        )
+        raise ValueError(
+            f"The checkpoint's safety module does not match its config: {details}. Fix the config field(s) named to "
+            "match the checkpoint, or retrain the safety module."
+        ) from error
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        """Refuses any weight file that is not safetensors before it is opened: a shard index can name a pickle.
+        (Internal transformers API; `tests/test_transformers_canaries.py` fails when its signature changes.)"""
+        pickles = [name for name in checkpoint_files or () if not str(name).endswith(".safetensors")]
+        if pickles:
+            raise ValueError(
+                f"SafeLlava loads weights from safetensors files only; the checkpoint names {pickles} (a pickle can run "
+                "code when opened). Convert the checkpoint to safetensors in a trusted environment."
+            )
+        return super(SafetyPreTrainedMixin, model)._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
+
+    # -- construction from a stock model -------------------------------------------------------------------------
+
+    @classmethod
+    def _from_stock(cls, model_or_path, config_overrides: dict):
+        """The SafeLlava of a stock model (instance, folder or Hub id) of `cls.stock_class`: every stock weight kept
+        bit for bit, the safety module freshly initialised and marked untrained."""
+        load_kwargs = {k: config_overrides.pop(k) for k in _LOAD_KWARGS if k in config_overrides}
+        if isinstance(model_or_path, cls.stock_class):
+            model = cls._from_stock_model(model_or_path, config_overrides)
+        else:
+            model = cls._from_stock_checkpoint(model_or_path, config_overrides, load_kwargs)
+        model.generation_config = generation_config_with_threshold(model.generation_config, model.config.safety_threshold)
+        return model
+
+    @classmethod
+    def _from_stock_model(cls, stock, config_overrides):
+        config = cls.config_class.from_base_config(stock.config, **config_overrides)
+        model = cls(config).to(dtype=stock.dtype, device=stock.device)
+        missing, unexpected = model.load_state_dict(stock.state_dict(), strict=False)
+        _check_only_safety_weights_missing(missing, unexpected, cls.stock_class.__name__)
+        model.generation_config = GenerationConfig.from_dict(stock.generation_config.to_dict())
+        return model
+
+    @classmethod
+    def _from_stock_checkpoint(cls, path, config_overrides, load_kwargs):
+        hub_kwargs = {k: v for k, v in load_kwargs.items() if k in _HUB_KWARGS}
+        stock_config = AutoConfig.from_pretrained(path, **hub_kwargs)
+        expected = cls.stock_class.config_class.model_type
+        if stock_config.model_type != expected:
+            raise ValueError(
+                f"{cls.__name__}.from_base expects a {expected!r} checkpoint ({cls.stock_class.__name__}); {path!r} has "
+                f"model_type {stock_config.model_type!r}."
+            )
+        config = cls.config_class.from_base_config(stock_config, **config_overrides)
+        model, info = super(SafetyPreTrainedMixin, cls).from_pretrained(
+            path, config=config, output_loading_info=True, **safetensors_only(load_kwargs)
+        )
+        _check_only_safety_weights_missing(info["missing_keys"], info["unexpected_keys"], cls.stock_class.__name__)
+        model.config.safety_modules_trained = False
+        return model
+
+
+def _check_only_safety_weights_missing(missing, unexpected, stock_name: str):
+    not_safety = sorted(k for k in missing if not k.startswith(SAFETY_PARAMETER_PREFIXES))
+    if not_safety or unexpected:
+        raise ValueError(
+            f"The {stock_name} weights do not match this SafeLlava configuration: "
+            f"missing {not_safety[:10]}, unexpected {sorted(unexpected)[:10]}."
+        )
+
+
+__all__ = ["SafetyPreTrainedMixin", "safety_checkpoint_mapping", "safetensors_only", "VERDICT_PATH_PREFIXES"]
