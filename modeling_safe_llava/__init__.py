@@ -1,8 +1,8 @@
-"""SafeLlava: safety projector, safety tokens and safety head for LLaVA-1.5, as a transformers model.
+"""SafeLlava: safety projector, safety tokens and safety head for vision-language models, as a transformers model.
 
-Importing the package registers `safe_llava` with transformers' Auto classes:
-`AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give `SafeLlavaForConditionalGeneration`)
-and `AutoProcessor`.
+Importing the package registers every base in `bases.BASES` (LLaVA-1.5: `safe_llava`, ...) with transformers' Auto
+classes: `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give the base's
+ForConditionalGeneration class) and `AutoProcessor`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
@@ -28,19 +28,20 @@ from .safety_loading_safe_llava import SafetyPreTrainedMixin
 from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
 from .safety_processing_safe_llava import SafetyProcessorMixin
 from .presets import load_chat_template, load_safety_policy
+from .bases import BASES, Base
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register(SafeLlavaConfig.model_type, SafeLlavaConfig, exist_ok=True)
-AutoModel.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SafeLlavaConfig, SafeLlavaProcessor, exist_ok=True)
-
-# Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
-SafeLlavaConfig.register_for_auto_class()
-SafeLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
+for _base in BASES:
+    AutoConfig.register(_base.model_type, _base.config_class, exist_ok=True)
+    AutoModel.register(_base.config_class, _base.model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(_base.config_class, _base.model_class, exist_ok=True)
+    AutoProcessor.register(_base.config_class, _base.processor_class, exist_ok=True)
+    # Remote code: save_pretrained copies the model files (and their siblings) next to the weights, writes `auto_map`.
+    _base.config_class.register_for_auto_class()
+    _base.model_class.register_for_auto_class("AutoModelForImageTextToText")
+    _base.processor_class.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SafeLlavaConfig",
@@ -57,6 +58,8 @@ __all__ = [
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",
+    "BASES",
+    "Base",
     # The seam every base builds on (docs/bases.md).
     "SafetyConfigMixin",
     "SafetyPreTrainedMixin",
