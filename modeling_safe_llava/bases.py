@@ -7,6 +7,7 @@ demo, evaluate, calibrate, audit, export, serve and training then take it.
 """
 
 import ast
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,29 @@ ALWAYS_SHIPPED = ("pipeline_safe_llava.py",)
 
 @dataclass(frozen=True)
 class Base:
-    """One base: its SafeLlava config, model (ForConditionalGeneration) and processor classes."""
+    """
+    One base: its SafeLlava classes and the presets that describe it. The tools pick a base by its checkpoint's
+    `model_type`, or by `name` on the command line (`safe-llava demo --base gemma3`); model code never branches on it.
+
+    Args:
+        config_class, model_class, processor_class: the base's SafeLlava classes (built on the seam).
+        name: the name the command line takes (`--base`).
+        stock_checkpoint: the stock checkpoint of the base's 7B-class preset.
+        large_preset: that preset, in `configuration/`.
+        head_reads: what the safety head judges, in a few words (README's table of bases).
+        demo_builder: `"module:function"` building the demo's model and processor, `(language_model, seed=...)`.
+        demo_language_models: the `--language-model` choices of the demo on this base (the first is the default).
+    """
 
     config_class: type
     model_class: type
     processor_class: type
+    name: str
+    stock_checkpoint: str
+    large_preset: str
+    head_reads: str
+    demo_builder: str
+    demo_language_models: tuple = ("tiny",)
 
     @property
     def model_type(self) -> str:
@@ -59,10 +78,39 @@ class Base:
     def classes(self) -> tuple[type, type, type]:
         return self.config_class, self.model_class, self.processor_class
 
+    def build_demo_model(self, language_model: str | None = None, seed: int = 0):
+        """The demo's model (safety modules untrained) and processor, paper policy texts tokenized."""
+        language_model = language_model or self.demo_language_models[0]
+        if language_model not in self.demo_language_models:
+            raise ValueError(
+                f"--language-model {language_model!r} is not available with --base {self.name}; accepted: "
+                f"{', '.join(self.demo_language_models)}."
+            )
+        module_name, function_name = self.demo_builder.split(":")
+        return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed)
+
 
 BASES = (
-    Base(SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor),  # LLaVA-1.5
+    Base(
+        SafeLlavaConfig,
+        SafeLlavaForConditionalGeneration,
+        SafeLlavaProcessor,
+        name="llava",
+        stock_checkpoint="llava-hf/llava-1.5-7b-hf",
+        large_preset="7b.json",
+        head_reads="CLIP's vision_feature_layer (-2), CLS dropped: the 24x24 grid the language model reads",
+        demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
+        demo_language_models=("smollm2", "tiny"),
+    ),
 )
+
+
+def base_named(name: str) -> Base:
+    """The base the command line calls `name`; a `ValueError` naming the accepted names otherwise."""
+    for base in BASES:
+        if base.name == name:
+            return base
+    raise ValueError(f"Unknown base {name!r}; accepted: {', '.join(base.name for base in BASES)}.")
 
 
 def base_for_model_type(model_type) -> Base:
@@ -115,6 +163,7 @@ __all__ = [
     "Base",
     "BASES",
     "base_for_model_type",
+    "base_named",
     "base_for_stock_model_type",
     "load_safe_model",
     "load_safe_processor",

@@ -157,3 +157,14 @@ def test_stock_and_safellava_model_types_resolve_through_the_registry_and_others
     assert base_for_stock_model_type("bert") is None
     with pytest.raises(ValueError, match=r"model_type 'llava' is not a SafeLlava model; accepted: \['safe_llava'"):
         base_for_model_type("llava")
+
+
+def test_bases_are_picked_by_name_for_the_command_line():
+    from modeling_safe_llava.bases import base_named
+
+    llava = base_named("llava")
+    assert llava.model_class is SafeLlavaForConditionalGeneration and llava.large_preset == "7b.json"
+    with pytest.raises(ValueError, match="Unknown base 'llava2'; accepted: llava"):
+        base_named("llava2")
+    with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
+        llava.build_demo_model("gpt")
