@@ -168,3 +168,15 @@ def test_bases_are_picked_by_name_for_the_command_line():
         base_named("llava2")
     with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
         llava.build_demo_model("gpt")
+
+
+@pytest.mark.parametrize(
+    "extra", [{"vision_feature_layer": -2}, {"vision_feature_select_strategy": "default"}, {"logits_to_keep": 1}]
+)
+def test_generate_accepts_the_image_arguments_stock_llavas_forward_names(tiny_llava, trained_tiny_safe_llava, extra):
+    """`generate` accepts a model kwarg only when `forward` names it: SafeLlava's names stock LLaVA's arguments."""
+    stock, stock_processor = tiny_llava
+    model, processor = trained_tiny_safe_llava
+    for generator, batch in ((stock, inputs_with_images(stock_processor)), (model, inputs_with_images(processor))):
+        tokens = generator.generate(**batch, **extra, max_new_tokens=3, do_sample=False)
+        assert tokens.shape[1] == batch["input_ids"].shape[1] + 3
