@@ -47,10 +47,14 @@ class SafetyModelMixin:
     Class attributes a base sets:
         safety_output_class: the headless output class (the stock one plus the safety fields).
         safety_image_kwargs: the names of the forward arguments its `get_image_features` takes besides pixel values.
+        safety_passes_output_flags: whether output flags reach `get_image_features` (default `True`).
     """
 
     safety_output_class = None
     safety_image_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    # Whether the caller's `output_hidden_states` / `output_attentions` reach `get_image_features` (stock LLaVA's
+    # forward passes them on since transformers 5.24; a base whose stock forward never does sets False).
+    safety_passes_output_flags = True
 
     # -- the seam: what a base supplies ----------------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class SafetyModelMixin:
     def encode_images(self, pixel_values, **image_kwargs):
         """The base's `get_image_features` (LLM safety tokens in front), keeping only the image arguments it takes
         (`safety_image_kwargs`) and the output flags that are set."""
-        flags = {k: True for k in _OUTPUT_FLAGS if image_kwargs.get(k)}
+        flags = {k: True for k in _OUTPUT_FLAGS if image_kwargs.get(k) and self.safety_passes_output_flags}
         image_kwargs = {k: v for k, v in image_kwargs.items() if k in self.safety_image_kwargs and v is not None}
         return self.get_image_features(pixel_values, return_dict=True, **image_kwargs, **flags)
 
@@ -177,9 +181,9 @@ class SafetyModelMixin:
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            **_cache_argument(past_key_values),
             **{**kwargs, "return_dict": True},
         )
         image_outputs = (mm_encoder_outputs or {}).get("image")
@@ -250,10 +254,10 @@ class SafetyForConditionalGenerationMixin:
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             output_safety=output_safety,
+            **_cache_argument(past_key_values),
             **{**kwargs, "return_dict": True},
         )
         logits = self.lm_head(_keep_logits(outputs.last_hidden_state, logits_to_keep))
@@ -352,6 +356,12 @@ def _losses(model, logits, labels, outputs, safety_labels, kwargs):
         level, kind = outputs.safety_level_logits, outputs.safety_type_logits
         safety = safety_loss(level, kind, safety_labels, outputs.images_per_row)
     return lm_loss, safety
+
+
+def _cache_argument(past_key_values) -> dict:
+    """`past_key_values` passed on only when given: transformers >= 5.25 names the cache `cache` and logs a
+    deprecation for every explicit `past_key_values=`, even `None`."""
+    return {} if past_key_values is None else {"past_key_values": past_key_values}
 
 
 def _keep_logits(hidden_states, logits_to_keep):
