@@ -8,6 +8,15 @@ ForConditionalGeneration class) and `AutoProcessor`.
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .llava_next_safe_llava import (
+    SafeLlavaNextCausalLMOutputWithPast,
+    SafeLlavaNextConfig,
+    SafeLlavaNextForConditionalGeneration,
+    SafeLlavaNextModel,
+    SafeLlavaNextModelOutputWithPast,
+    SafeLlavaNextPreTrainedModel,
+    SafeLlavaNextProcessor,
+)
 from .modeling_safe_llava import (
     SafeLlavaCausalLMOutputWithPast,
     SafeLlavaForConditionalGeneration,
@@ -55,6 +64,13 @@ __all__ = [
     "SafeLlavaSafetyAssessment",
     "SafetyPolicy",
     "SafeLlavaProcessor",
+    "SafeLlavaNextConfig",
+    "SafeLlavaNextPreTrainedModel",
+    "SafeLlavaNextModel",
+    "SafeLlavaNextForConditionalGeneration",
+    "SafeLlavaNextCausalLMOutputWithPast",
+    "SafeLlavaNextModelOutputWithPast",
+    "SafeLlavaNextProcessor",
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",

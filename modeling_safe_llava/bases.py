@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .llava_next_safe_llava import SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, SafeLlavaNextProcessor
 from .modeling_safe_llava import SafeLlavaForConditionalGeneration
 from .processing_safe_llava import SafeLlavaProcessor
 
@@ -101,6 +102,17 @@ BASES = (
         head_reads="CLIP's vision_feature_layer (-2), CLS dropped: the 24x24 grid the language model reads",
         demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
         demo_language_models=("smollm2", "tiny"),
+    ),
+    Base(
+        SafeLlavaNextConfig,
+        SafeLlavaNextForConditionalGeneration,
+        SafeLlavaNextProcessor,
+        name="llava-next",
+        stock_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
+        large_preset="llava-next-7b.json",
+        head_reads="every anyres crop (the base image and each high-resolution crop: 24x24 grids at vision_feature_layer "
+        "-2, CLS dropped); a row's verdict is its riskiest crop",
+        demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
     ),
 )
 
