@@ -144,13 +144,17 @@ class SafeLlavaNextImageOutputs(BaseModelOutputWithPooling):
     r"""
     What [`SafeLlavaNextModel.get_image_features`] returns: stock's fields (`pooler_output` holds one packed
     `(num_llm_safety_tokens + tokens_i, text_hidden)` tensor per image; `hidden_states` one entry per crop), plus
-    how many crops each image has.
+    how many crops each image has. As a tuple it is stock's (the crop counts are left out), so that stock's
+    `return_dict=False` outputs keep their shape where they carry the image outputs (transformers >= 5.24).
 
     crops_per_image (`torch.LongTensor` of shape `(num_images,)`, *optional*):
         Crops of each image in `hidden_states` (the base image plus its anyres crops), images in order.
     """
 
     crops_per_image: torch.LongTensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(value for name, value in self.items() if name != "crops_per_image")
 
 
 @dataclass
@@ -219,14 +223,22 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
         self.safety_module = SafeLlavaSafetyModule(config)
         self.post_init()
 
+    def encode_images(self, pixel_values, **image_kwargs):
+        """The seam's `encode_images` without the caller's output flags: stock LLaVA-NeXT's forward never hands
+        `output_hidden_states` / `output_attentions` to its vision tower, so its image outputs hold only the vision
+        layer(s) it reads, and so do these."""
+        flags = ("output_hidden_states", "output_attentions")
+        return super().encode_images(pixel_values, **{k: v for k, v in image_kwargs.items() if k not in flags})
+
     @can_return_tuple
     def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
         """
         LLaVA-NeXT's packed image features with the LLM safety tokens first ([`SafeLlavaNextImageOutputs`]):
-        `hidden_states` keeps the vision layer(s) the safety head reads, whatever layer the language model is given.
+        `hidden_states` also keeps the vision layer(s) the safety head reads when the language model is given others.
         """
-        if vision_feature_layer not in (None, self.config.vision_feature_layer) and not kwargs.get("output_hidden_states"):
-            kwargs["output_hidden_states"] = True
+        safety_layers = _as_list(self.config.vision_feature_layer)
+        if vision_feature_layer is not None and not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = sorted({*_as_list(vision_feature_layer), *safety_layers})
         image_outputs = super().get_image_features(
             pixel_values,
             image_sizes,
@@ -247,8 +259,7 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
 
     def safety_vision_states(self, image_outputs) -> torch.Tensor:
         """Every crop's grid at `vision_feature_layer` (CLS dropped): `(num_crops_total, grid, grid, vision_dim)`."""
-        layers = self.config.vision_feature_layer
-        layers = [layers] if isinstance(layers, int) else list(layers)
+        layers = _as_list(self.config.vision_feature_layer)
         hidden_states = image_outputs.hidden_states
         selected = [hidden_states[layer] if hidden_states is not None else None for layer in layers]
         if any(hidden is None for hidden in selected):
@@ -349,6 +360,10 @@ class SafeLlavaNextForConditionalGeneration(
             labels=labels,
             **kwargs,
         )
+
+
+def _as_list(layers) -> list[int]:
+    return [layers] if isinstance(layers, int) else list(layers)
 
 
 __all__ = [
