@@ -204,6 +204,7 @@ def test_training_collators_carry_every_image_field(base):
     """The Trainer's batches hold what the base's processor returns for images (LLaVA-NeXT: `image_sizes` too), so
     that stage 1 and 2 train every base through the same collators."""
     from modeling_safe_llava.training import SafeLlavaPromptCollator, SafeLlavaTrainingCollator
+    from modeling_safe_llava.training.run import SafetyHeadObjective
 
     _, safe, processor = base.build_pair(num_llm_safety_tokens=4)
     rows = [
@@ -219,6 +220,8 @@ def test_training_collators_carry_every_image_field(base):
     assert set(base.image_fields) <= set(batch)
     out = safe(**batch)
     assert out.loss is not None and out.safety_loss is not None and torch.isfinite(out.loss)
+    head_only = SafetyHeadObjective(safe)(**batch)  # stage 1's "safety_head" objective: no language model
+    torch.testing.assert_close(head_only.safety_loss, out.safety_loss)
     prompts = SafeLlavaPromptCollator(processor)(rows)
     assert set(base.image_fields) <= set(prompts)
     prompts.pop("safety_labels")
