@@ -275,7 +275,13 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
 
     def safety_units_per_image(self, image_outputs) -> torch.LongTensor:
         """The head judges every crop: an image's units are its crops (the base image first)."""
-        return image_outputs.crops_per_image
+        crops = getattr(image_outputs, "crops_per_image", None)
+        if crops is None:
+            raise ValueError(
+                "These pre-encoded images do not say how many anyres crops each image has, which the safety head needs "
+                "to judge every crop; encode them with this model's get_image_features (or pass pixel_values)."
+            )
+        return crops
 
     def images_per_row(self, input_ids, inputs_embeds, image_outputs) -> torch.LongTensor:
         """Images in each row, `(batch_size,)`: each image takes its own number of placeholders (anyres), so rows are

@@ -127,3 +127,19 @@ def test_config_is_llava_next_plus_the_safety_fields():
     assert config.auto_map["AutoModel"] == "llava_next_safe_llava.SafeLlavaNextForConditionalGeneration"
     with pytest.raises(ValueError, match="num_safety_tokens"):
         SafeLlavaNextConfig(num_safety_tokens=0)
+
+
+def test_images_encoded_by_stock_get_a_clear_error(pair):
+    """Stock's image outputs lack the crop counts the head needs: a clear error, not a count mismatch."""
+    stock, safe, processor = pair
+    inputs = one_image_inputs(processor, 0)
+    with torch.no_grad():
+        features = stock.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], output_hidden_states=True)
+    with pytest.raises(ValueError, match="anyres crops"):
+        safe.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            mm_encoder_outputs={"image": features},
+            safety_threshold=0.5,
+            max_new_tokens=1,
+        )
