@@ -143,3 +143,20 @@ def test_images_encoded_by_stock_get_a_clear_error(pair):
             safety_threshold=0.5,
             max_new_tokens=1,
         )
+
+
+def test_7b_preset_is_the_llava_v1_6_mistral_shape_with_the_papers_safety_modules():
+    from modeling_safe_llava.tiny import load_model_preset
+
+    preset = load_model_preset("llava-next-7b.json")
+    fields = {k: v for k, v in preset.items() if not k.startswith("_") and k not in ("base_checkpoint", "base_model_type")}
+    config = SafeLlavaNextConfig(**fields)
+    assert (config.text_config.model_type, config.text_config.num_key_value_heads) == ("mistral", 8)
+    assert config.image_grid_pinpoints[2] == [672, 672] and config.num_llm_safety_tokens == 64
+    assert config.safety_projector_hidden_size == 1024 + 64  # the paper's C-Abstractor width
+    with torch.device("meta"):
+        model = SafeLlavaNextForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    safety = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.safety_module."))
+    assert 7.4e9 < total < 7.8e9, total  # llava-v1.6-mistral-7b: 7.57B parameters
+    assert safety / total < 0.02, safety / total
