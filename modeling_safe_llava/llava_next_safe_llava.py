@@ -209,6 +209,9 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
     config: SafeLlavaNextConfig
     config_class = SafeLlavaNextConfig
     safety_output_class = SafeLlavaNextModelOutputWithPast
+    # Stock LLaVA-NeXT's forward never hands `output_hidden_states` / `output_attentions` to its vision tower: its
+    # image outputs hold only the vision layer(s) it reads (transformers 5.25 returns them), and so do these.
+    safety_passes_output_flags = False
 
     def __init__(self, config: SafeLlavaNextConfig):
         # LlavaNextModel's modules, then the safety module, then one post_init() (LlavaNextModel.__init__ would run
@@ -222,13 +225,6 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
         self.language_model = AutoModel.from_config(config.text_config)
         self.safety_module = SafeLlavaSafetyModule(config)
         self.post_init()
-
-    def encode_images(self, pixel_values, **image_kwargs):
-        """The seam's `encode_images` without the caller's output flags: stock LLaVA-NeXT's forward never hands
-        `output_hidden_states` / `output_attentions` to its vision tower, so its image outputs hold only the vision
-        layer(s) it reads, and so do these."""
-        flags = ("output_hidden_states", "output_attentions")
-        return super().encode_images(pixel_values, **{k: v for k, v in image_kwargs.items() if k not in flags})
 
     @can_return_tuple
     def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
