@@ -160,3 +160,20 @@ def test_7b_preset_is_the_llava_v1_6_mistral_shape_with_the_papers_safety_module
     safety = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.safety_module."))
     assert 7.4e9 < total < 7.8e9, total  # llava-v1.6-mistral-7b: 7.57B parameters
     assert safety / total < 0.02, safety / total
+
+
+def test_registry_entry_builds_the_demo_model():
+    """`safe-llava demo --base llava-next` builds a tiny random LLaVA-NeXT (configuration/demo-llava-next.json)."""
+    from PIL import Image
+
+    from modeling_safe_llava.bases import base_named
+
+    entry = base_named("llava-next")
+    assert entry.model_class is SafeLlavaNextForConditionalGeneration and entry.large_preset == "llava-next-7b.json"
+    model, processor = entry.build_demo_model()
+    assert type(model) is SafeLlavaNextForConditionalGeneration and model.config.num_llm_safety_tokens == 8
+    inputs = processor(images=[Image.new("RGB", (48, 48), "red")], text=[chat_prompt(processor)], return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == 3  # the base image and two anyres crops
+    assert model(**inputs).safety_level_logits.shape == (1, 4)
+    with pytest.raises(ValueError, match="tiny"):
+        entry.build_demo_model("smollm2")
