@@ -227,11 +227,16 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
         self.post_init()
 
     @can_return_tuple
-    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+    def get_image_features(self, pixel_values, image_sizes=None, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
         """
         LLaVA-NeXT's packed image features with the LLM safety tokens first ([`SafeLlavaNextImageOutputs`]):
         `hidden_states` also keeps the vision layer(s) the safety head reads when the language model is given others.
         """
+        if image_sizes is None:  # stock raises a TypeError too, without saying what is missing
+            raise TypeError(
+                "LLaVA-NeXT images need `image_sizes` next to `pixel_values`: each image's (height, width) before anyres "
+                "tiling, as the processor returns them (pass `**processor(images=..., text=...)`)."
+            )
         safety_layers = _as_list(self.config.vision_feature_layer)
         if vision_feature_layer is not None and not kwargs.get("output_hidden_states"):
             kwargs["output_hidden_states"] = sorted({*_as_list(vision_feature_layer), *safety_layers})

@@ -177,3 +177,17 @@ def test_registry_entry_builds_the_demo_model():
     assert model(**inputs).safety_level_logits.shape == (1, 4)
     with pytest.raises(ValueError, match="tiny"):
         entry.build_demo_model("smollm2")
+
+
+def test_pixel_values_without_image_sizes_get_a_clear_error(pair):
+    """Stock raises a TypeError deep in its anyres code; SafeLlava-NeXT raises the same type, naming what is missing,
+    on every route (forward, the verdict alone)."""
+    stock, safe, processor = pair
+    inputs = one_image_inputs(processor, 0)
+    del inputs["image_sizes"]
+    with pytest.raises(TypeError):
+        stock(**inputs)
+    with pytest.raises(TypeError, match="image_sizes"):
+        safe(**inputs)
+    with pytest.raises(TypeError, match="image_sizes"):
+        safe.assess_safety(**inputs)
