@@ -1,0 +1,358 @@
+"""The in-process backend: the whole SafeLlava in this process.
+
+- Chat requests that arrive together with the same generation settings (`max_new_tokens`, sampling, stop
+  sequences, `safety_threshold`, `safety_actions`; seeded requests never share a call) run as one left-padded batch
+  through `model.generate(..., safety_threshold=..., safety_actions=..., return_dict_in_generate=True)`. `n > 1`
+  adds `n` rows. Each row keeps its own verdict and action, as `generate` gives them.
+- Streamed requests run one request per call, with a streamer that receives the verdict before the first token (as
+  stock streamers, SafeLlava's take one row). `n > 1` streams its choices one after the other.
+- Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
+  batches too.
+
+Every model call runs in one worker thread, so the event loop stays free (`/health` answers while generating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
+from ..tools.streaming import SafeLlavaTextStreamer
+from .backend import (
+    BackendSettings,
+    ChatCompletionResult,
+    ChatRequest,
+    Choice,
+    ModerationInput,
+    ServiceUnavailable,
+    ServingBackend,
+    ServingError,
+    StreamEvent,
+    Usage,
+    Verdict,
+)
+from .batching import MicroBatcher
+
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_local_backend(settings: BackendSettings) -> LocalBackend:
+    """Loads the model and processor `settings.model` names (a folder or a Hub id) and wraps them in a backend.
+
+    Raises:
+        ValueError: the safety modules are untrained (`config.safety_modules_trained` is False): a server would
+            answer with random verdicts. Train (or load a trained checkpoint) first.
+    """
+    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..processing_safe_llava import SafeLlavaProcessor
+
+    dtype = "auto" if settings.dtype in (None, "auto") else DTYPES[settings.dtype]
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SafeLlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype).to(device).eval()
+    processor = SafeLlavaProcessor.from_pretrained(settings.model)
+    if not model.config.safety_modules_trained:
+        raise ValueError(
+            f"{settings.model}: the safety modules are untrained (config.safety_modules_trained is false), so every "
+            "verdict would be random; serve a checkpoint trained with stage 1."
+        )
+    return LocalBackend(model, processor, settings)
+
+
+def default_served_name(model: str) -> str:
+    """`--served-model-name`'s default: the folder's name (a Hub id as it is)."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+class LocalEngine:
+    """The model calls (blocking; run in the backend's worker thread)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+
+    def prompt(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def inputs(self, prompts: list[str], images: list):
+        """The processor's left-padded tensors for `prompts` (images: flat, in order), on the model's device."""
+        inputs = self.processor(
+            images=images or None, text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def generation_kwargs(self, request: ChatRequest) -> dict:
+        kwargs = {
+            "max_new_tokens": request.max_new_tokens,
+            "safety_threshold": request.safety_threshold,
+            "safety_actions": request.safety_actions,
+            "pad_token_id": self.pad_id,
+        }
+        if request.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=None)
+        if request.stop:
+            kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    # -- chat ------------------------------------------------------------------------------------------------
+
+    def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
+        """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
+        prompts, images, owners = [], [], []
+        for index, request in enumerate(requests):
+            prompt = self.prompt(request.messages)
+            for _ in range(request.n):
+                prompts.append(prompt)
+                images.extend(request.images)
+                owners.append(index)
+        inputs = self.inputs(prompts, images)
+        if requests[0].seed is not None:
+            torch.manual_seed(requests[0].seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.generation_kwargs(requests[0]), return_dict_in_generate=True)
+        safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(prompts))
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            self._result(request, [r for r, o in enumerate(owners) if o == index], new_tokens, safety, prompt_lengths)
+            for index, request in enumerate(requests)
+        ]
+
+    def _result(self, request, rows, new_tokens, safety, prompt_lengths) -> ChatCompletionResult:
+        refused = safety[rows[0]].get("action") == "refuse"
+        choices = [self.choice(i, new_tokens[row], request, refused) for i, row in enumerate(rows)]
+        usage = Usage(int(prompt_lengths[rows[0]]), sum(choice.completion_tokens for choice in choices))
+        return ChatCompletionResult(choices=choices, usage=usage, safety=safety[rows[0]])
+
+    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
+        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+        ended = False
+        for position, token in enumerate(tokens):
+            if token in self.eos_ids:
+                tokens, ended = tokens[: position + 1], True
+                break
+        tokens = [t for t in tokens if t != self.pad_id or t in self.eos_ids]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, request.stop)
+        if refused:
+            reason = "content_filter"
+        elif ended or stopped or len(tokens) < request.max_new_tokens:
+            reason = "stop"
+        else:
+            reason = "length"
+        return Choice(index=index, text=text, finish_reason=reason, completion_tokens=len(tokens))
+
+    # -- streaming ------------------------------------------------------------------------------------------
+
+    def stream(self, request: ChatRequest, emit) -> None:
+        """Generates `request` choice by choice, calling `emit(StreamEvent)` from this thread."""
+        prompt_tokens, completion_tokens = 0, 0
+        for index in range(request.n):
+            streamer = _EventStreamer(self, request, index, emit, send_verdict=index == 0)
+            inputs = self.inputs([self.prompt(request.messages)], list(request.images))
+            if request.seed is not None:
+                torch.manual_seed(request.seed + index)
+            with torch.inference_mode():
+                self.model.generate(**inputs, **self.generation_kwargs(request), streamer=streamer)
+            streamer.finish()
+            prompt_tokens = int(inputs["attention_mask"].sum())
+            completion_tokens += streamer.tokens
+        if request.include_usage:
+            emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
+
+    # -- moderation -----------------------------------------------------------------------------------------
+
+    def moderate_batch(self, inputs: list[ModerationInput]) -> list[Verdict]:
+        """One `assess_safety` call (vision tower and safety module only) for inputs with the same settings."""
+        prompts = [self.prompt(item.messages()) for item in inputs]
+        images = [image for item in inputs for image in item.images]
+        tensors = self.inputs(prompts, images)
+        with torch.inference_mode():
+            assessment = self.model.assess_safety(
+                **tensors, safety_threshold=inputs[0].safety_threshold, safety_actions=inputs[0].safety_actions
+            )
+        return [Verdict(entry) for entry in safety_entries(assessment, num_rows=len(inputs))]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to (not including) the earliest stop sequence, and whether one was found."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+class _EventStreamer(SafeLlavaTextStreamer):
+    """Turns one generation into `StreamEvent`s: the verdict (first), deltas held back where a stop sequence may
+    begin, and the finish."""
+
+    def __init__(self, engine: LocalEngine, request: ChatRequest, index: int, emit, send_verdict: bool):
+        super().__init__(
+            engine.tokenizer, skip_prompt=True, on_verdict=self._verdict, print_verdict=False, skip_special_tokens=True
+        )
+        self.engine, self.request, self.index, self.emit, self.send_verdict = engine, request, index, emit, send_verdict
+        self.tokens, self.ended, self.refused, self.text, self.sent, self.stopped = 0, False, False, "", 0, False
+
+    def _verdict(self, safety: dict):
+        if not safety.get("judged"):  # the streamer's generic reason, made as precise as the non-streamed one
+            safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if self.request.images else NOT_JUDGED_NO_IMAGE}
+        self.refused = safety.get("action") == "refuse"
+        if self.send_verdict:
+            self.emit(StreamEvent(kind="verdict", safety=safety))
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            tokens = value.reshape(-1).tolist()
+            if not self.ended:
+                self.tokens += len(tokens)
+            self.ended = self.ended or any(t in self.engine.eos_ids for t in tokens)
+        super().put(value)
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if self.stopped:
+            return
+        self.text += text
+        visible, self.stopped = cut_at_stop(self.text, self.request.stop)
+        hold = 0 if (self.stopped or stream_end) else _held_back(visible, self.request.stop)
+        ready = visible[self.sent : len(visible) - hold]
+        if ready:
+            self.emit(StreamEvent(kind="delta", index=self.index, text=ready))
+            self.sent += len(ready)
+
+    def finish(self):
+        if self.refused:
+            reason = "content_filter"
+        elif self.ended or self.stopped or self.tokens < self.request.max_new_tokens:
+            reason = "stop"
+        else:
+            reason = "length"
+        self.emit(StreamEvent(kind="finish", index=self.index, finish_reason=reason))
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop sequence (not sent yet)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
+
+
+def chat_batch_key(request: ChatRequest):
+    """Requests with equal keys share a `generate` call; a seeded request shares it with nobody."""
+    return (
+        request.max_new_tokens,
+        request.temperature,
+        request.top_p,
+        tuple(request.stop),
+        request.request_id if request.seed is not None else None,
+        json.dumps(request.safety_threshold, sort_keys=True),
+        json.dumps(request.safety_actions, sort_keys=True),
+    )
+
+
+def moderation_batch_key(item: ModerationInput):
+    return json.dumps([item.safety_threshold, item.safety_actions], sort_keys=True)
+
+
+class LocalBackend(ServingBackend):
+    """`ServingBackend` over an in-process SafeLlava (see the module docstring)."""
+
+    def __init__(self, model, processor, settings: BackendSettings):
+        config = model.config
+        super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
+        self.engine = LocalEngine(model, processor)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-model")
+        batching = {"executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue}
+        self.chat = MicroBatcher(
+            self._run_chat, key=chat_batch_key, max_batch_size=settings.max_batch_size, name="chat",
+            on_batch=lambda size: self.record_batch("chat", size), **batching,
+        )
+        self.streams = MicroBatcher(
+            self._run_streams, max_batch_size=1, name="stream", on_batch=lambda size: self.record_batch("stream", size),
+            **batching,
+        )
+        self.moderation = MicroBatcher(
+            self.engine.moderate_batch, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
+            name="moderation", on_batch=lambda size: self.record_batch("moderation", size), **batching,
+        )
+        self._closing = False
+
+    def _run_chat(self, requests: list[ChatRequest]) -> list:
+        return self.engine.complete_batch(requests)
+
+    def _run_streams(self, jobs: list) -> list:
+        request, emit = jobs[0]
+        self.engine.stream(request, emit)
+        return [None]
+
+    async def complete(self, request: ChatRequest) -> ChatCompletionResult:
+        self._check_open()
+        return await self.chat.submit(request)
+
+    async def moderate(self, inputs: list[ModerationInput]) -> list[Verdict]:
+        self._check_open()
+        verdicts = [None if item.images else Verdict(safety_entries(None, 1)[0]) for item in inputs]
+        judged = [item for item in inputs if item.images]
+        results = await asyncio.gather(*(self.moderation.submit(item) for item in judged))
+        fill = iter(results)
+        return [verdict if verdict is not None else next(fill) for verdict in verdicts]
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self._check_open()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event):
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        job = asyncio.ensure_future(self.streams.submit((request, emit)))
+        job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    break
+                yield event
+            job.result()  # raises the generation's error, if any
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def _check_open(self):
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; retry on another replica.")
+
+    def queue_depth(self) -> int:
+        return self.chat.depth() + self.streams.depth() + self.moderation.depth()
+
+    def describe(self) -> dict:
+        return {"mode": "local", "device": str(self.engine.model.device), "dtype": str(self.engine.model.dtype).replace("torch.", "")}
+
+    async def close(self) -> None:
+        self._closing = True
+        for batcher in (self.chat, self.streams, self.moderation):
+            await batcher.close()
+        self.executor.shutdown(wait=True)
+
+
+__all__ = ["LocalBackend", "LocalEngine", "build_local_backend", "default_served_name", "ServingError"]
