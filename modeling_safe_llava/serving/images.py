@@ -106,7 +106,12 @@ def decode_image_bytes(data: bytes, policy: ImagePolicy, param: str) -> Image.Im
     try:
         with Image.open(io.BytesIO(data)) as probe:
             image_format, (width, height) = probe.format, probe.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        raise image_error(
+            f"{param}: the image declares more pixels than this server's cap of {policy.max_pixels} (a decompression "
+            "bomb?).", param, code="image_too_large",
+        ) from None
+    except (OSError, SyntaxError, ValueError):
         raise image_error(f"{param}: the bytes are not an image Pillow can read ({', '.join(ALLOWED_FORMATS)}).", param) from None
     if image_format not in ALLOWED_FORMATS:
         raise image_error(f"{param}: {image_format} images are not accepted; send one of {', '.join(ALLOWED_FORMATS)}.", param)
