@@ -155,6 +155,7 @@ class _RequestGuard:
         endpoint = _endpoint(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await _discard_body(receive, limit=8 * self.max_body_bytes)  # so that the client reads the 413
             await _send_error(send, self._too_large())
             return self._observe(endpoint, 413, start, scope)
 
@@ -186,6 +187,16 @@ class _RequestGuard:
         seconds = time.monotonic() - start
         self.metrics.observe_request(endpoint, status, seconds)
         logger.info("%s %s %d %.3fs", scope["method"], scope["path"], status, seconds)
+
+
+async def _discard_body(receive, limit: int):
+    """Reads and drops a request body (up to `limit` bytes; past that the connection is simply closed)."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        seen += len(message.get("body", b""))
 
 
 async def _send_error(send, error: ServingError):
