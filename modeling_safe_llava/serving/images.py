@@ -29,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 from PIL import Image
 
-from ..tools.loading import load_image
+from ..fileio import load_image
 from .backend import ServingError
 
 
