@@ -22,6 +22,7 @@ setup(
         "modeling_safe_llava.tools",
         "modeling_safe_llava.data",
         "modeling_safe_llava.fileio",
+        "modeling_safe_llava.serving",
         *[f"modeling_safe_llava.presets.{kind}" for kind in PRESET_KINDS],
     ],
     package_dir={f"modeling_safe_llava.presets.{kind}": kind for kind in PRESET_KINDS},
@@ -41,6 +42,8 @@ setup(
         "eval": ["matplotlib>=3.8", "scikit-image>=0.24", "datasets>=4.0"],
         # Multi-GPU training as in the paper: --deepspeed configuration/deepspeed_zero2.json
         "deepspeed": ["deepspeed>=0.16"],
+        # safe-llava serve: an OpenAI-compatible server (README "Serving")
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20"],
         "dev": [
             "peft>=0.21,<0.22",
             "datasets>=4.0",
@@ -51,6 +54,10 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
+            "openai>=1.40",
         ],
     },
     entry_points={"console_scripts": ["safe-llava=modeling_safe_llava.tools.cli:main"]},
