@@ -6,8 +6,13 @@ near uniform (risk about 0.75), so each action is forced: `safety_actions` all `
 with `safety_threshold=0`.
 """
 
+import contextlib
+import io
 import json
+import os
 import re
+import shlex
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,7 +20,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from serving_live import LiveServer, data_url, image_message, save_tiny_server_model
+from serving_live import REPO_ROOT, LiveServer, data_url, image_message, save_tiny_server_model
 
 from conftest import random_image
 from modeling_safe_llava.modeling_safe_llava import SafeLlavaForConditionalGeneration
@@ -126,6 +131,13 @@ def test_a_hinted_answer_equals_in_process_generate_with_the_hint(server, client
     assert response.choices[0].message.content == text
     allowed, _, _ = in_process(reference, image, safety_actions=all_types(reference, "allow"))
     assert text != allowed  # the hint changed the answer: it really was inserted
+
+
+def test_an_image_without_a_question_can_be_hinted(server, client, reference):
+    hint = {"safety_threshold": 0.0, "safety_actions": all_types(reference, "hint")}
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(random_image(10, 32))}}]}]
+    response = client.chat.completions.create(model=server.model, messages=messages, max_tokens=4, temperature=0, extra_body=hint)
+    assert safety_of(response)["action"] == "hint" and response.choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_refused_request_answers_the_configured_refusal_with_content_filter(server, client, reference):
@@ -332,3 +344,43 @@ def test_hostile_requests_get_a_clear_4xx_and_the_server_stays_healthy(server, c
     assert not failures, failures
     assert server.get("/health")[0] == 200
     assert chat(client, server, random_image(50, 32)).choices[0].message.content is not None
+
+
+# -- README -----------------------------------------------------------------------------------------------------------
+
+
+def readme_serving_blocks() -> dict:
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("### Serving: `safe-llava serve`", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return {
+        "bash": re.findall(r"```bash\n(.*?)```", section, flags=re.S),
+        "python": re.findall(r"```python\n(.*?)```", section, flags=re.S),
+    }
+
+
+def test_readme_serving_commands_run(server, tmp_path, monkeypatch):
+    from modeling_safe_llava.tools.cli import build_parser
+
+    blocks = readme_serving_blocks()
+    start = next(line for line in blocks["bash"][0].splitlines() if line.startswith("safe-llava serve"))
+    argv = shlex.split(start.split("#")[0])[1:]
+    assert build_parser(argv).parse_args(argv).model == "outputs/demo/export"  # every flag it names exists
+
+    random_image(60, 32).save(tmp_path / "photo.png")
+    port = f"127.0.0.1:{server.port}"
+    curl = blocks["bash"][1].replace("127.0.0.1:8000", port).replace('"export"', f'"{server.model}"')
+    env = {**os.environ, "SAFE_LLAVA_API_KEY": API_KEY}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", curl], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert '"object":"chat.completion"' in result.stdout and result.stdout.count('"safety"') >= 3
+    assert "data: [DONE]" in result.stdout and '"results"' in result.stdout and '"error"' not in result.stdout, server.stderr_text()[-3000:]
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SAFE_LLAVA_API_KEY", API_KEY)
+    snippet = blocks["python"][0].replace("127.0.0.1:8000", port).replace('"export"', f'"{server.model}"')
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+    lines = printed.getvalue().splitlines()
+    assert lines[0].split()[0] in {"allow", "hint", "refuse"} and lines[1].split()[0] in {"allow", "hint", "refuse"}
+    assert lines[2].split()[0] in {"True", "False"}

@@ -15,6 +15,7 @@ Every model call runs in one worker thread, so the event loop stays free (`/heal
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -258,6 +259,17 @@ def _held_back(text: str, stops: list[str]) -> int:
     return longest
 
 
+@contextlib.contextmanager
+def _model_errors_as_400():
+    """The model's `ValueError`s name a problem with the inputs (this project's convention): the client gets them
+    as a 400. A batch that fails is rerun row by row (`MicroBatcher`), so only the faulty request sees it."""
+    try:
+        yield
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        raise ServingError(f"The model cannot run this request: {message}", code="model_input_error") from None
+
+
 def chat_batch_key(request: ChatRequest):
     """Requests with equal keys share a `generate` call; a seeded request shares it with nobody."""
     return (
@@ -293,18 +305,24 @@ class LocalBackend(ServingBackend):
             **batching,
         )
         self.moderation = MicroBatcher(
-            self.engine.moderate_batch, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
+            self._run_moderation, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
             name="moderation", on_batch=lambda size: self.record_batch("moderation", size), **batching,
         )
         self._closing = False
 
     def _run_chat(self, requests: list[ChatRequest]) -> list:
-        return self.engine.complete_batch(requests)
+        with _model_errors_as_400():
+            return self.engine.complete_batch(requests)
 
     def _run_streams(self, jobs: list) -> list:
         request, emit = jobs[0]
-        self.engine.stream(request, emit)
+        with _model_errors_as_400():
+            self.engine.stream(request, emit)
         return [None]
+
+    def _run_moderation(self, inputs: list[ModerationInput]) -> list:
+        with _model_errors_as_400():
+            return self.engine.moderate_batch(inputs)
 
     async def complete(self, request: ChatRequest) -> ChatCompletionResult:
         self._check_open()

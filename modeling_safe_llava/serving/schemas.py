@@ -210,6 +210,10 @@ def _parse_message(message, param: str, image_urls: list) -> dict:
     if not isinstance(content, list):
         raise wrong_type(f"{param}.content", "a string or an array of text / image_url parts", content)
     parts = [_parse_part(part, f"{param}.content[{j}]", role, image_urls) for j, part in enumerate(content)]
+    if role == "user" and not any(part["type"] == "text" for part in parts):
+        # An image without a question: an empty text part keeps the turn's usual ending, so that the prompt ends
+        # with the assistant-turn marker where a safe hint goes (as for any message with text).
+        parts.append({"type": "text", "text": ""})
     return {"role": ROLES[role], "content": parts}
 
 
