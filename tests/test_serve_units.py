@@ -362,3 +362,12 @@ def test_batch_wait_gathers_items_that_arrive_a_little_later():
 
     results, waited = _run(main())
     assert results == [0, 1, 2, 3] and sizes == [4] and waited < 0.2  # a full batch runs without waiting out the window
+
+
+def test_the_model_card_tells_how_to_serve_the_model():
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+    from modeling_safe_llava.tools.model_card import model_facts, render_model_card
+
+    model, _ = build_tiny_safe_llava(seed=0)
+    card = render_model_card(model.config, None, None, facts=model_facts(model))
+    assert "safe-llava serve --model" in card and "/v1/chat/completions" in card and '"content_filter"' in card
