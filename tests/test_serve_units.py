@@ -371,3 +371,29 @@ def test_the_model_card_tells_how_to_serve_the_model():
     model, _ = build_tiny_safe_llava(seed=0)
     card = render_model_card(model.config, None, None, facts=model_facts(model))
     assert "safe-llava serve --model" in card and "/v1/chat/completions" in card and '"content_filter"' in card
+
+
+def test_a_mixed_left_padded_batch_gives_each_request_what_it_gets_alone():
+    """Hinted, refused and allowed rows with prompts of different lengths, in one `generate` call and one by one."""
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine = LocalEngine(model, processor)
+
+    def request(i):
+        question = "What?" if i % 2 else "Describe the picture, please."
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        return ChatRequest("m", [{"role": "user", "content": content}], [random_image(i, 32)], max_new_tokens=10, temperature=0.0)
+
+    requests = [request(i) for i in range(8)]
+    together = engine.complete_batch(requests)
+    alone = [engine.complete_batch([r])[0] for r in requests]
+    assert {result.safety["action"] for result in together} >= {"hint", "refuse"}  # a mixed batch indeed
+    for batched, single in zip(together, alone):
+        assert batched.choices == single.choices and batched.usage == single.usage and batched.safety == single.safety
+    refused = next(result for result in together if result.safety["action"] == "refuse")
+    assert refused.choices[0].finish_reason == "content_filter"
