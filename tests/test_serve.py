@@ -265,6 +265,29 @@ def test_concurrent_requests_are_batched_and_equal_single_ones(server, client, r
     assert rows == 6 and calls < 6  # six rows in fewer model calls: they were batched
 
 
+def test_concurrent_streams_are_batched_and_equal_plain_answers(server, client, reference):
+    images = [random_image(70 + i, 32) for i in range(5)]
+    allow = all_types(reference, "allow")
+    plain = [chat(client, server, image, safety_actions=allow, n=2) for image in images]
+
+    def streamed(image):
+        chunks = list(chat(client, server, image, safety_actions=allow, n=2, stream=True, stream_options={"include_usage": True}))
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in range(2)]
+        return chunks, texts
+
+    before = batch_histogram(server, "stream")
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(streamed, images))
+    after = batch_histogram(server, "stream")
+    for (chunks, texts), answer in zip(results, plain):
+        assert chunks[0].model_extra["safety"]["action"] == "allow" and not chunks[0].choices[0].delta.content
+        assert texts == [choice.message.content for choice in answer.choices]
+        assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+        finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
+        assert finishes == {choice.index: choice.finish_reason for choice in answer.choices}
+    assert after["sum"] - before["sum"] == 5 and after["count"] - before["count"] < 5  # fewer model calls than streams
+
+
 def test_health_answers_while_the_model_generates(server, client, reference):
     allow = all_types(reference, "allow")
     with ThreadPoolExecutor(1) as pool:

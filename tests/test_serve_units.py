@@ -397,3 +397,28 @@ def test_a_mixed_left_padded_batch_gives_each_request_what_it_gets_alone():
         assert batched.choices == single.choices and batched.usage == single.usage and batched.safety == single.safety
     refused = next(result for result in together if result.safety["action"] == "refuse")
     assert refused.choices[0].finish_reason == "content_filter"
+
+
+def test_a_streamed_batch_with_hints_and_refusals_streams_each_request_as_alone():
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine, StreamJob
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine = LocalEngine(model, processor)
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    requests = [
+        ChatRequest("m", [{"role": "user", "content": content}], [random_image(i, 32)], max_new_tokens=10, temperature=0.0, stream=True, include_usage=True)
+        for i in range(4)
+    ]  # fmt: skip
+    events = [[] for _ in requests]
+    engine.stream_batch([StreamJob(request, events[i].append) for i, request in enumerate(requests)])
+    plain = engine.complete_batch(requests)
+    assert {result.safety["action"] for result in plain} >= {"hint", "refuse"}
+    for got, answer in zip(events, plain):
+        assert [e.kind for e in got].count("verdict") == 1 and got[0].kind == "verdict" and got[0].safety == answer.safety
+        assert "".join(e.text for e in got if e.kind == "delta") == answer.choices[0].text
+        assert [e.finish_reason for e in got if e.kind == "finish"] == [answer.choices[0].finish_reason]
+        assert got[-1].kind == "usage" and got[-1].usage == answer.usage

@@ -4,8 +4,9 @@
   sequences, `safety_threshold`, `safety_actions`; seeded requests never share a call) run as one left-padded batch
   through `model.generate(..., safety_threshold=..., safety_actions=..., return_dict_in_generate=True)`. `n > 1`
   adds `n` rows. Each row keeps its own verdict and action, as `generate` gives them.
-- Streamed requests run one request per call, with a streamer that receives the verdict before the first token (as
-  stock streamers, SafeLlava's take one row). `n > 1` streams its choices one after the other.
+- Streamed requests batch the same way, each row streaming its own text after its request's verdict. SafeLlava's
+  `generate` streams a hint or a refusal for one row only, so a streamed batch in which any row is hinted or refused
+  goes on request by request (choice by choice), after the batch's verdicts.
 - Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
   batches too.
 
@@ -23,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from transformers.generation.streamers import BaseStreamer
 
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
 from ..tools.streaming import SafeLlavaTextStreamer
@@ -113,10 +115,8 @@ class LocalEngine:
             kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    # -- chat ------------------------------------------------------------------------------------------------
-
-    def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
-        """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
+    def batch_inputs(self, requests: list[ChatRequest]):
+        """The left-padded tensors of `requests`, `n` rows each, and the request index of each row."""
         prompts, images, owners = [], [], []
         for index, request in enumerate(requests):
             prompt = self.prompt(request.messages)
@@ -124,12 +124,18 @@ class LocalEngine:
                 prompts.append(prompt)
                 images.extend(request.images)
                 owners.append(index)
-        inputs = self.inputs(prompts, images)
+        return self.inputs(prompts, images), owners
+
+    # -- chat ------------------------------------------------------------------------------------------------
+
+    def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
+        """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
+        inputs, owners = self.batch_inputs(requests)
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **self.generation_kwargs(requests[0]), return_dict_in_generate=True)
-        safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(prompts))
+        safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(owners))
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [
@@ -162,6 +168,24 @@ class LocalEngine:
         return Choice(index=index, text=text, finish_reason=reason, completion_tokens=len(tokens))
 
     # -- streaming ------------------------------------------------------------------------------------------
+
+    def stream_batch(self, jobs: list[StreamJob]) -> None:
+        """Streams requests with the same settings through one `generate` call, every row emitting its own events.
+        SafeLlava's `generate` streams a hint or a refusal for one row only, so a batch in which any row is not
+        allowed goes on request by request (the verdicts, already sent, are those of the batch)."""
+        requests = [job.request for job in jobs]
+        inputs, owners = self.batch_inputs(requests)
+        streamer = _BatchStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
+        if requests[0].seed is not None:
+            torch.manual_seed(requests[0].seed)
+        try:
+            with torch.inference_mode():
+                self.model.generate(**inputs, **self.generation_kwargs(requests[0]), streamer=streamer)
+        except _RowByRow:
+            for job in jobs:
+                self.stream(job.request, job.emit)
+            return
+        streamer.finish()
 
     def stream(self, request: ChatRequest, emit) -> None:
         """Generates `request` choice by choice, calling `emit(StreamEvent)` from this thread."""
@@ -248,6 +272,89 @@ class _EventStreamer(SafeLlavaTextStreamer):
         self.emit(StreamEvent(kind="finish", index=self.index, finish_reason=reason))
 
 
+class StreamJob:
+    """One streamed request and where its events go; `emit` drops a second verdict (a batch's verdict stands when
+    the batch goes on request by request)."""
+
+    def __init__(self, request: ChatRequest, emit):
+        self.request, self._emit, self.verdict_sent = request, emit, False
+
+    def emit(self, event: StreamEvent):
+        if event.kind == "verdict":
+            if self.verdict_sent:
+                return
+            self.verdict_sent = True
+        self._emit(event)
+
+
+class _RowByRow(Exception):
+    """A streamed batch holds a hint or a refusal: stream its requests one by one."""
+
+
+class _BatchStreamer(BaseStreamer):
+    """Streams every row of one `generate` call: per-row tokens (until EOS or a stop sequence), text held back while
+    it ends in an incomplete character or a possible stop sequence, one finish per row, usage per request."""
+
+    def __init__(self, engine: LocalEngine, jobs: list[StreamJob], owners: list[int], prompt_lengths: list[int]):
+        self.engine, self.jobs, self.owners, self.prompt_lengths = engine, jobs, owners, prompt_lengths
+        self.choice = [owners[:row].count(owner) for row, owner in enumerate(owners)]  # choice index of each row
+        self.tokens = [[] for _ in owners]
+        self.done, self.sent = [False] * len(owners), [0] * len(owners)
+        self.prompt_seen = False
+
+    def on_safety_assessment(self, assessment):
+        entries = safety_entries(assessment)
+        self._give_verdicts(entries)
+        if any(action != "allow" for action in assessment.actions):
+            raise _RowByRow()
+
+    def _give_verdicts(self, entries: list[dict]):
+        for index, job in enumerate(self.jobs):
+            safety = entries[self.owners.index(index)]
+            if not safety.get("judged"):
+                safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
+            job.emit(StreamEvent(kind="verdict", safety=safety))
+
+    def put(self, value):
+        if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
+            self.prompt_seen = True
+            self._give_verdicts([{"judged": False}] * len(self.owners))
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            self.tokens[row].append(token)
+            self.done[row] = token in self.engine.eos_ids
+            self._send_text(row, final=self.done[row])
+
+    def _send_text(self, row: int, final: bool):
+        request = self.jobs[self.owners[row]].request
+        text = self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        visible, stopped = cut_at_stop(text, request.stop)
+        self.done[row] = self.done[row] or stopped
+        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), len(visible) - len(visible.rstrip("\ufffd")))
+        ready = visible[self.sent[row] : len(visible) - hold]
+        if ready:
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choice[row], text=ready))
+            self.sent[row] += len(ready)
+
+    def end(self):
+        """Called by `generate` when the last token is out (the finish events follow in `finish`)."""
+
+    def finish(self):
+        for row in range(len(self.owners)):
+            self._send_text(row, final=True)
+            request = self.jobs[self.owners[row]].request
+            ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
+            reason = "length" if len(self.tokens[row]) >= request.max_new_tokens and not ended else "stop"
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choice[row], finish_reason=reason))
+        for index, job in enumerate(self.jobs):
+            if job.request.include_usage:
+                rows = [row for row, owner in enumerate(self.owners) if owner == index]
+                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.tokens[row]) for row in rows))
+                job.emit(StreamEvent(kind="usage", usage=usage))
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of `text` could be the start of a stop sequence (not sent yet)."""
     longest = 0
@@ -301,7 +408,7 @@ class LocalBackend(ServingBackend):
             on_batch=lambda size: self.record_batch("chat", size), **batching,
         )
         self.streams = MicroBatcher(
-            self._run_streams, max_batch_size=1, name="stream", on_batch=lambda size: self.record_batch("stream", size),
+            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size, name="stream", on_batch=lambda size: self.record_batch("stream", size),
             **batching,
         )
         self.moderation = MicroBatcher(
@@ -314,11 +421,10 @@ class LocalBackend(ServingBackend):
         with _model_errors_as_400():
             return self.engine.complete_batch(requests)
 
-    def _run_streams(self, jobs: list) -> list:
-        request, emit = jobs[0]
+    def _run_streams(self, jobs: list[StreamJob]) -> list:
         with _model_errors_as_400():
-            self.engine.stream(request, emit)
-        return [None]
+            self.engine.stream_batch(jobs)
+        return [None] * len(jobs)
 
     def _run_moderation(self, inputs: list[ModerationInput]) -> list:
         with _model_errors_as_400():
@@ -343,7 +449,7 @@ class LocalBackend(ServingBackend):
         def emit(event):
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        job = asyncio.ensure_future(self.streams.submit((request, emit)))
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, emit)))
         job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while True:
