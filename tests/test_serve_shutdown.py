@@ -1,6 +1,7 @@
 """`safe-llava serve` under load and at shutdown: past `--max-queue` requests get 429 with `Retry-After`; SIGTERM
 while requests are in flight lets every one of them finish with its answer, then the server exits with code 0.
-A server that cannot serve its model stops at once with one line on stderr and exit code 2."""
+A server that cannot serve its model stops at once with one line on stderr and exit code 2. Its log (at INFO) holds
+one line per request, without prompt text or image bytes."""
 
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def long_request(server, seed: int):
 @pytest.fixture
 def small_queue_server(tmp_path):
     folder = save_tiny_server_model(tmp_path / "tiny")
-    with LiveServer(["--model", folder, "--max-batch-size", "1", "--batch-wait-ms", "0", "--max-queue", "2"]) as server:
+    args = ["--model", folder, "--max-batch-size", "1", "--batch-wait-ms", "0", "--max-queue", "2"]
+    with LiveServer(args, verbose=True) as server:
         yield server
 
 
@@ -54,7 +56,9 @@ def test_a_full_queue_gets_429_then_sigterm_finishes_the_requests_in_flight(smal
     assert [status for status, _, _ in answers] == [200, 200], answers
     assert all(len(body["choices"]) == 2 and body["safety"]["judged"] for _, body, _ in answers)
     assert server.get("/health", timeout=2)[0] == 0  # gone: nothing answers any more
-    assert "Traceback" not in server.stderr_text()
+    log = server.stderr_text()
+    assert "Traceback" not in log and "POST /v1/chat/completions 200" in log and "POST /v1/chat/completions 429" in log
+    assert "What is shown" not in log and "base64" not in log  # no prompt text, no image bytes (no --log-requests)
 
 
 def test_a_model_that_cannot_be_served_stops_the_server_with_one_line_and_exit_2(tmp_path):
