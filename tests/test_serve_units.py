@@ -422,3 +422,91 @@ def test_a_streamed_batch_with_hints_and_refusals_streams_each_request_as_alone(
         assert "".join(e.text for e in got if e.kind == "delta") == answer.choices[0].text
         assert [e.finish_reason for e in got if e.kind == "finish"] == [answer.choices[0].finish_reason]
         assert got[-1].kind == "usage" and got[-1].usage == answer.usage
+
+
+# -- the app while loading, and the backend's flags -------------------------------------------------------------------
+
+
+class _FakeBackend:
+    """Stands in for a loaded backend (only what /health and /v1/models read)."""
+
+    model_id, created, metrics = "fake", 0, None
+
+    def queue_depth(self):
+        return 0
+
+    def describe(self):
+        return {"mode": "fake"}
+
+    async def close(self):
+        pass
+
+
+def test_health_says_loading_with_503_until_the_backend_is_built(tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    from modeling_safe_llava.serving.app import ServerConfig, create_app
+    from modeling_safe_llava.serving.server import bind_socket
+
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        return _FakeBackend()
+
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(loader, ServerConfig()), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def get(path):
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url + path, timeout=5) as response:
+                    return response.status, json.loads(response.read()), response.headers
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read()), error.headers
+            except urllib.error.URLError:
+                time.sleep(0.05)
+        raise TimeoutError(path)
+
+    try:
+        status, body, headers = get("/health")
+        assert (status, body) == (503, {"status": "loading"}) and headers["Retry-After"]
+        status, body, headers = get("/v1/models")
+        assert status == 503 and "still loading" in body["error"]["message"] and headers["Retry-After"]
+        release.set()
+        for _ in range(100):
+            status, body, _ = get("/health")
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert body == {"status": "ready", "model": "fake", "mode": "fake"}
+        assert get("/v1/models")[1]["data"][0]["id"] == "fake"
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_dtype_and_device_flags_reach_the_model(tmp_path):
+    import torch
+
+    from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest
+    from modeling_safe_llava.serving.local import build_local_backend, default_served_name
+    from serving_live import save_tiny_server_model
+
+    folder = save_tiny_server_model(tmp_path / "my-model")
+    backend = build_local_backend(BackendSettings(folder, default_served_name(folder), device="cpu", dtype="bfloat16"))
+    assert backend.engine.model.dtype == torch.bfloat16 and backend.describe() == {"mode": "local", "device": "cpu", "dtype": "bfloat16"}
+    assert default_served_name(folder) == "my-model" and backend.model_id == "my-model"
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    request = ChatRequest("my-model", [{"role": "user", "content": content}], [Image.new("RGB", (32, 32), "red")], max_new_tokens=3, temperature=0.0)
+    (result,) = backend.engine.complete_batch([request])  # bfloat16 pixels and weights run together
+    assert result.safety["judged"] and result.choices[0].finish_reason in ("stop", "length", "content_filter")
+    asyncio.run(backend.close())
