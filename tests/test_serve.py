@@ -283,6 +283,8 @@ def test_concurrent_streams_are_batched_and_equal_plain_answers(server, client, 
         assert chunks[0].model_extra["safety"]["action"] == "allow" and not chunks[0].choices[0].delta.content
         assert texts == [choice.message.content for choice in answer.choices]
         assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+        deltas = sum(1 for c in chunks if c.choices and c.choices[0].delta.content)
+        assert deltas >= answer.usage.completion_tokens // 3  # token by token, not word by word
         finishes = {c.choices[0].index: c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason}
         assert finishes == {choice.index: choice.finish_reason for choice in answer.choices}
     assert after["sum"] - before["sum"] == 5 and after["count"] - before["count"] < 5  # fewer model calls than streams

@@ -4,9 +4,9 @@
   sequences, `safety_threshold`, `safety_actions`; seeded requests never share a call) run as one left-padded batch
   through `model.generate(..., safety_threshold=..., safety_actions=..., return_dict_in_generate=True)`. `n > 1`
   adds `n` rows. Each row keeps its own verdict and action, as `generate` gives them.
-- Streamed requests batch the same way, each row streaming its own text after its request's verdict. SafeLlava's
-  `generate` streams a hint or a refusal for one row only, so a streamed batch in which any row is hinted or refused
-  goes on request by request (choice by choice), after the batch's verdicts.
+- Streamed requests batch the same way, each row streaming its own text, token by token, after its request's
+  verdict. SafeLlava's `generate` streams a hint or a refusal for one row only, so a streamed batch of several rows
+  in which any row is hinted or refused goes on request by request (choice by choice), after the batch's verdicts.
 - Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
   batches too.
 
@@ -27,7 +27,6 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
-from ..tools.streaming import SafeLlavaTextStreamer
 from .backend import (
     BackendSettings,
     ChatCompletionResult,
@@ -171,11 +170,11 @@ class LocalEngine:
 
     def stream_batch(self, jobs: list[StreamJob]) -> None:
         """Streams requests with the same settings through one `generate` call, every row emitting its own events.
-        SafeLlava's `generate` streams a hint or a refusal for one row only, so a batch in which any row is not
-        allowed goes on request by request (the verdicts, already sent, are those of the batch)."""
+        SafeLlava's `generate` streams a hint or a refusal for one row only, so a batch of several rows in which any
+        row is not allowed goes on request by request (the verdicts, already sent, are those of the batch)."""
         requests = [job.request for job in jobs]
         inputs, owners = self.batch_inputs(requests)
-        streamer = _BatchStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
+        streamer = _RowStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         try:
@@ -183,25 +182,24 @@ class LocalEngine:
                 self.model.generate(**inputs, **self.generation_kwargs(requests[0]), streamer=streamer)
         except _RowByRow:
             for job in jobs:
-                self.stream(job.request, job.emit)
+                self.stream_choice_by_choice(job)
             return
         streamer.finish()
 
-    def stream(self, request: ChatRequest, emit) -> None:
-        """Generates `request` choice by choice, calling `emit(StreamEvent)` from this thread."""
-        prompt_tokens, completion_tokens = 0, 0
-        for index in range(request.n):
-            streamer = _EventStreamer(self, request, index, emit, send_verdict=index == 0)
-            inputs = self.inputs([self.prompt(request.messages)], list(request.images))
-            if request.seed is not None:
-                torch.manual_seed(request.seed + index)
+    def stream_choice_by_choice(self, job: StreamJob) -> None:
+        """One request, one `generate` call of one row per choice (a hint or a refusal streams only so)."""
+        inputs = self.inputs([self.prompt(job.request.messages)], list(job.request.images))
+        prompt_tokens, completion_tokens = int(inputs["attention_mask"].sum()), 0
+        for index in range(job.request.n):
+            streamer = _RowStreamer(self, [job], [0], [prompt_tokens], choices=[index], usage=False)
+            if job.request.seed is not None:
+                torch.manual_seed(job.request.seed + index)
             with torch.inference_mode():
-                self.model.generate(**inputs, **self.generation_kwargs(request), streamer=streamer)
+                self.model.generate(**inputs, **self.generation_kwargs(job.request), streamer=streamer)
             streamer.finish()
-            prompt_tokens = int(inputs["attention_mask"].sum())
-            completion_tokens += streamer.tokens
-        if request.include_usage:
-            emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
+            completion_tokens += len(streamer.tokens[0])
+        if job.request.include_usage:
+            job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
 
     # -- moderation -----------------------------------------------------------------------------------------
 
@@ -225,53 +223,6 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
-class _EventStreamer(SafeLlavaTextStreamer):
-    """Turns one generation into `StreamEvent`s: the verdict (first), deltas held back where a stop sequence may
-    begin, and the finish."""
-
-    def __init__(self, engine: LocalEngine, request: ChatRequest, index: int, emit, send_verdict: bool):
-        super().__init__(
-            engine.tokenizer, skip_prompt=True, on_verdict=self._verdict, print_verdict=False, skip_special_tokens=True
-        )
-        self.engine, self.request, self.index, self.emit, self.send_verdict = engine, request, index, emit, send_verdict
-        self.tokens, self.ended, self.refused, self.text, self.sent, self.stopped = 0, False, False, "", 0, False
-
-    def _verdict(self, safety: dict):
-        if not safety.get("judged"):  # the streamer's generic reason, made as precise as the non-streamed one
-            safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if self.request.images else NOT_JUDGED_NO_IMAGE}
-        self.refused = safety.get("action") == "refuse"
-        if self.send_verdict:
-            self.emit(StreamEvent(kind="verdict", safety=safety))
-
-    def put(self, value):
-        if not self.next_tokens_are_prompt:
-            tokens = value.reshape(-1).tolist()
-            if not self.ended:
-                self.tokens += len(tokens)
-            self.ended = self.ended or any(t in self.engine.eos_ids for t in tokens)
-        super().put(value)
-
-    def on_finalized_text(self, text: str, stream_end: bool = False):
-        if self.stopped:
-            return
-        self.text += text
-        visible, self.stopped = cut_at_stop(self.text, self.request.stop)
-        hold = 0 if (self.stopped or stream_end) else _held_back(visible, self.request.stop)
-        ready = visible[self.sent : len(visible) - hold]
-        if ready:
-            self.emit(StreamEvent(kind="delta", index=self.index, text=ready))
-            self.sent += len(ready)
-
-    def finish(self):
-        if self.refused:
-            reason = "content_filter"
-        elif self.ended or self.stopped or self.tokens < self.request.max_new_tokens:
-            reason = "stop"
-        else:
-            reason = "length"
-        self.emit(StreamEvent(kind="finish", index=self.index, finish_reason=reason))
-
-
 class StreamJob:
     """One streamed request and where its events go; `emit` drops a second verdict (a batch's verdict stands when
     the batch goes on request by request)."""
@@ -291,27 +242,34 @@ class _RowByRow(Exception):
     """A streamed batch holds a hint or a refusal: stream its requests one by one."""
 
 
-class _BatchStreamer(BaseStreamer):
-    """Streams every row of one `generate` call: per-row tokens (until EOS or a stop sequence), text held back while
-    it ends in an incomplete character or a possible stop sequence, one finish per row, usage per request."""
+class _RowStreamer(BaseStreamer):
+    """
+    Streams every row of one `generate` call as `StreamEvent`s, token by token: each request's verdict first, then
+    per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
+    of a stop sequence), one finish per row, and usage per request (`usage=True`).
 
-    def __init__(self, engine: LocalEngine, jobs: list[StreamJob], owners: list[int], prompt_lengths: list[int]):
-        self.engine, self.jobs, self.owners, self.prompt_lengths = engine, jobs, owners, prompt_lengths
-        self.choice = [owners[:row].count(owner) for row, owner in enumerate(owners)]  # choice index of each row
+    With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
+    With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
+    """
+
+    def __init__(self, engine, jobs, owners, prompt_lengths, choices=None, usage=True):
+        self.engine, self.jobs, self.owners, self.prompt_lengths, self.usage = engine, jobs, owners, prompt_lengths, usage
+        self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
         self.tokens = [[] for _ in owners]
         self.done, self.sent = [False] * len(owners), [0] * len(owners)
+        self.actions = ["allow"] * len(owners)
         self.prompt_seen = False
 
     def on_safety_assessment(self, assessment):
-        entries = safety_entries(assessment)
-        self._give_verdicts(entries)
-        if any(action != "allow" for action in assessment.actions):
+        self._give_verdicts(safety_entries(assessment))
+        self.actions = list(assessment.actions)
+        if len(self.owners) > 1 and any(action != "allow" for action in self.actions):
             raise _RowByRow()
 
     def _give_verdicts(self, entries: list[dict]):
         for index, job in enumerate(self.jobs):
             safety = entries[self.owners.index(index)]
-            if not safety.get("judged"):
+            if not safety.get("judged"):  # as precise as the non-streamed reason
                 safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
             job.emit(StreamEvent(kind="verdict", safety=safety))
 
@@ -320,11 +278,13 @@ class _BatchStreamer(BaseStreamer):
             self.prompt_seen = True
             self._give_verdicts([{"judged": False}] * len(self.owners))
             return
-        for row, token in enumerate(value.reshape(-1).tolist()):
-            if self.done[row]:
-                continue
-            self.tokens[row].append(token)
-            self.done[row] = token in self.engine.eos_ids
+        tokens = value.reshape(-1).tolist()
+        for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
+            for token in new:
+                if self.done[row]:
+                    break
+                self.tokens[row].append(token)
+                self.done[row] = token in self.engine.eos_ids
             self._send_text(row, final=self.done[row])
 
     def _send_text(self, row: int, final: bool):
@@ -332,27 +292,36 @@ class _BatchStreamer(BaseStreamer):
         text = self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
         visible, stopped = cut_at_stop(text, request.stop)
         self.done[row] = self.done[row] or stopped
-        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), len(visible) - len(visible.rstrip("\ufffd")))
+        incomplete = len(visible) - len(visible.rstrip("\ufffd"))  # a character whose bytes are still coming
+        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), incomplete)
         ready = visible[self.sent[row] : len(visible) - hold]
         if ready:
-            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choice[row], text=ready))
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=ready))
             self.sent[row] += len(ready)
 
     def end(self):
-        """Called by `generate` when the last token is out (the finish events follow in `finish`)."""
+        """Called by `generate` after the last token; the finish events follow in `finish`."""
 
     def finish(self):
         for row in range(len(self.owners)):
             self._send_text(row, final=True)
-            request = self.jobs[self.owners[row]].request
-            ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
-            reason = "length" if len(self.tokens[row]) >= request.max_new_tokens and not ended else "stop"
-            self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choice[row], finish_reason=reason))
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choices[row], finish_reason=self._reason(row)))
         for index, job in enumerate(self.jobs):
-            if job.request.include_usage:
+            if self.usage and job.request.include_usage:
                 rows = [row for row, owner in enumerate(self.owners) if owner == index]
                 usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.tokens[row]) for row in rows))
                 job.emit(StreamEvent(kind="usage", usage=usage))
+
+    def _reason(self, row: int) -> str:
+        if self.actions[row] == "refuse":
+            return "content_filter"
+        ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
+        too_long = len(self.tokens[row]) >= self.jobs[self.owners[row]].request.max_new_tokens
+        return "length" if too_long and not ended and not self._stopped(row) else "stop"
+
+    def _stopped(self, row: int) -> bool:
+        request = self.jobs[self.owners[row]].request
+        return cut_at_stop(self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True), request.stop)[1]
 
 
 def _held_back(text: str, stops: list[str]) -> int:
