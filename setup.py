@@ -43,7 +43,8 @@ setup(
         # Multi-GPU training as in the paper: --deepspeed configuration/deepspeed_zero2.json
         "deepspeed": ["deepspeed>=0.16"],
         # safe-llava serve: an OpenAI-compatible server (README "Serving")
-        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20"],
+        # (gate mode's upstream client: httpx2)
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx2>=2.12,<3"],
         "dev": [
             "peft>=0.21,<0.22",
             "datasets>=4.0",
@@ -57,7 +58,10 @@ setup(
             "fastapi>=0.115",
             "uvicorn>=0.30",
             "prometheus-client>=0.20",
+            "httpx2>=2.12,<3",
+            # the serving tests: the official client, and `transformers serve` as gate mode's upstream
             "openai>=1.40",
+            "rich>=13",
         ],
     },
     entry_points={"console_scripts": ["safe-llava=modeling_safe_llava.tools.cli:main"]},
