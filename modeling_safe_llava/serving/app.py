@@ -87,13 +87,16 @@ async def _load(app, load_backend, metrics, on_load_error):
     try:
         backend = await asyncio.to_thread(load_backend)
     except Exception as error:  # noqa: BLE001 - reported by the command as one line, exit code 2
+        logger.debug("loading the backend failed", exc_info=True)  # the command reports it as one line
         app.state.load_error, app.state.status = error, "failed"
         if on_load_error is not None:
             on_load_error(error)
         return
     backend.metrics = metrics
     metrics.track_queue_depth(backend.queue_depth)
-    app.state.backend, app.state.status = backend, "ready"
+    app.state.backend = backend  # closed at shutdown, even when the shutdown began while it loaded
+    if app.state.status == "loading":
+        app.state.status = "ready"
     logger.info("ready: serving %s", backend.model_id)
 
 

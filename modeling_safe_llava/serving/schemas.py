@@ -249,8 +249,7 @@ def parse_chat_request(body, model_id: str, risky_types: list[str], limits: Requ
     for name in UNSUPPORTED_FIELDS:
         if body.get(name) not in (None, [], {}):
             raise invalid(f"{name} is not supported by this server.", name, code="unsupported_parameter")
-    if body.get("logprobs") not in (None, False):
-        raise invalid("logprobs is not supported by this server.", "logprobs", code="unsupported_parameter")
+    _check_unsupported_settings(body)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise wrong_type("stream", "a boolean", stream)
@@ -272,6 +271,18 @@ def parse_chat_request(body, model_id: str, risky_types: list[str], limits: Requ
         safety_threshold=safety_threshold, safety_actions=safety_actions, stream=stream,
         include_usage=bool(stream and include_usage), body=body, request_id=f"chatcmpl-{uuid.uuid4().hex}",
     )
+
+
+def _check_unsupported_settings(body: dict):
+    """Settings that would change the answer and that this server does not implement: refused, not ignored."""
+    if body.get("logprobs") not in (None, False):
+        raise invalid("logprobs is not supported by this server.", "logprobs", code="unsupported_parameter")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise invalid(f"{name} is not supported by this server (only 0).", name, code="unsupported_parameter")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise invalid("response_format is not supported by this server (only {\"type\": \"text\"}).", "response_format", code="unsupported_parameter")
 
 
 def _chat_numbers(body, limits: RequestLimits) -> dict:
