@@ -345,6 +345,9 @@ def hostile_requests(model: str) -> dict:
         "negative-n": (body(n=-1), {}, 400, "invalid_value"),
         "bad-safety-threshold": (body(safety_threshold={"Weather": 0.1}), {}, 400, "safety_threshold"),
         "bad-safety-actions": (body(safety_actions={"Privacy": "explode"}), {}, 400, "safety_actions"),
+        "lone-surrogate": (b'{"model": "' + model.encode() + b'", "messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400, "surrogate"),
+        "deeply-nested": (b"[" * 100000 + b"]" * 100000, {}, 400, "invalid_json"),
+        "prompt-over-context": (body(messages=[{"role": "user", "content": "coffee " * 600}], max_tokens=8), {}, 400, "context"),
         "body-over-cap": (b'{"model": "' + b"x" * (2 * 1024 * 1024) + b'"}', {}, 413, "request_too_large"),
         "unknown-path": (None, {}, 404, "Unknown path"),
     }  # fmt: skip

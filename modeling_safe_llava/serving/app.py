@@ -105,11 +105,17 @@ async def _load(app, load_backend, metrics, on_load_error):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+MAX_ERROR_MESSAGE = 1000  # characters: an error that quotes a client's value never echoes a huge one
+
+
 def error_response(error: ServingError) -> JSONResponse:
+    body = error.to_dict()
+    if len(body["error"]["message"]) > MAX_ERROR_MESSAGE:
+        body["error"]["message"] = body["error"]["message"][:MAX_ERROR_MESSAGE] + " [...]"
     headers = {"Retry-After": str(error.retry_after)} if error.retry_after is not None else None
     if error.status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-    return JSONResponse(error.to_dict(), status_code=error.status, headers=headers)
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI):
@@ -235,6 +241,8 @@ async def read_json(request: Request):
         return json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, json.JSONDecodeError, ValueError) as error:
         raise ServingError(f"The request body is not valid JSON ({_short(error)}).", code="invalid_json") from None
+    except RecursionError:
+        raise ServingError("The request body is nested too deeply.", code="invalid_json") from None
 
 
 def _reject_constant(name):

@@ -80,6 +80,7 @@ class LocalEngine:
 
     def __init__(self, model, processor):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
         self.pad_id = self.tokenizer.pad_token_id
@@ -114,16 +115,28 @@ class LocalEngine:
             kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
         return kwargs
 
-    def batch_inputs(self, requests: list[ChatRequest]):
-        """The left-padded tensors of `requests`, `n` rows each, and the request index of each row."""
+    def batch_inputs(self, requests: list[ChatRequest], rows_per_request: int | None = None):
+        """The left-padded tensors of `requests`, `n` rows each (or `rows_per_request`), and the request index of
+        each row."""
         prompts, images, owners = [], [], []
         for index, request in enumerate(requests):
             prompt = self.prompt(request.messages)
-            for _ in range(request.n):
+            for _ in range(rows_per_request or request.n):
                 prompts.append(prompt)
                 images.extend(request.images)
                 owners.append(index)
-        return self.inputs(prompts, images), owners
+        inputs = self.inputs(prompts, images)
+        self.check_length(inputs, max(request.max_new_tokens for request in requests))
+        return inputs, owners
+
+    def check_length(self, inputs, max_new_tokens: int):
+        """Raises ValueError (a 400) for a prompt that, with its new tokens, would not fit the language model."""
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if self.max_context is not None and longest + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"the prompt has {longest} tokens, and with max_tokens={max_new_tokens} it exceeds the model's "
+                f"context of {self.max_context} tokens; shorten the conversation or ask for fewer tokens."
+            )
 
     # -- chat ------------------------------------------------------------------------------------------------
 
@@ -188,7 +201,7 @@ class LocalEngine:
 
     def stream_choice_by_choice(self, job: StreamJob) -> None:
         """One request, one `generate` call of one row per choice (a hint or a refusal streams only so)."""
-        inputs = self.inputs([self.prompt(job.request.messages)], list(job.request.images))
+        inputs, _ = self.batch_inputs([job.request], rows_per_request=1)
         prompt_tokens, completion_tokens = int(inputs["attention_mask"].sum()), 0
         for index in range(job.request.n):
             streamer = _RowStreamer(self, [job], [0], [prompt_tokens], choices=[index], usage=False)

@@ -74,6 +74,15 @@ def require_object(body, what: str = "The request body") -> dict:
     return body
 
 
+def check_text(text: str, param: str) -> str:
+    """`text`, unless it holds a lone surrogate (valid JSON, but not a Unicode string a tokenizer can take)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"{param} holds an unpaired surrogate (\\ud800-\\udfff); send valid Unicode text.", param) from None
+    return text
+
+
 def check_model(body: dict, model_id: str) -> str:
     model = body.get("model")
     if model is None:
@@ -81,7 +90,8 @@ def check_model(body: dict, model_id: str) -> str:
     if not isinstance(model, str):
         raise wrong_type("model", "a string", model)
     if model != model_id:
-        raise invalid(f"The model {model!r} does not exist; this server serves {model_id!r}.", "model", status=404, code="model_not_found")
+        shown = model if len(model) <= 100 else model[:100] + "..."
+        raise invalid(f"The model {shown!r} does not exist; this server serves {model_id!r}.", "model", status=404, code="model_not_found")
     return model
 
 
@@ -130,7 +140,7 @@ def _stop(body, limits: RequestLimits) -> list[str]:
         raise wrong_type("stop", "a string or an array of strings", stop)
     if len(stops) > limits.max_stop or any(not s for s in stops):
         raise invalid(f"stop takes at most {limits.max_stop} non-empty strings.", "stop")
-    return stops
+    return [check_text(s, "stop") for s in stops]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ def _parse_message(message, param: str, image_urls: list) -> dict:
         raise invalid(f"{param}.role must be one of {sorted(ROLES)}, got {role!r}.", f"{param}.role")
     content = message.get("content")
     if isinstance(content, str):
-        return {"role": ROLES[role], "content": [{"type": "text", "text": content}]}
+        return {"role": ROLES[role], "content": [{"type": "text", "text": check_text(content, f"{param}.content")}]}
     if content is None and role == "assistant":
         return {"role": "assistant", "content": [{"type": "text", "text": ""}]}
     if not isinstance(content, list):
@@ -224,7 +234,7 @@ def _parse_part(part, param: str, role: str, image_urls: list) -> dict:
         text = part.get("text")
         if not isinstance(text, str):
             raise wrong_type(f"{param}.text", "a string", text)
-        return {"type": "text", "text": text}
+        return {"type": "text", "text": check_text(text, f"{param}.text")}
     if kind == "image_url":
         if role != "user":
             raise invalid(f"{param}: images are accepted in user messages only.", param)
@@ -310,13 +320,13 @@ def _moderation_items(value, limits: RequestLimits) -> list[tuple[str, list]]:
     if value is None:
         raise invalid(f"input is required: {accepted}.", "input", status=422, code="missing_field")
     if isinstance(value, str):
-        return [(value, [])]
+        return [(check_text(value, "input"), [])]
     if not isinstance(value, list) or not value:
         raise wrong_type("input", f"{accepted} (non-empty)", value)
     if all(isinstance(item, str) for item in value):
         if len(value) > limits.max_inputs:
             raise invalid(f"input takes at most {limits.max_inputs} strings.", "input")
-        return [(item, []) for item in value]
+        return [(check_text(item, f"input[{i}]"), []) for i, item in enumerate(value)]
     image_urls, texts = [], []
     for j, part in enumerate(value):
         parsed = _parse_part(part, f"input[{j}]", "user", image_urls)
