@@ -411,3 +411,13 @@ def test_readme_serving_commands_run(server, tmp_path, monkeypatch):
         exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own documentation
     output = printed.getvalue()  # the tiny model's answers may hold line breaks: read the first word and last line
     assert output.split()[0] in {"allow", "hint", "refuse"} and output.splitlines()[-1].split()[0] in {"True", "False"}
+
+
+def test_a_client_that_leaves_mid_stream_disturbs_nobody(server, client, reference):
+    allow = all_types(reference, "allow")
+    stream = chat(client, server, random_image(80, 32), max_tokens=64, n=4, stream=True, safety_actions=allow)
+    assert next(iter(stream)).model_extra["safety"]["judged"]
+    stream.close()  # gone after the verdict
+    assert server.get("/health")[0] == 200
+    answer = chat(client, server, random_image(81, 32), safety_actions=allow)
+    assert answer.choices[0].message.content and safety_of(answer)["action"] == "allow"
