@@ -22,6 +22,7 @@ setup(
         "modeling_safe_llava.tools",
         "modeling_safe_llava.data",
         "modeling_safe_llava.fileio",
+        "modeling_safe_llava.serving",
         *[f"modeling_safe_llava.presets.{kind}" for kind in PRESET_KINDS],
     ],
     package_dir={f"modeling_safe_llava.presets.{kind}": kind for kind in PRESET_KINDS},
@@ -41,6 +42,9 @@ setup(
         "eval": ["matplotlib>=3.8", "scikit-image>=0.24", "datasets>=4.0"],
         # Multi-GPU training as in the paper: --deepspeed configuration/deepspeed_zero2.json
         "deepspeed": ["deepspeed>=0.16"],
+        # safe-llava serve: an OpenAI-compatible server (README "Serving")
+        # (gate mode's upstream client: httpx2)
+        "serve": ["fastapi>=0.115", "uvicorn>=0.30", "prometheus-client>=0.20", "httpx2>=2.12,<3"],
         "dev": [
             "peft>=0.21,<0.22",
             "datasets>=4.0",
@@ -51,6 +55,13 @@ setup(
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",
+            "fastapi>=0.115",
+            "uvicorn>=0.30",
+            "prometheus-client>=0.20",
+            "httpx2>=2.12,<3",
+            # the serving tests: the official client, and `transformers serve` as gate mode's upstream
+            "openai>=1.40",
+            "rich>=13",
         ],
     },
     entry_points={"console_scripts": ["safe-llava=modeling_safe_llava.tools.cli:main"]},

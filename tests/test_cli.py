@@ -98,11 +98,15 @@ def cli_cases(root: Path) -> dict:
             "is not a folder",
         ),
         "demo-output-under-a-file": (["demo", "--output-dir", str(root / "a_file" / "demo")], 2, "Not a directory"),
+        "serve-public-bind-without-key": (
+            ["serve", "--model", str(checkpoint), "--host", "0.0.0.0"], 2, "refusing to serve on 0.0.0.0 without an API key"
+        ),
     }
 
 
 def run_module(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "SAFE_LLAVA_API_KEY"}
+    env = {**env, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     return subprocess.run(
         [sys.executable, "-m", "modeling_safe_llava", *argv], cwd=cwd, env=env, capture_output=True, text=True,
         timeout=300,
@@ -120,7 +124,7 @@ def cli_runs(tmp_path_factory):
 
 CASE_NAMES = [
     "export-succeeds", "evaluate-missing-model", "audit-missing-model", "calibrate-missing-model", "push-not-an-export",
-    "benchmark-data-succeeds", "data-convert-missing-input", "demo-output-under-a-file",
+    "benchmark-data-succeeds", "data-convert-missing-input", "demo-output-under-a-file", "serve-public-bind-without-key",
 ]  # fmt: skip
 
 

@@ -32,6 +32,10 @@ SUBCOMMANDS = {
         "modeling_safe_llava.tools.hub", "add_push_arguments", "run_push",
         "upload an exported folder to the Hugging Face Hub",
     ),
+    "serve": (
+        "modeling_safe_llava.serving.server", "add_cli_arguments", "run_from_args",
+        "serve a model over HTTP: OpenAI-compatible chat and moderations, a safety verdict on every answer",
+    ),
     "benchmark-data": (
         "modeling_safe_llava.data.mini_benchmark", "add_cli_arguments", "run_from_args",
         "write the offline mini safety benchmark to a folder",

@@ -1,0 +1,165 @@
+"""A micro-batcher: requests that arrive together with compatible settings share one model call.
+
+`MicroBatcher(run_batch, ...)` queues items (`await batcher.submit(item)`). Its worker takes the oldest item, waits up
+to `batch_wait_ms` for more items with the same `key(item)` (up to `max_batch_size`), and runs `run_batch(items)` in
+the given executor (one thread for every model call of a server, so calls never overlap and the event loop stays
+free). `run_batch` returns one result per item, in order; a result that is an `Exception` fails only its own item.
+If `run_batch` raises for a batch of several items, each item is run again alone, so one bad request never fails
+another. Past `max_queue` waiting items `submit` raises `Overloaded` (429); after `close()` starts it raises
+`ServiceUnavailable` (503), while everything already accepted still runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backend import Overloaded, ServiceUnavailable
+
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    item: Any
+    key: Hashable
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class MicroBatcher:
+    """
+    Args:
+        run_batch (`Callable[[list], list]`): runs a batch (in `executor`); one result or `Exception` per item.
+        executor (`concurrent.futures.Executor`): where `run_batch` runs.
+        key (`Callable[[item], Hashable]`, *optional*): items with equal keys may share a batch (default: all).
+        max_batch_size (`int`): items per batch at most.
+        batch_wait_ms (`float`): how long the oldest item waits for company (0: run what is there).
+        max_queue (`int`): items waiting at most (the running batch not counted).
+        on_batch (`Callable[[int], None]`, *optional*): called with each batch's size before it runs.
+        name (`str`): for logs and error messages.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list], list],
+        executor: Executor,
+        key: Callable[[Any], Hashable] | None = None,
+        max_batch_size: int = 8,
+        batch_wait_ms: float = 5.0,
+        max_queue: int = 64,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "batcher",
+    ):
+        if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
+            raise ValueError(
+                f"{name}: max_batch_size and max_queue must be >= 1 and batch_wait_ms >= 0, got {max_batch_size}, "
+                f"{max_queue} and {batch_wait_ms}."
+            )
+        self.run_batch, self.executor = run_batch, executor
+        self.key = key or (lambda item: None)
+        self.max_batch_size, self.batch_wait_s, self.max_queue = max_batch_size, batch_wait_ms / 1000.0, max_queue
+        self.on_batch, self.name = on_batch, name
+        self._pending: list[_Pending] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+        self._closing = False
+        self.running = 0  # items in the batch being run
+
+    def depth(self) -> int:
+        """Items waiting (not yet in a running batch)."""
+        return len(self._pending)
+
+    async def submit(self, item):
+        """Queues `item` and returns its result (raises its exception)."""
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; retry on another replica.")
+        if len(self._pending) >= self.max_queue:
+            raise Overloaded(f"The server's queue is full ({self.max_queue} waiting requests); retry later.")
+        loop = asyncio.get_running_loop()
+        pending = _Pending(item, self.key(item), loop.create_future())
+        self._pending.append(pending)
+        self._ensure_worker()
+        self._wakeup.set()
+        return await pending.future
+
+    def _ensure_worker(self):
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
+
+    async def _work(self):
+        while self._pending:
+            batch = await self._next_batch()
+            if batch:
+                await self._run(batch)
+
+    async def _next_batch(self) -> list[_Pending]:
+        """Waits for company for the oldest item (up to `batch_wait_ms`), then takes its batch off the queue."""
+        first = self._pending[0]
+        deadline = first.enqueued + self.batch_wait_s
+        while self._count_like(first) < self.max_batch_size and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+            except asyncio.TimeoutError:
+                break
+        batch = [p for p in self._pending if p.key == first.key][: self.max_batch_size]
+        taken = {id(p) for p in batch}
+        self._pending = [p for p in self._pending if id(p) not in taken]
+        return [p for p in batch if not p.future.done()]  # a cancelled request (client gone) is dropped
+
+    def _count_like(self, first: _Pending) -> int:
+        return sum(1 for p in self._pending if p.key == first.key)
+
+    async def _run(self, batch: list[_Pending]):
+        if self.on_batch is not None:
+            self.on_batch(len(batch))
+        self.running = len(batch)
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                self.executor, self._run_isolated, [p.item for p in batch]
+            )
+        finally:
+            self.running = 0
+        for pending, result in zip(batch, results):
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.future.set_result(result)
+
+    def _run_isolated(self, items: list) -> list:
+        """`run_batch(items)`; if it raises for several items, each item alone (so the faulty one alone fails)."""
+        try:
+            results = self.run_batch(items)
+            if len(results) != len(items):
+                raise RuntimeError(f"{self.name}: run_batch returned {len(results)} results for {len(items)} items")
+            return results
+        except Exception as error:  # noqa: BLE001 - handed to the item's request, which reports it
+            if len(items) == 1:
+                return [error]
+            logger.warning("%s: a batch of %d failed (%s); running its items one by one", self.name, len(items), type(error).__name__)
+            return [self._run_isolated([item])[0] for item in items]
+
+    async def close(self):
+        """Stops accepting, then waits until every accepted item has run."""
+        self._closing = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+        while self._worker is not None and not self._worker.done():
+            await asyncio.shield(self._worker)
+
+
+__all__ = ["MicroBatcher"]

@@ -1,0 +1,464 @@
+"""The in-process backend: the whole SafeLlava in this process.
+
+- Chat requests that arrive together with the same generation settings (`max_new_tokens`, sampling, stop
+  sequences, `safety_threshold`, `safety_actions`; seeded requests never share a call) run as one left-padded batch
+  through `model.generate(..., safety_threshold=..., safety_actions=..., return_dict_in_generate=True)`. `n > 1`
+  adds `n` rows. Each row keeps its own verdict and action, as `generate` gives them.
+- Streamed requests batch the same way, each row streaming its own text, token by token, after its request's
+  verdict. SafeLlava's `generate` streams a hint or a refusal for one row only, so a streamed batch of several rows
+  in which any row is hinted or refused goes on request by request (choice by choice), after the batch's verdicts.
+- Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
+  batches too.
+
+Every model call runs in one worker thread, so the event loop stays free (`/health` answers while generating).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
+from .backend import (
+    BackendSettings,
+    ChatCompletionResult,
+    ChatRequest,
+    Choice,
+    ModerationInput,
+    ServiceUnavailable,
+    ServingBackend,
+    ServingError,
+    StreamEvent,
+    Usage,
+    Verdict,
+)
+from .batching import MicroBatcher
+
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_local_backend(settings: BackendSettings) -> LocalBackend:
+    """Loads the model and processor `settings.model` names (a folder or a Hub id) and wraps them in a backend.
+
+    Raises:
+        ValueError: the safety modules are untrained (`config.safety_modules_trained` is False): a server would
+            answer with random verdicts. Train (or load a trained checkpoint) first.
+    """
+    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..processing_safe_llava import SafeLlavaProcessor
+
+    dtype = "auto" if settings.dtype in (None, "auto") else DTYPES[settings.dtype]
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = SafeLlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype).to(device).eval()
+    processor = SafeLlavaProcessor.from_pretrained(settings.model)
+    if not model.config.safety_modules_trained:
+        raise ValueError(
+            f"{settings.model}: the safety modules are untrained (config.safety_modules_trained is false), so every "
+            "verdict would be random; serve a checkpoint trained with stage 1."
+        )
+    return LocalBackend(model, processor, settings)
+
+
+def default_served_name(model: str) -> str:
+    """`--served-model-name`'s default: the folder's name (a Hub id as it is)."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+class LocalEngine:
+    """The model calls (blocking; run in the backend's worker thread)."""
+
+    def __init__(self, model, processor):
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = set([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
+        self.pad_id = self.tokenizer.pad_token_id
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+
+    def prompt(self, messages: list[dict]) -> str:
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def inputs(self, prompts: list[str], images: list):
+        """The processor's left-padded tensors for `prompts` (images: flat, in order), on the model's device."""
+        inputs = self.processor(
+            images=images or None, text=prompts, return_tensors="pt", padding=True, padding_side="left"
+        )
+        inputs = inputs.to(self.model.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def generation_kwargs(self, request: ChatRequest) -> dict:
+        kwargs = {
+            "max_new_tokens": request.max_new_tokens,
+            "safety_threshold": request.safety_threshold,
+            "safety_actions": request.safety_actions,
+            "pad_token_id": self.pad_id,
+        }
+        if request.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=None)
+        if request.stop:
+            kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    def batch_inputs(self, requests: list[ChatRequest], rows_per_request: int | None = None):
+        """The left-padded tensors of `requests`, `n` rows each (or `rows_per_request`), and the request index of
+        each row."""
+        prompts, images, owners = [], [], []
+        for index, request in enumerate(requests):
+            prompt = self.prompt(request.messages)
+            for _ in range(rows_per_request or request.n):
+                prompts.append(prompt)
+                images.extend(request.images)
+                owners.append(index)
+        inputs = self.inputs(prompts, images)
+        self.check_length(inputs, max(request.max_new_tokens for request in requests))
+        return inputs, owners
+
+    def check_length(self, inputs, max_new_tokens: int):
+        """Raises ValueError (a 400) for a prompt that, with its new tokens, would not fit the language model."""
+        longest = int(inputs["attention_mask"].sum(dim=1).max())
+        if self.max_context is not None and longest + max_new_tokens > self.max_context:
+            raise ValueError(
+                f"the prompt has {longest} tokens, and with max_tokens={max_new_tokens} it exceeds the model's "
+                f"context of {self.max_context} tokens; shorten the conversation or ask for fewer tokens."
+            )
+
+    # -- chat ------------------------------------------------------------------------------------------------
+
+    def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
+        """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
+        inputs, owners = self.batch_inputs(requests)
+        if requests[0].seed is not None:
+            torch.manual_seed(requests[0].seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **self.generation_kwargs(requests[0]), return_dict_in_generate=True)
+        safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(owners))
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        return [
+            self._result(request, [r for r, o in enumerate(owners) if o == index], new_tokens, safety, prompt_lengths)
+            for index, request in enumerate(requests)
+        ]
+
+    def _result(self, request, rows, new_tokens, safety, prompt_lengths) -> ChatCompletionResult:
+        refused = safety[rows[0]].get("action") == "refuse"
+        choices = [self.choice(i, new_tokens[row], request, refused) for i, row in enumerate(rows)]
+        usage = Usage(int(prompt_lengths[rows[0]]), sum(choice.completion_tokens for choice in choices))
+        return ChatCompletionResult(choices=choices, usage=usage, safety=safety[rows[0]])
+
+    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
+        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+        ended = False
+        for position, token in enumerate(tokens):
+            if token in self.eos_ids:
+                tokens, ended = tokens[: position + 1], True
+                break
+        tokens = [t for t in tokens if t != self.pad_id or t in self.eos_ids]
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        text, stopped = cut_at_stop(text, request.stop)
+        if refused:
+            reason = "content_filter"
+        elif ended or stopped or len(tokens) < request.max_new_tokens:
+            reason = "stop"
+        else:
+            reason = "length"
+        return Choice(index=index, text=text, finish_reason=reason, completion_tokens=len(tokens))
+
+    # -- streaming ------------------------------------------------------------------------------------------
+
+    def stream_batch(self, jobs: list[StreamJob]) -> None:
+        """Streams requests with the same settings through one `generate` call, every row emitting its own events.
+        SafeLlava's `generate` streams a hint or a refusal for one row only, so a batch of several rows in which any
+        row is not allowed goes on request by request (the verdicts, already sent, are those of the batch)."""
+        requests = [job.request for job in jobs]
+        inputs, owners = self.batch_inputs(requests)
+        streamer = _RowStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
+        if requests[0].seed is not None:
+            torch.manual_seed(requests[0].seed)
+        try:
+            with torch.inference_mode():
+                self.model.generate(**inputs, **self.generation_kwargs(requests[0]), streamer=streamer)
+        except _RowByRow:
+            for job in jobs:
+                self.stream_choice_by_choice(job)
+            return
+        streamer.finish()
+
+    def stream_choice_by_choice(self, job: StreamJob) -> None:
+        """One request, one `generate` call of one row per choice (a hint or a refusal streams only so)."""
+        inputs, _ = self.batch_inputs([job.request], rows_per_request=1)
+        prompt_tokens, completion_tokens = int(inputs["attention_mask"].sum()), 0
+        for index in range(job.request.n):
+            streamer = _RowStreamer(self, [job], [0], [prompt_tokens], choices=[index], usage=False)
+            if job.request.seed is not None:
+                torch.manual_seed(job.request.seed + index)
+            with torch.inference_mode():
+                self.model.generate(**inputs, **self.generation_kwargs(job.request), streamer=streamer)
+            streamer.finish()
+            completion_tokens += len(streamer.tokens[0])
+        if job.request.include_usage:
+            job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
+
+    # -- moderation -----------------------------------------------------------------------------------------
+
+    def moderate_batch(self, inputs: list[ModerationInput]) -> list[Verdict]:
+        """One `assess_safety` call (vision tower and safety module only) for inputs with the same settings."""
+        prompts = [self.prompt(item.messages()) for item in inputs]
+        images = [image for item in inputs for image in item.images]
+        tensors = self.inputs(prompts, images)
+        with torch.inference_mode():
+            assessment = self.model.assess_safety(
+                **tensors, safety_threshold=inputs[0].safety_threshold, safety_actions=inputs[0].safety_actions
+            )
+        return [Verdict(entry) for entry in safety_entries(assessment, num_rows=len(inputs))]
+
+
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to (not including) the earliest stop sequence, and whether one was found."""
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True
+
+
+class StreamJob:
+    """One streamed request and where its events go; `emit` drops a second verdict (a batch's verdict stands when
+    the batch goes on request by request)."""
+
+    def __init__(self, request: ChatRequest, emit):
+        self.request, self._emit, self.verdict_sent = request, emit, False
+
+    def emit(self, event: StreamEvent):
+        if event.kind == "verdict":
+            if self.verdict_sent:
+                return
+            self.verdict_sent = True
+        self._emit(event)
+
+
+class _RowByRow(Exception):
+    """A streamed batch holds a hint or a refusal: stream its requests one by one."""
+
+
+class _RowStreamer(BaseStreamer):
+    """
+    Streams every row of one `generate` call as `StreamEvent`s, token by token: each request's verdict first, then
+    per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
+    of a stop sequence), one finish per row, and usage per request (`usage=True`).
+
+    With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
+    With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
+    """
+
+    def __init__(self, engine, jobs, owners, prompt_lengths, choices=None, usage=True):
+        self.engine, self.jobs, self.owners, self.prompt_lengths, self.usage = engine, jobs, owners, prompt_lengths, usage
+        self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
+        self.tokens = [[] for _ in owners]
+        self.done, self.sent = [False] * len(owners), [0] * len(owners)
+        self.actions = ["allow"] * len(owners)
+        self.prompt_seen = False
+
+    def on_safety_assessment(self, assessment):
+        self._give_verdicts(safety_entries(assessment))
+        self.actions = list(assessment.actions)
+        if len(self.owners) > 1 and any(action != "allow" for action in self.actions):
+            raise _RowByRow()
+
+    def _give_verdicts(self, entries: list[dict]):
+        for index, job in enumerate(self.jobs):
+            safety = entries[self.owners.index(index)]
+            if not safety.get("judged"):  # as precise as the non-streamed reason
+                safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
+            job.emit(StreamEvent(kind="verdict", safety=safety))
+
+    def put(self, value):
+        if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
+            self.prompt_seen = True
+            self._give_verdicts([{"judged": False}] * len(self.owners))
+            return
+        tokens = value.reshape(-1).tolist()
+        for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
+            for token in new:
+                if self.done[row]:
+                    break
+                self.tokens[row].append(token)
+                self.done[row] = token in self.engine.eos_ids
+            self._send_text(row, final=self.done[row])
+
+    def _send_text(self, row: int, final: bool):
+        request = self.jobs[self.owners[row]].request
+        text = self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+        visible, stopped = cut_at_stop(text, request.stop)
+        self.done[row] = self.done[row] or stopped
+        incomplete = len(visible) - len(visible.rstrip("\ufffd"))  # a character whose bytes are still coming
+        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), incomplete)
+        ready = visible[self.sent[row] : len(visible) - hold]
+        if ready:
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=ready))
+            self.sent[row] += len(ready)
+
+    def end(self):
+        """Called by `generate` after the last token; the finish events follow in `finish`."""
+
+    def finish(self):
+        for row in range(len(self.owners)):
+            self._send_text(row, final=True)
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choices[row], finish_reason=self._reason(row)))
+        for index, job in enumerate(self.jobs):
+            if self.usage and job.request.include_usage:
+                rows = [row for row, owner in enumerate(self.owners) if owner == index]
+                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.tokens[row]) for row in rows))
+                job.emit(StreamEvent(kind="usage", usage=usage))
+
+    def _reason(self, row: int) -> str:
+        if self.actions[row] == "refuse":
+            return "content_filter"
+        ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
+        too_long = len(self.tokens[row]) >= self.jobs[self.owners[row]].request.max_new_tokens
+        return "length" if too_long and not ended and not self._stopped(row) else "stop"
+
+    def _stopped(self, row: int) -> bool:
+        request = self.jobs[self.owners[row]].request
+        return cut_at_stop(self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True), request.stop)[1]
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters of `text` could be the start of a stop sequence (not sent yet)."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest
+
+
+@contextlib.contextmanager
+def _model_errors_as_400():
+    """The model's `ValueError`s name a problem with the inputs (this project's convention): the client gets them
+    as a 400. A batch that fails is rerun row by row (`MicroBatcher`), so only the faulty request sees it."""
+    try:
+        yield
+    except ValueError as error:
+        message = " ".join(str(error).split())
+        raise ServingError(f"The model cannot run this request: {message}", code="model_input_error") from None
+
+
+def chat_batch_key(request: ChatRequest):
+    """Requests with equal keys share a `generate` call; a seeded request shares it with nobody."""
+    return (
+        request.max_new_tokens,
+        request.temperature,
+        request.top_p,
+        tuple(request.stop),
+        request.request_id if request.seed is not None else None,
+        json.dumps(request.safety_threshold, sort_keys=True),
+        json.dumps(request.safety_actions, sort_keys=True),
+    )
+
+
+def moderation_batch_key(item: ModerationInput):
+    return json.dumps([item.safety_threshold, item.safety_actions], sort_keys=True)
+
+
+class LocalBackend(ServingBackend):
+    """`ServingBackend` over an in-process SafeLlava (see the module docstring)."""
+
+    def __init__(self, model, processor, settings: BackendSettings):
+        config = model.config
+        super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
+        self.engine = LocalEngine(model, processor)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-model")
+        batching = {"executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue}
+        self.chat = MicroBatcher(
+            self._run_chat, key=chat_batch_key, max_batch_size=settings.max_batch_size, name="chat",
+            on_batch=lambda size: self.record_batch("chat", size), **batching,
+        )
+        self.streams = MicroBatcher(
+            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size, name="stream", on_batch=lambda size: self.record_batch("stream", size),
+            **batching,
+        )
+        self.moderation = MicroBatcher(
+            self._run_moderation, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
+            name="moderation", on_batch=lambda size: self.record_batch("moderation", size), **batching,
+        )
+        self._closing = False
+
+    def _run_chat(self, requests: list[ChatRequest]) -> list:
+        with _model_errors_as_400():
+            return self.engine.complete_batch(requests)
+
+    def _run_streams(self, jobs: list[StreamJob]) -> list:
+        with _model_errors_as_400():
+            self.engine.stream_batch(jobs)
+        return [None] * len(jobs)
+
+    def _run_moderation(self, inputs: list[ModerationInput]) -> list:
+        with _model_errors_as_400():
+            return self.engine.moderate_batch(inputs)
+
+    async def complete(self, request: ChatRequest) -> ChatCompletionResult:
+        self._check_open()
+        return await self.chat.submit(request)
+
+    async def moderate(self, inputs: list[ModerationInput]) -> list[Verdict]:
+        self._check_open()
+        verdicts = [None if item.images else Verdict(safety_entries(None, 1)[0]) for item in inputs]
+        judged = [item for item in inputs if item.images]
+        results = await asyncio.gather(*(self.moderation.submit(item) for item in judged))
+        fill = iter(results)
+        return [verdict if verdict is not None else next(fill) for verdict in verdicts]
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        self._check_open()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event):
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, emit)))
+        job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    break
+                yield event
+            job.result()  # raises the generation's error, if any
+        finally:
+            if not job.done():
+                job.cancel()
+
+    def _check_open(self):
+        if self._closing:
+            raise ServiceUnavailable("The server is shutting down; retry on another replica.")
+
+    def queue_depth(self) -> int:
+        return self.chat.depth() + self.streams.depth() + self.moderation.depth()
+
+    def describe(self) -> dict:
+        return {"mode": "local", "device": str(self.engine.model.device), "dtype": str(self.engine.model.dtype).replace("torch.", "")}
+
+    async def close(self) -> None:
+        self._closing = True
+        for batcher in (self.chat, self.streams, self.moderation):
+            await batcher.close()
+        self.executor.shutdown(wait=True)
+
+
+__all__ = ["LocalBackend", "LocalEngine", "build_local_backend", "default_served_name", "ServingError"]

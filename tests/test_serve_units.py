@@ -1,0 +1,515 @@
+"""`safe-llava serve`'s parts without a server: image decoding and its SSRF guard, request validation, the
+micro-batcher, stop sequences and the moderation schema. The live server is tested in tests/test_serve.py."""
+
+import asyncio
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+from PIL import Image
+
+from modeling_safe_llava.serving.app import moderation_result
+from modeling_safe_llava.serving.backend import Overloaded, ServiceUnavailable, ServingError
+from modeling_safe_llava.serving.batching import MicroBatcher
+from modeling_safe_llava.serving.images import ImagePolicy, decode_image_url, is_public_address
+from modeling_safe_llava.serving.local import _held_back, cut_at_stop
+from modeling_safe_llava.serving.schemas import RequestLimits, parse_chat_request, parse_moderation_request
+from modeling_safe_llava.serving.server import is_loopback
+
+
+RISKY = ["Politics", "Illegal Risk", "Insults and Bullying", "Fairness", "Privacy", "Misleading"]
+TYPES = [*RISKY, "Clean"]
+
+
+def png_bytes(size=(8, 8), image_format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, "blue").save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, kind: str = "png") -> str:
+    return f"data:image/{kind};base64," + base64.b64encode(data).decode()
+
+
+# -- images ---------------------------------------------------------------------------------------------------------
+
+
+def test_a_data_url_decodes_to_an_upright_rgb_image():
+    image = decode_image_url(data_url(png_bytes((10, 6))), ImagePolicy(), "p")
+    assert image.mode == "RGB" and image.size == (10, 6)
+
+
+def test_exif_orientation_is_applied_as_the_processor_does():
+    image = Image.new("RGB", (10, 6), "red")
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    assert decode_image_url(data_url(buffer.getvalue(), "jpeg"), ImagePolicy(), "p").size == (6, 10)
+
+
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("data:image/png;base64,@@@@", "not valid base64"),
+        ("data:text/plain;base64,aGVsbG8=", "data:image/<format>;base64"),
+        (data_url(b"hello, not an image"), "not an image"),
+        ("file:///etc/passwd", "file: URLs"),
+        ("/etc/passwd", "local paths"),
+        ("C:\\Windows\\win.ini", "local paths"),
+        ("ftp://example.com/a.png", "local paths and other schemes"),
+        ("http://example.com/a.png", "image URLs are turned off"),
+        ("", "non-empty string"),
+    ],
+)
+def test_bad_image_urls_raise_a_400_that_names_the_problem(url, fragment):
+    with pytest.raises(ServingError) as info:
+        decode_image_url(url, ImagePolicy(), "messages[0].content[0].image_url")
+    assert info.value.status == 400 and fragment in info.value.message
+    assert info.value.param == "messages[0].content[0].image_url"
+
+
+def test_pixel_and_byte_caps_are_checked_before_decoding():
+    big = png_bytes((400, 400))
+    with pytest.raises(ServingError, match="more than this server's cap") as info:
+        decode_image_url(data_url(big), ImagePolicy(max_pixels=100 * 100), "p")
+    assert info.value.code == "image_too_large"
+    with pytest.raises(ServingError, match="larger than 100 bytes"):
+        decode_image_url(data_url(big), ImagePolicy(max_bytes=100), "p")
+
+
+@pytest.mark.parametrize("side, fragment", [(9000, "9000x9000 pixels, more than"), (14000, "decompression bomb")])
+def test_a_decompression_bomb_is_refused_from_its_header(side, fragment):
+    # A 1-bit PNG of side x side compresses to a few kB and would decode to side**2 pixels (14000: 196 M, past
+    # Pillow's own bomb limit, so Pillow refuses to open it at all).
+    buffer = io.BytesIO()
+    Image.new("1", (side, side)).save(buffer, format="PNG")
+    assert len(buffer.getvalue()) < 1_000_000
+    with pytest.raises(ServingError, match=fragment) as info:
+        decode_image_url(data_url(buffer.getvalue()), ImagePolicy(), "p")
+    assert info.value.code == "image_too_large"
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("8.8.8.8", True), ("2606:4700:4700::1111", True), ("127.0.0.1", False), ("::1", False), ("10.1.2.3", False),
+        ("172.16.0.1", False), ("192.168.1.1", False), ("169.254.169.254", False), ("100.64.0.1", False),
+        ("0.0.0.0", False), ("224.0.0.1", False), ("fe80::1", False), ("fd00::1", False), ("::ffff:127.0.0.1", False),
+        ("::ffff:8.8.8.8", True), ("not an address", False),
+    ],
+)  # fmt: skip
+def test_only_public_addresses_may_be_contacted(address, public):
+    assert is_public_address(address) is public
+
+
+class _ImageServer:
+    """A local HTTP server: /image.png serves a PNG, /redirect-private redirects to the metadata address,
+    /redirect-ok redirects to /image.png, /huge announces 10 MB."""
+
+    def __init__(self):
+        body = png_bytes((9, 7))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                routes = {
+                    "/redirect-private": (302, {"Location": "http://169.254.169.254/latest/meta-data"}, b""),
+                    "/redirect-ok": (302, {"Location": "/image.png"}, b""),
+                    "/image.png": (200, {"Content-Type": "image/png"}, body),
+                    "/huge": (200, {"Content-Length": str(10_000_000)}, b""),
+                }
+                status, headers, payload = routes.get(self.path, (404, {}, b""))
+                self.send_response(status)
+                for key, value in headers.items():
+                    self.send_header(key, value)
+                if "Content-Length" not in headers:
+                    self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _policy_with_fake_public_host(**kwargs) -> ImagePolicy:
+    """`images.test` resolves to 127.0.0.1, which this policy alone treats as public (the test's stand-in for a
+    public image host); every other name uses the real resolver and the real address check."""
+    def resolve(host, port):
+        return ["127.0.0.1"] if host == "images.test" else __import__("socket").gethostbyname_ex(host)[2]
+
+    return ImagePolicy(allow_urls=True, resolve=resolve, is_allowed_address=lambda a: a == "127.0.0.1" or is_public_address(a), **kwargs)
+
+
+def test_url_fetching_follows_redirects_and_decodes():
+    with _ImageServer() as server:
+        image = decode_image_url(f"http://images.test:{server.port}/redirect-ok", _policy_with_fake_public_host(), "p")
+    assert image.size == (9, 7)
+
+
+def test_a_redirect_to_the_metadata_address_is_refused_before_it_is_contacted():
+    with _ImageServer() as server:
+        with pytest.raises(ServingError, match="non-public address") as info:
+            decode_image_url(f"http://images.test:{server.port}/redirect-private", _policy_with_fake_public_host(), "p")
+    assert info.value.status == 400 and info.value.code == "image_url_not_allowed"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1/a.png", "http://localhost/a.png", "http://169.254.169.254/", "http://[::1]/x", "http://10.0.0.1/"])
+def test_loopback_private_and_metadata_targets_are_refused_with_urls_on(url):
+    with pytest.raises(ServingError, match="non-public address"):
+        decode_image_url(url, ImagePolicy(allow_urls=True), "p")
+
+
+def test_a_dns_answer_with_one_private_address_is_refused():
+    policy = ImagePolicy(allow_urls=True, resolve=lambda host, port: ["8.8.8.8", "10.0.0.5"])
+    with pytest.raises(ServingError, match="non-public address"):
+        decode_image_url("http://rebind.test/a.png", policy, "p")
+
+
+def test_fetched_bodies_are_capped():
+    with _ImageServer() as server:
+        with pytest.raises(ServingError, match="larger than") as info:
+            decode_image_url(f"http://images.test:{server.port}/huge", _policy_with_fake_public_host(max_bytes=1000), "p")
+    assert info.value.code == "image_too_large"
+
+
+# -- request validation ---------------------------------------------------------------------------------------------
+
+
+def chat_body(**fields):
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+@pytest.mark.parametrize(
+    "body, status, param",
+    [
+        ([1, 2], 422, None),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 422, "model"),
+        (chat_body(model="other"), 404, "model"),
+        (chat_body(messages="hi"), 422, "messages"),
+        (chat_body(messages=[]), 400, "messages"),
+        (chat_body(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role"),
+        (chat_body(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400, "messages[0].content[0].type"),
+        (chat_body(messages=[{"role": "user", "content": 5}]), 422, "messages[0].content"),
+        (chat_body(temperature="hot"), 422, "temperature"),
+        (chat_body(temperature=3), 400, "temperature"),
+        (chat_body(top_p=0), 400, "top_p"),
+        (chat_body(max_tokens=10**9), 400, "max_tokens"),
+        (chat_body(max_tokens=0), 400, "max_tokens"),
+        (chat_body(max_completion_tokens=2.5), 422, "max_completion_tokens"),
+        (chat_body(n=100), 400, "n"),
+        (chat_body(stop=[1]), 422, "stop"),
+        (chat_body(seed="x"), 422, "seed"),
+        (chat_body(stream="yes"), 422, "stream"),
+        (chat_body(tools=[{"type": "function"}]), 400, "tools"),
+        (chat_body(logprobs=True), 400, "logprobs"),
+        (chat_body(frequency_penalty=0.5), 400, "frequency_penalty"),
+        (chat_body(response_format={"type": "json_object"}), 400, "response_format"),
+        (chat_body(safety_threshold=1.5), 400, "safety_threshold"),
+        (chat_body(safety_threshold="high"), 422, "safety_threshold"),
+        (chat_body(safety_threshold={"Weather": 0.3}), 400, "safety_threshold"),
+        (chat_body(safety_actions={"Privacy": "delete"}), 400, "safety_actions"),
+        (chat_body(safety_actions=["refuse"]), 422, "safety_actions"),
+    ],
+)  # fmt: skip
+def test_chat_requests_are_validated_with_the_right_status_and_param(body, status, param):
+    with pytest.raises(ServingError) as info:
+        parse_chat_request(body, "m", RISKY, RequestLimits())
+    assert (info.value.status, info.value.param) == (status, param), info.value.message
+
+
+def test_a_valid_chat_request_becomes_the_processor_chat_format():
+    url = data_url(png_bytes())
+    body = chat_body(
+        messages=[
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image_url", "image_url": {"url": url}}]},
+        ],
+        max_tokens=5, temperature=0, stop="END", n=2, safety_threshold={"Privacy": 0.2}, safety_actions={"Politics": "allow"},
+        stream=True, stream_options={"include_usage": True},
+    )  # fmt: skip
+    request = parse_chat_request(body, "m", RISKY, RequestLimits())
+    assert request.messages == [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "What?"}, {"type": "image"}]},
+    ]
+    assert len(request.images) == 1 and request.greedy and request.stop == ["END"] and request.n == 2
+    assert request.safety_threshold == {"Privacy": 0.2} and request.include_usage and request.max_new_tokens == 5
+
+
+def test_too_many_images_are_refused_before_any_is_decoded():
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}  # never decoded
+    body = chat_body(messages=[{"role": "user", "content": [part] * 9}])
+    with pytest.raises(ServingError, match="Too many images: 9"):
+        parse_chat_request(body, "m", RISKY, RequestLimits(max_images=8))
+
+
+def test_moderation_inputs_take_strings_lists_and_parts():
+    assert [item.text for item in parse_moderation_request({"input": "a"}, "m", RISKY, RequestLimits())] == ["a"]
+    assert len(parse_moderation_request({"input": ["a", "b"]}, "m", RISKY, RequestLimits())) == 2
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": data_url(png_bytes())}}]
+    (item,) = parse_moderation_request({"input": parts, "safety_threshold": 0.3}, "m", RISKY, RequestLimits())
+    assert item.text == "look" and len(item.images) == 1 and item.safety_threshold == 0.3
+    with pytest.raises(ServingError) as info:
+        parse_moderation_request({"input": 5}, "m", RISKY, RequestLimits())
+    assert info.value.status == 422
+
+
+def test_moderation_results_use_the_models_risky_types():
+    safety = {
+        "judged": True, "risk": 0.8, "flagged": True, "category_name": "Privacy", "action": "refuse",
+        "type_probs": [0.0, 0.0, 0.0, 0.0, 0.5, 0.25, 0.25],
+    }  # fmt: skip
+    result = moderation_result(safety, RISKY, TYPES)
+    assert result["flagged"] and result["categories"]["Privacy"] and not result["categories"]["Misleading"]
+    assert result["category_scores"]["Privacy"] == pytest.approx(0.4) and set(result["categories"]) == set(RISKY)
+    unjudged = moderation_result({"judged": False, "reason": "no image"}, RISKY, TYPES)
+    assert not unjudged["flagged"] and not any(unjudged["categories"].values()) and unjudged["safety"]["judged"] is False
+
+
+# -- stop sequences, loopback -----------------------------------------------------------------------------------------
+
+
+def test_stop_sequences_cut_the_text_and_streams_hold_back_their_possible_starts():
+    assert cut_at_stop("hello END world", ["END"]) == ("hello ", True)
+    assert cut_at_stop("hello", ["END"]) == ("hello", False)
+    assert _held_back("hello E", ["END"]) == 1 and _held_back("hello EN", ["END", "X"]) == 2 and _held_back("hi", ["END"]) == 0
+
+
+@pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("::1", True), ("localhost", True), ("0.0.0.0", False), ("10.0.0.2", False)])
+def test_loopback_hosts(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+# -- the micro-batcher ------------------------------------------------------------------------------------------------
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_compatible_items_share_a_batch_and_a_bad_item_fails_alone():
+    sizes, executor = [], ThreadPoolExecutor(1)
+
+    def run_batch(items):
+        if "!!" in items:
+            raise ValueError("bad item")
+        return [item.upper() for item in items]
+
+    async def main():
+        batcher = MicroBatcher(run_batch, executor, key=len, max_batch_size=8, batch_wait_ms=50, on_batch=sizes.append)
+        results = await asyncio.gather(*(batcher.submit(item) for item in ["ab", "cd", "!!", "ef", "xyz"]), return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = _run(main())
+    assert results[:2] == ["AB", "CD"] and isinstance(results[2], ValueError) and results[3:] == ["EF", "XYZ"]
+    assert sizes == [4, 1]  # the four of length 2 together (rerun one by one when "!!" failed), then "xyz" alone
+
+
+def test_a_full_queue_answers_overloaded_and_close_drains_then_refuses():
+    executor, release = ThreadPoolExecutor(1), threading.Event()
+
+    def slow(items):
+        release.wait(10)
+        return items
+
+    async def main():
+        batcher = MicroBatcher(slow, executor, max_batch_size=1, batch_wait_ms=0, max_queue=2)
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # 1 is running; 2 and 3 wait
+        waiting = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded) as info:
+            await batcher.submit(4)
+        assert info.value.status == 429 and info.value.retry_after
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        with pytest.raises(ServiceUnavailable):
+            await batcher.submit(5)
+        release.set()
+        await closing
+        return [await first] + [await task for task in waiting]
+
+    assert _run(main()) == [1, 2, 3]
+
+
+def test_batch_wait_gathers_items_that_arrive_a_little_later():
+    sizes, executor = [], ThreadPoolExecutor(1)
+
+    async def main():
+        batcher = MicroBatcher(lambda items: items, executor, max_batch_size=4, batch_wait_ms=200, on_batch=sizes.append)
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.ensure_future(batcher.submit(i)))
+            await asyncio.sleep(0.01)
+        start = time.monotonic()
+        results = await asyncio.gather(*tasks)
+        await batcher.close()
+        return results, time.monotonic() - start
+
+    results, waited = _run(main())
+    assert results == [0, 1, 2, 3] and sizes == [4] and waited < 0.2  # a full batch runs without waiting out the window
+
+
+def test_the_model_card_tells_how_to_serve_the_model():
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+    from modeling_safe_llava.tools.model_card import model_facts, render_model_card
+
+    model, _ = build_tiny_safe_llava(seed=0)
+    card = render_model_card(model.config, None, None, facts=model_facts(model))
+    assert "safe-llava serve --model" in card and "/v1/chat/completions" in card and '"content_filter"' in card
+
+
+def test_a_mixed_left_padded_batch_gives_each_request_what_it_gets_alone():
+    """Hinted, refused and allowed rows with prompts of different lengths, in one `generate` call and one by one."""
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine = LocalEngine(model, processor)
+
+    def request(i):
+        question = "What?" if i % 2 else "Describe the picture, please."
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        return ChatRequest("m", [{"role": "user", "content": content}], [random_image(i, 32)], max_new_tokens=10, temperature=0.0)
+
+    requests = [request(i) for i in range(8)]
+    together = engine.complete_batch(requests)
+    alone = [engine.complete_batch([r])[0] for r in requests]
+    assert {result.safety["action"] for result in together} >= {"hint", "refuse"}  # a mixed batch indeed
+    for batched, single in zip(together, alone):
+        assert batched.choices == single.choices and batched.usage == single.usage and batched.safety == single.safety
+    refused = next(result for result in together if result.safety["action"] == "refuse")
+    assert refused.choices[0].finish_reason == "content_filter"
+
+
+def test_a_streamed_batch_with_hints_and_refusals_streams_each_request_as_alone():
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine, StreamJob
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine = LocalEngine(model, processor)
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    requests = [
+        ChatRequest("m", [{"role": "user", "content": content}], [random_image(i, 32)], max_new_tokens=10, temperature=0.0, stream=True, include_usage=True)
+        for i in range(4)
+    ]  # fmt: skip
+    events = [[] for _ in requests]
+    engine.stream_batch([StreamJob(request, events[i].append) for i, request in enumerate(requests)])
+    plain = engine.complete_batch(requests)
+    assert {result.safety["action"] for result in plain} >= {"hint", "refuse"}
+    for got, answer in zip(events, plain):
+        assert [e.kind for e in got].count("verdict") == 1 and got[0].kind == "verdict" and got[0].safety == answer.safety
+        assert "".join(e.text for e in got if e.kind == "delta") == answer.choices[0].text
+        assert [e.finish_reason for e in got if e.kind == "finish"] == [answer.choices[0].finish_reason]
+        assert got[-1].kind == "usage" and got[-1].usage == answer.usage
+
+
+# -- the app while loading, and the backend's flags -------------------------------------------------------------------
+
+
+class _FakeBackend:
+    """Stands in for a loaded backend (only what /health and /v1/models read)."""
+
+    model_id, created, metrics = "fake", 0, None
+
+    def queue_depth(self):
+        return 0
+
+    def describe(self):
+        return {"mode": "fake"}
+
+    async def close(self):
+        pass
+
+
+def test_health_says_loading_with_503_until_the_backend_is_built(tmp_path):
+    import json
+    import urllib.error
+    import urllib.request
+
+    import uvicorn
+
+    from modeling_safe_llava.serving.app import ServerConfig, create_app
+    from modeling_safe_llava.serving.server import bind_socket
+
+    release = threading.Event()
+
+    def loader():
+        release.wait(30)
+        return _FakeBackend()
+
+    sock = bind_socket("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(create_app(loader, ServerConfig()), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def get(path):
+        for _ in range(100):
+            try:
+                with urllib.request.urlopen(url + path, timeout=5) as response:
+                    return response.status, json.loads(response.read()), response.headers
+            except urllib.error.HTTPError as error:
+                return error.code, json.loads(error.read()), error.headers
+            except urllib.error.URLError:
+                time.sleep(0.05)
+        raise TimeoutError(path)
+
+    try:
+        status, body, headers = get("/health")
+        assert (status, body) == (503, {"status": "loading"}) and headers["Retry-After"]
+        status, body, headers = get("/v1/models")
+        assert status == 503 and "still loading" in body["error"]["message"] and headers["Retry-After"]
+        release.set()
+        for _ in range(100):
+            status, body, _ = get("/health")
+            if status == 200:
+                break
+            time.sleep(0.05)
+        assert body == {"status": "ready", "model": "fake", "mode": "fake"}
+        assert get("/v1/models")[1]["data"][0]["id"] == "fake"
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_dtype_and_device_flags_reach_the_model(tmp_path):
+    import torch
+
+    from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest
+    from modeling_safe_llava.serving.local import build_local_backend, default_served_name
+    from serving_live import save_tiny_server_model
+
+    folder = save_tiny_server_model(tmp_path / "my-model")
+    backend = build_local_backend(BackendSettings(folder, default_served_name(folder), device="cpu", dtype="bfloat16"))
+    assert backend.engine.model.dtype == torch.bfloat16 and backend.describe() == {"mode": "local", "device": "cpu", "dtype": "bfloat16"}
+    assert default_served_name(folder) == "my-model" and backend.model_id == "my-model"
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    request = ChatRequest("my-model", [{"role": "user", "content": content}], [Image.new("RGB", (32, 32), "red")], max_new_tokens=3, temperature=0.0)
+    (result,) = backend.engine.complete_batch([request])  # bfloat16 pixels and weights run together
+    assert result.safety["judged"] and result.choices[0].finish_reason in ("stop", "length", "content_filter")
+    asyncio.run(backend.close())
