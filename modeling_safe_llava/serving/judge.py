@@ -109,6 +109,7 @@ class SafetyJudge:
         """The row's prompt length and, when it needs a verdict, its resolved `(thresholds, actions)`."""
         try:
             prompt_tokens = self.count_tokens(self.prompt(row.messages), add_special_tokens=True)
+            prompt_tokens += len(row.images) * (self.config.image_seq_length - 1)  # exact once judged (`_assess`)
             thresholds = self.model.resolve_safety_threshold(row.safety_threshold)
             actions = self.model.resolve_safety_actions(row.safety_actions)
         except ValueError as error:
@@ -121,7 +122,7 @@ class SafetyJudge:
 
     def _judge_batch(self, rows, settings, results, indices):
         try:
-            assessment = self._assess([row.messages for row in rows], [image for row in rows for image in row.images])
+            assessment, lengths = self._assess([row.messages for row in rows], [i for row in rows for i in row.images])
         except ValueError as error:  # a bad image or prompt: judge the rows one by one, so that only it fails
             if len(rows) == 1:
                 results[indices[0]] = JudgeResult(None, results[indices[0]].prompt_tokens, error)
@@ -140,17 +141,20 @@ class SafetyJudge:
                 assessment.images_per_row[k : k + 1],
             )
             results[index].safety = {"judged": True, **decided.to_records()[0]}
+            results[index].prompt_tokens = int(lengths[k])
 
     def _assess(self, conversations: list[list[dict]], images: list):
-        """`model.assess_safety` on one left-padded batch (its thresholds are replaced per row by the caller)."""
+        """`model.assess_safety` on one left-padded batch (its thresholds are replaced per row by the caller), and
+        each row's prompt length in tokens (images expanded, as the language model would read it)."""
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         prompts = [self.prompt(messages) for messages in conversations]
         inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.model.model.vision_tower.dtype)
-        return self.model.assess_safety(
+        assessment = self.model.assess_safety(
             **inputs, safety_threshold=0.5, allow_untrained_safety=self.allow_untrained_safety
         )
+        return assessment, inputs["attention_mask"].sum(dim=1).tolist()
 
 
 def build_judge_model(config: SafeLlavaConfig, path: str, revision=None, device=None, dtype=None):

@@ -1,0 +1,312 @@
+"""Gate mode: `safe-llava serve --model HEAD_ONLY_SAFELLAVA --upstream URL --upstream-model NAME`.
+
+A head-only SafeLlava (`num_llm_safety_tokens=0`) generates with stock LLaVA's language model, unchanged. So generation
+can run on any OpenAI-compatible engine that serves the stock LLaVA weights (vLLM, SGLang, `transformers serve`), with
+this process in front of it as a gate that loads only the verdict's parts (`serving/judge.py`). For each request the
+gate judges the images (requests that arrive together share one vision-tower and safety-head call), then does what
+`model.generate(..., safety_threshold=..., safety_actions=...)` would:
+
+- `refuse`: answers the configured refusal itself (`finish_reason: "content_filter"`); the upstream is never contacted;
+- `hint`: forwards the request with the policy's safe hint appended to the text of the last message, which puts it
+  right before the assistant-turn marker, where `generate` inserts it (`policy_safe_llava._insert_hint`). Before
+  forwarding, the gate checks with the model's own chat template and tokenizer that the edited conversation gives
+  exactly `generate`'s token sequence (prompt, hint ids, marker); `hint_placement` says how it was placed;
+- `allow` (or nothing judged): forwards the request unchanged (less the SafeLlava-only fields `safety_threshold` and
+  `safety_actions`, with `model` set to `--upstream-model`).
+
+Streams pass through chunk by chunk, after a first event that carries the verdict. Every response carries the
+`safety` object. The gate holds no conversation state: run as many replicas as needed behind any load balancer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+from .backend import (
+    BackendSettings,
+    ChatCompletionResult,
+    ChatRequest,
+    Choice,
+    ModerationInput,
+    ServiceUnavailable,
+    ServingBackend,
+    ServingError,
+    StreamEvent,
+    Usage,
+    Verdict,
+)
+from .batching import MicroBatcher
+from .judge import JudgeRow, SafetyJudge
+from .upstream import UpstreamClient
+
+
+logger = logging.getLogger(__name__)
+
+SAFELLAVA_ONLY_FIELDS = ("safety_threshold", "safety_actions")
+HINT_APPENDED = "appended to the last text part"
+HINT_NEW_PART = "a new text part"
+
+
+class GateBackend(ServingBackend):
+    """
+    A `ServingBackend` that judges in this process and generates on an upstream engine (see the module docstring).
+
+    Args:
+        judge (`SafetyJudge`): the verdict's parts of a head-only SafeLlava.
+        upstream (`UpstreamClient`): the engine serving the stock LLaVA weights.
+        settings (`BackendSettings`): batching flags and names.
+    """
+
+    def __init__(self, judge: SafetyJudge, upstream: UpstreamClient, settings: BackendSettings):
+        config = judge.config
+        super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
+        self.judge, self.upstream = judge, upstream
+        self.policy = judge.model.safety_policy
+        if not self.policy.text_token_ids:
+            self.policy.tokenize(judge.processor)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-judge")
+        batching = dict(
+            max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue
+        )
+        self._chat_judge = MicroBatcher(
+            self.judge.judge, self._executor, on_batch=lambda n: self.record_batch("chat", n), name="gate-chat", **batching
+        )
+        self._moderation_judge = MicroBatcher(
+            self.judge.judge,
+            self._executor,
+            on_batch=lambda n: self.record_batch("moderation", n),
+            name="gate-moderation",
+            **batching,
+        )
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+
+    # -- the contract ----------------------------------------------------------------------------------------------
+
+    async def moderate(self, inputs: list[ModerationInput]) -> list[Verdict]:
+        async with self._tracked():
+            rows = [JudgeRow(i.messages(), list(i.images), i.safety_threshold, i.safety_actions) for i in inputs]
+            results = await asyncio.gather(*(self._moderation_judge.submit(row) for row in rows))
+            return [Verdict(_checked(result).safety) for result in results]
+
+    async def complete(self, request: ChatRequest) -> ChatCompletionResult:
+        async with self._tracked():
+            safety, prompt_tokens = await self._verdict(request)
+            if safety.get("action") == "refuse":
+                return self._refusal(request, safety, prompt_tokens)
+            answer = await self.upstream.chat(self.forward_body(request, safety))
+            choices = [_choice(raw, i) for i, raw in enumerate(answer["choices"])]
+            missing = request.n - len(choices)
+            if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
+                choices += await self._more_choices(request, safety, missing, start=len(choices))
+            usage = _usage(answer.get("usage"), prompt_tokens, choices, self.judge)
+            return ChatCompletionResult(choices=choices, usage=usage, safety=safety)
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        return self._stream(request)
+
+    async def close(self) -> None:
+        self._closing = True
+        await self._idle.wait()
+        await self._chat_judge.close()
+        await self._moderation_judge.close()
+        await self.upstream.close()
+        self._executor.shutdown(wait=True)
+
+    def queue_depth(self) -> int:
+        return self._chat_judge.depth() + self._moderation_judge.depth()
+
+    def describe(self) -> dict:
+        return {"mode": "gate", "upstream_model": self.upstream.model}
+
+    # -- verdicts, refusals, hints ---------------------------------------------------------------------------------
+
+    async def _verdict(self, request: ChatRequest) -> tuple[dict, int]:
+        row = JudgeRow(request.messages, list(request.images), request.safety_threshold, request.safety_actions)
+        result = _checked(await self._chat_judge.submit(row))
+        return result.safety, result.prompt_tokens
+
+    def refusal_text(self, safety: dict, request: ChatRequest) -> tuple[str, int]:
+        """`generate`'s refusal for the verdict's category: its text (cut before the first stop sequence) and its
+        token count (the refusal, then EOS, within `max_new_tokens`)."""
+        tokens = list(self.policy.text_token_ids["refusals"][safety["category_name"]])
+        eos = self.judge.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        tokens = (tokens + eos[:1])[: request.max_new_tokens]
+        text = self.judge.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in request.stop:
+            if stop and stop in text:
+                text = text[: text.index(stop)]
+        return text, len(tokens)
+
+    def _refusal(self, request: ChatRequest, safety: dict, prompt_tokens: int) -> ChatCompletionResult:
+        text, count = self.refusal_text(safety, request)
+        choices = [Choice(i, text, "content_filter", count) for i in range(request.n)]
+        return ChatCompletionResult(choices, Usage(prompt_tokens, count * request.n), safety)
+
+    def forward_body(self, request: ChatRequest, safety: dict) -> dict:
+        """The body sent upstream: the client's, less the SafeLlava-only fields; with a `hint` verdict, the safe hint
+        added to the last message (see `hint_placement`)."""
+        body = {k: v for k, v in copy.deepcopy(request.body).items() if k not in SAFELLAVA_ONLY_FIELDS}
+        if safety.get("action") == "hint":
+            hint = self.policy.hints[safety["category_name"]][safety["level"]]
+            placement = self.hint_placement(request.messages, safety)
+            _add_hint(body["messages"][-1], hint, placement)
+        return body
+
+    def hint_placement(self, messages: list[dict], safety: dict) -> str:
+        """How to add the hint to the last message so that the chat template renders `generate`'s exact token
+        sequence: appended to its last text part, or as a new text part; the first that matches, checked with the
+        model's tokenizer (if none does, the first, with a warning: the answer may differ by the seam's tokens)."""
+        hint = self.policy.hints[safety["category_name"]][safety["level"]]
+        hint_ids = self.policy.text_token_ids["hints"][safety["category_name"]][safety["level"]]
+        marker = self.policy.text_token_ids["assistant_prefix"]
+        tokenizer = self.judge.processor.tokenizer
+        prompt_ids = tokenizer.encode(self.judge.prompt(messages), add_special_tokens=True)
+        target = prompt_ids[: -len(marker)] + list(hint_ids) + prompt_ids[-len(marker) :]
+        for placement in (HINT_APPENDED, HINT_NEW_PART):
+            edited = copy.deepcopy(messages)
+            _add_hint(edited[-1], hint, placement)
+            if tokenizer.encode(self.judge.prompt(edited), add_special_tokens=True) == target:
+                return placement
+        logger.warning("No chat-message form of the safe hint tokenizes exactly as generate's; appending it.")
+        return HINT_APPENDED
+
+    # -- upstream --------------------------------------------------------------------------------------------------
+
+    async def _more_choices(self, request, safety, count: int, start: int) -> list[Choice]:
+        body = {**self.forward_body(request, safety), "n": 1}
+        answers = await asyncio.gather(*(self.upstream.chat(body) for _ in range(count)))
+        return [_choice(answer["choices"][0], start + i) for i, answer in enumerate(answers)]
+
+    async def _stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+        async with self._tracked():
+            safety, prompt_tokens = await self._verdict(request)
+            if safety.get("action") == "refuse":
+                async for event in self._stream_refusal(request, safety, prompt_tokens):
+                    yield event
+                return
+            chunks = await self.upstream.stream_chat(self.forward_body(request, safety))
+            yield StreamEvent("verdict", safety=safety)
+            texts: dict[int, list[str]] = {}
+            upstream_usage = None
+            async for chunk in chunks:
+                upstream_usage = chunk.get("usage") or upstream_usage
+                for event in _chunk_events(chunk, texts):
+                    yield event
+            if request.include_usage:
+                choices = [Choice(i, "".join(parts), "stop") for i, parts in sorted(texts.items())]
+                yield StreamEvent("usage", usage=_usage(upstream_usage, prompt_tokens, choices, self.judge))
+
+    async def _stream_refusal(self, request, safety, prompt_tokens) -> AsyncIterator[StreamEvent]:
+        result = self._refusal(request, safety, prompt_tokens)
+        yield StreamEvent("verdict", safety=safety)
+        for choice in result.choices:
+            if choice.text:
+                yield StreamEvent("delta", index=choice.index, text=choice.text)
+            yield StreamEvent("finish", index=choice.index, finish_reason="content_filter")
+        if request.include_usage:
+            yield StreamEvent("usage", usage=result.usage)
+
+    # -- draining --------------------------------------------------------------------------------------------------
+
+    def _tracked(self):
+        return _InFlight(self)
+
+
+class _InFlight:
+    """Counts a request in flight, so that `close()` waits for it; refuses new ones once closing."""
+
+    def __init__(self, backend: GateBackend):
+        self.backend = backend
+
+    async def __aenter__(self):
+        if self.backend._closing:
+            raise ServiceUnavailable("The server is shutting down; retry on another replica.")
+        self.backend._in_flight += 1
+        self.backend._idle.clear()
+
+    async def __aexit__(self, *exc_info):
+        self.backend._in_flight -= 1
+        if self.backend._in_flight == 0:
+            self.backend._idle.set()
+        return False
+
+
+def _checked(result):
+    if result.error is not None:
+        raise ServingError(str(result.error), status=400)
+    return result
+
+
+def _add_hint(message: dict, hint: str, placement: str):
+    """Adds `hint` to `message` (OpenAI or processor chat format) as `placement` says."""
+    content = message.get("content")
+    if isinstance(content, str):
+        message["content"] = content + hint if placement == HINT_APPENDED else [
+            {"type": "text", "text": content},
+            {"type": "text", "text": hint},
+        ]
+        return
+    content = list(content or [])
+    text_parts = [i for i, part in enumerate(content) if part.get("type") == "text"]
+    if placement == HINT_APPENDED and text_parts:
+        last = text_parts[-1]
+        content[last] = {**content[last], "text": content[last]["text"] + hint}
+    else:
+        content.append({"type": "text", "text": hint})
+    message["content"] = content
+
+
+def _choice(raw: dict, index: int) -> Choice:
+    message = raw.get("message") or {}
+    finish = raw.get("finish_reason") or "stop"
+    return Choice(index, message.get("content") or "", finish if finish in ("stop", "length", "content_filter") else "stop")
+
+
+def _chunk_events(chunk: dict, texts: dict[int, list[str]]):
+    for raw in chunk.get("choices") or []:
+        index = int(raw.get("index", 0))
+        text = (raw.get("delta") or {}).get("content")
+        if text:
+            texts.setdefault(index, []).append(text)
+            yield StreamEvent("delta", index=index, text=text)
+        finish = raw.get("finish_reason")
+        if finish:
+            texts.setdefault(index, [])
+            yield StreamEvent("finish", index=index, finish_reason=finish if finish in ("stop", "length") else "stop")
+
+
+def _usage(upstream_usage, prompt_tokens: int, choices: list[Choice], judge: SafetyJudge) -> Usage:
+    """The upstream's token counts when it reports them; otherwise the prompt's (this tokenizer, images expanded) and
+    each answer's, counted with this model's tokenizer."""
+    if isinstance(upstream_usage, dict) and "completion_tokens" in upstream_usage:
+        return Usage(int(upstream_usage.get("prompt_tokens", prompt_tokens)), int(upstream_usage["completion_tokens"]))
+    return Usage(prompt_tokens, sum(judge.count_tokens(choice.text) for choice in choices))
+
+
+def build_gate_backend(settings: BackendSettings) -> GateBackend:
+    """The gate for `settings` (`--model`, `--upstream`, `--upstream-model`, ...). Raises a one-line `ValueError` for a
+    model whose language model is not stock LLaVA's (`num_llm_safety_tokens` > 0)."""
+    from ..configuration_safe_llava import SafeLlavaConfig
+
+    if not settings.upstream or not settings.upstream_model:
+        raise ValueError("Gate mode needs both --upstream URL and --upstream-model NAME.")
+    config = SafeLlavaConfig.from_pretrained(settings.model)
+    if config.num_llm_safety_tokens != 0:
+        raise ValueError(
+            f"Gate mode needs a head-only SafeLlava (num_llm_safety_tokens=0), but {settings.model!r} has "
+            f"num_llm_safety_tokens={config.num_llm_safety_tokens}: its language model reads safety tokens that an "
+            "upstream serving stock LLaVA lacks. Serve it without --upstream."
+        )
+    judge = SafetyJudge.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype)
+    upstream = UpstreamClient(
+        settings.upstream, settings.upstream_model, settings.upstream_api_key, settings.upstream_timeout_s
+    )
+    return GateBackend(judge, upstream, settings)
