@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -318,14 +319,44 @@ def test_judge_at_the_7b_shape_holds_about_a_tenth_of_the_model():
 # -- through HTTP: safe-llava serve --upstream, with the openai client ---------------------------------------------
 
 
+README_SAFE, README_STOCK, README_UPSTREAM = "org/safe-llava-7b-head-only", "llava-hf/llava-1.5-7b-hf", "http://127.0.0.1:8000/v1"
+
+
+def _readme_gate_section() -> str:
+    readme = (REPO_ROOT / "README.md").read_text()
+    start = readme.index("### Gate mode")
+    return readme[start : readme.index("\n## ", start)]
+
+
 @pytest.fixture(scope="module")
 def live_gate(folders, upstream, tmp_path_factory):
+    """README's gate command, run as written but for the names: the tiny folders, a free port, the test's engine."""
     pytest.importorskip("modeling_safe_llava.serving.app", reason="the HTTP layer (serving/app.py) is serve-core's")
-    from benchmarks.serve_processes import start_gate
+    import shlex
 
-    server = start_gate(folders[1], upstream, str(folders[0]), tmp_path_factory.mktemp("logs") / "gate.log", threads=1)
+    from benchmarks.serve_processes import start_server
+
+    line = next(l for l in _readme_gate_section().splitlines() if l.startswith("safe-llava serve"))
+    port = free_port()
+    names = {README_SAFE: str(folders[1]), README_STOCK: str(folders[0]), README_UPSTREAM: upstream.v1, "9000": str(port)}
+    command = [sys.executable, "-m", "modeling_safe_llava"] + [names.get(t, t) for t in shlex.split(line)[1:]]
+    server = start_server(command, port, tmp_path_factory.mktemp("logs") / "gate.log", threads=1)
     yield server
     assert server.stop() == 0
+
+
+def test_readme_gate_snippet_runs(live_gate, reference, capsys):
+    model, generate = reference
+    snippet = re.findall(r"```python\n(.*?)```", _readme_gate_section(), flags=re.S)[0]
+    image = random_image(11)
+    snippet = snippet.replace("http://127.0.0.1:9000/v1", live_gate.v1).replace(README_SAFE, "safe")
+    snippet = snippet.replace("data:image/png;base64,...", _data_url(image)).replace("max_tokens=64", f"max_tokens={NEW_TOKENS}")
+    exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own documentation
+    action, finish_reason, content = capsys.readouterr().out.rstrip("\n").split(" ", 2)
+    expected, verdict = generate(image, 0.5)
+    assert action == verdict["action"]
+    assert (finish_reason == "content_filter") == (action == "refuse")
+    assert content == expected
 
 
 def test_live_gate_chat_stream_and_moderation(live_gate, upstream, reference):
