@@ -21,7 +21,13 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.serve_processes import free_port, save_stock_and_head_only, start_transformers_serve  # noqa: E402
 from modeling_safe_llava import SafeLlavaForConditionalGeneration, SafeLlavaProcessor  # noqa: E402
-from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest, ModerationInput, ServingError  # noqa: E402
+from modeling_safe_llava.serving.backend import (  # noqa: E402
+    BackendSettings,
+    ChatRequest,
+    ModerationInput,
+    ServiceUnavailable,
+    ServingError,
+)
 from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  # noqa: E402
 from modeling_safe_llava.serving.judge import SafetyJudge, judge_memory_bytes  # noqa: E402
 
@@ -225,6 +231,49 @@ def test_moderation_runs_the_judge_only(gate, reference):
     assert verdicts[0].safety["risk"] == pytest.approx(expected["risk"], abs=1e-6)
     assert verdicts[0].safety["action"] == expected["action"]
     assert verdicts[1].safety["judged"] is False
+
+
+def test_fetched_images_reach_the_engine_as_the_judged_pixels(gate, upstream, reference):
+    """An image the gate fetched (--allow-image-urls) is forwarded inline: the engine fetches nothing (here it could
+    not: no network), so it cannot get other content than was judged."""
+    model, generate = reference
+    image = random_image(12)
+    request = _request(image, 0.0, _every(model, "allow"))
+    request.body["messages"][0]["content"][0] = {"type": "image_url", "image_url": {"url": "https://images.invalid/a.png"}}
+    forwarded = gate[0].forward_body(request, {"judged": True, "action": "allow"})
+    url = forwarded["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    assert request.body["messages"][0]["content"][0]["image_url"]["url"] == "https://images.invalid/a.png"
+    result = _run(gate, gate[0].complete(request))
+    assert result.choices[0].text == generate(image, 0.0, _every(model, "allow"))[0]
+
+
+def test_close_finishes_requests_in_flight_and_refuses_new_ones(folders, upstream, reference):
+    model, generate = reference
+    image = random_image(13)
+    settings = BackendSettings(
+        model=str(folders[1]), served_model_name="safe", upstream=upstream.v1, upstream_model=str(folders[0])
+    )
+    backend = build_gate_backend(settings)
+
+    async def scenario():
+        in_flight = asyncio.ensure_future(backend.complete(_request(image, 0.0, _every(model, "allow"))))
+        await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(backend.close())
+        await asyncio.sleep(0)
+        with pytest.raises(ServiceUnavailable):
+            await backend.complete(_request(image, 0.0, _every(model, "allow")))
+        assert not closing.done() or in_flight.done()
+        result = await in_flight
+        await closing
+        return result
+
+    loop = asyncio.new_event_loop()
+    try:
+        result = loop.run_until_complete(scenario())
+    finally:
+        loop.close()
+    assert result.choices[0].text == generate(image, 0.0, _every(model, "allow"))[0]
 
 
 # -- failures --------------------------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ gate judges the images (requests that arrive together share one vision-tower and
 - `allow` (or nothing judged): forwards the request unchanged (less the SafeLlava-only fields `safety_threshold` and
   `safety_actions`, with `model` set to `--upstream-model`).
 
+The engine sees the very pixels that were judged: an image the gate fetched over http(s) (`--allow-image-urls`) is
+forwarded as a PNG data URL of the decoded image, never as its URL, so that the engine fetches nothing (no second
+fetch that could return other content, and no request to a host the gate's SSRF guard refused). Data URLs are
+forwarded as they came.
+
 Streams pass through chunk by chunk, after a first event that carries the verdict. Every response carries the
 `safety` object. The gate holds no conversation state: run as many replicas as needed behind any load balancer.
 """
@@ -21,7 +26,9 @@ Streams pass through chunk by chunk, after a first event that carries the verdic
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
+import io
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -154,6 +161,7 @@ class GateBackend(ServingBackend):
         """The body sent upstream: the client's, less the SafeLlava-only fields; with a `hint` verdict, the safe hint
         added to the last message (see `hint_placement`)."""
         body = {k: v for k, v in copy.deepcopy(request.body).items() if k not in SAFELLAVA_ONLY_FIELDS}
+        _inline_fetched_images(body.get("messages") or [], request.images)
         if safety.get("action") == "hint":
             hint = self.policy.hints[safety["category_name"]][safety["level"]]
             placement = self.hint_placement(request.messages, safety)
@@ -262,6 +270,23 @@ def _add_hint(message: dict, hint: str, placement: str):
     else:
         content.append({"type": "text", "text": hint})
     message["content"] = content
+
+
+def _inline_fetched_images(messages: list[dict], images: list):
+    """Replaces each `image_url` part whose URL is not a data URL by a PNG data URL of the decoded image judged for
+    it (`images` are in order of appearance)."""
+    parts = [part for message in messages if isinstance(message.get("content"), list) for part in message["content"]]
+    image_parts = [part for part in parts if isinstance(part, dict) and part.get("type") == "image_url"]
+    if len(image_parts) != len(images):
+        raise ServingError(f"The request has {len(image_parts)} image parts but {len(images)} decoded images.")
+    for part, image in zip(image_parts, images):
+        url = part["image_url"]["url"] if isinstance(part.get("image_url"), dict) else part.get("image_url")
+        if isinstance(url, str) and url.startswith("data:"):
+            continue
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        inline = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        part["image_url"] = {**part["image_url"], "url": inline} if isinstance(part.get("image_url"), dict) else inline
 
 
 def _choice(raw: dict, index: int) -> Choice:
