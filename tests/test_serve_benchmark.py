@@ -48,6 +48,7 @@ def test_serve_benchmark_writes_every_measurement(smoke):
     assert results["moderation"]["failed"] == 0 and results["moderation"]["requests"] == 4
     assert results["metadata"]["server_exit_codes"]["safe"] == 0 and results["metadata"]["server_exit_codes"]["gate"] == 0
     assert results["memory_7b"]["gate_bytes"] < results["memory_7b"]["full_bytes"]
+    assert all(results["process_memory"][name]["peak_rss_mib"] > 0 for name in SERVERS)
     markdown = (results_dir / "serve-smoke.md").read_text()
     assert markdown.count("**PASS**") + markdown.count("**FAIL**") == len(results["targets"]) == 2 + 2 + 2 + 1
     assert "What these numbers do and do not prove" in markdown
