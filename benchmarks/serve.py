@@ -99,7 +99,10 @@ async def _one_streamed(client, url: str, body: dict) -> dict:
 async def _one_plain(client, url: str, path: str, body: dict) -> dict:
     started = time.perf_counter()
     response = await client.post(url + path, json=body)
-    return {"ok": response.status_code == 200, "latency": time.perf_counter() - started, "ttft": None}
+    latency = time.perf_counter() - started
+    usage = response.json().get("usage") if response.status_code == 200 else None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return {"ok": response.status_code == 200, "latency": latency, "ttft": None, "completion_tokens": tokens}
 
 
 async def _load(make_call, requests: int, concurrency: int) -> dict:
@@ -120,6 +123,7 @@ async def _load(make_call, requests: int, concurrency: int) -> dict:
 
 def summarize(results: list[dict], wall: float) -> dict:
     latencies = sorted(r["latency"] for r in results)
+    tokens = [r["completion_tokens"] for r in results if r.get("completion_tokens") is not None]
     ttfts = sorted(r["ttft"] for r in results if r["ttft"] is not None)
     return {
         "requests": len(results),
@@ -130,6 +134,7 @@ def summarize(results: list[dict], wall: float) -> dict:
         "latency_p95_s": _percentile(latencies, 95),
         "ttft_p50_s": _percentile(ttfts, 50) if ttfts else None,
         "ttft_p95_s": _percentile(ttfts, 95) if ttfts else None,
+        "completion_tokens_mean": statistics.fmean(tokens) if tokens else None,
     }
 
 
@@ -348,7 +353,8 @@ def render_markdown(results: dict) -> str:
         "## Refusals and moderation (`safe`)",
         "",
         f"- Refused request p50 {refusal['refuse']['latency_p50_s']:.3f} s vs allowed {refusal['allow']['latency_p50_s']:.3f} s "
-        f"({config['refusal_new_tokens']} new tokens): ratio {refusal['ratio_p50']:.3f}.",
+        f"(max_tokens {config['refusal_new_tokens']}; the allowed answers had {refusal['allow']['completion_tokens_mean']} "
+        f"tokens on average, the refusals {refusal['refuse']['completion_tokens_mean']}): ratio {refusal['ratio_p50']:.3f}.",
         f"- Moderation: {moderation['requests_per_s']:.1f} requests/s at concurrency {config['moderation_concurrency']} "
         f"(p50 {moderation['latency_p50_s']:.3f} s).",
         "",
