@@ -336,6 +336,12 @@ def test_gate_mode_refuses_llm_safety_tokens(tmp_path, tiny_safe_llava):
     assert "\n" not in str(caught.value)
 
 
+def test_gate_mode_refuses_a_stock_checkpoint(folders):
+    settings = BackendSettings(model=str(folders[0]), served_model_name="m", upstream="http://127.0.0.1:9/v1", upstream_model="x")
+    with pytest.raises(ValueError, match="model_type 'llava'"):
+        build_gate_backend(settings)
+
+
 # -- the judge -------------------------------------------------------------------------------------------------------
 
 

@@ -323,6 +323,12 @@ def build_gate_backend(settings: BackendSettings) -> GateBackend:
 
     if not settings.upstream or not settings.upstream_model:
         raise ValueError("Gate mode needs both --upstream URL and --upstream-model NAME.")
+    model_type = SafeLlavaConfig.get_config_dict(settings.model)[0].get("model_type")
+    if model_type != SafeLlavaConfig.model_type:
+        raise ValueError(
+            f"Gate mode serves a head-only SafeLlava checkpoint (model_type {SafeLlavaConfig.model_type!r}); "
+            f"{settings.model!r} has model_type {model_type!r}. Point --upstream-model at the stock LLaVA instead."
+        )
     config = SafeLlavaConfig.from_pretrained(settings.model)
     if config.num_llm_safety_tokens != 0:
         raise ValueError(
@@ -330,7 +336,10 @@ def build_gate_backend(settings: BackendSettings) -> GateBackend:
             f"num_llm_safety_tokens={config.num_llm_safety_tokens}: its language model reads safety tokens that an "
             "upstream serving stock LLaVA lacks. Serve it without --upstream."
         )
-    judge = SafetyJudge.from_pretrained(settings.model, device=settings.device, dtype=settings.dtype)
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    judge = SafetyJudge.from_pretrained(settings.model, device=device, dtype=settings.dtype)
     upstream = UpstreamClient(
         settings.upstream, settings.upstream_model, settings.upstream_api_key, settings.upstream_timeout_s
     )
