@@ -63,6 +63,21 @@ def gate_memory_7b(preset: str = "7b.json", bytes_per_value: int = 2) -> dict:
             "full_bytes": full}  # fmt: skip
 
 
+def verdict_flop_share(model_spec: dict, new_tokens: int, text_tokens: int = 20) -> dict:
+    """FLOPs of the gate's verdict (vision tower, safety projector and head) over those of stock generation of
+    `new_tokens` (one image, `text_tokens` of text), at a model spec's shape (meta device): the compute a gate adds
+    in front of an engine, per request."""
+    from .flops import flop_report
+    from .models import build_meta_pair, model_spec_dict
+
+    stock, safe = build_meta_pair({**model_spec_dict(model_spec), "num_llm_safety_tokens": 0})
+    report = flop_report(stock, safe, text_tokens, new_tokens, "meta")
+    c = report["components"]
+    verdict = c["vision_tower"] + c["safety_projector"] + c["safety_head"]
+    return {"verdict_flops": verdict, "stock_generate_flops": report["totals"]["stock_generate"],
+            "share": verdict / report["totals"]["stock_generate"], "new_tokens": new_tokens}  # fmt: skip
+
+
 # -- the load generator ------------------------------------------------------------------------------------------
 
 
@@ -201,6 +216,10 @@ def run_serve_benchmark(config: dict, command: str = "") -> dict:
             exit_codes = {name: server.stop() for name, server in servers.items()}
     results["metadata"] = _metadata(config, command, time.perf_counter() - started, exit_codes)
     results["memory_7b"] = gate_memory_7b(config.get("reference_preset", "7b.json"))
+    results["verdict_flop_share"] = {
+        "config": verdict_flop_share(config["model"], config["new_tokens"]),
+        "reference_7b": verdict_flop_share({"preset": config.get("reference_preset", "7b.json")}, 64),
+    }
     results["config"] = config
     results["targets"] = evaluate_targets(results, config)
     return results
@@ -370,6 +389,12 @@ def render_markdown(results: dict) -> str:
         "",
         "## What these numbers do and do not prove",
         "",
+        f"- The gate's own compute per request (vision tower, safety projector and head, one image) is "
+        f"{results['verdict_flop_share']['config']['share']:.1%} of stock generation's FLOPs at this shape "
+        f"({config['new_tokens']} new tokens), and {results['verdict_flop_share']['reference_7b']['share']:.1%} at "
+        "LLaVA-1.5-7B's shape with 64 new tokens (counted on the meta device). At concurrency 1 the gate's latency is "
+        "the engine's plus that verdict, run before the engine starts, plus one loopback hop that carries the image "
+        "again: the toy shape overstates the verdict's share.",
         "- They compare three servers on the same toy model and machine, side by side: relative costs (the verdict's "
         "overhead, the gate's extra hop, a refusal's shortcut, the batching's gain) under the same load.",
         "- They say nothing about absolute throughput on a GPU or at the 7B shape: random weights, a 2-core CPU shared "
