@@ -24,6 +24,7 @@ def smoke(tmp_path_factory):
     config.update(
         name="serve-smoke", new_tokens=4, concurrency=[1, 2], scaling_concurrency=2, requests={"1": 2, "2": 2},
         repeats=1, refusal_new_tokens=8, refusal_requests=2, moderation_requests=4, moderation_concurrency=2,
+        reference_flops=False,
     )  # fmt: skip
     config["model"] = json.loads((REPO_ROOT / "configuration" / "tiny.json").read_text())
     config["model"].update(num_llm_safety_tokens=0)
@@ -49,6 +50,7 @@ def test_serve_benchmark_writes_every_measurement(smoke):
     assert results["metadata"]["server_exit_codes"]["safe"] == 0 and results["metadata"]["server_exit_codes"]["gate"] == 0
     assert results["memory_7b"]["gate_bytes"] < results["memory_7b"]["full_bytes"]
     assert all(results["process_memory"][name]["peak_rss_mib"] > 0 for name in SERVERS)
+    assert 0 < results["verdict_flop_share"]["config"]["share"] < 1
     markdown = (results_dir / "serve-smoke.md").read_text()
     assert markdown.count("**PASS**") + markdown.count("**FAIL**") == len(results["targets"]) == 2 + 2 + 2 + 1
     assert "What these numbers do and do not prove" in markdown
