@@ -309,6 +309,49 @@ def test_upstream_failures_are_openai_errors(folders, upstream, reference):
         assert status_of(f"http://127.0.0.1:{port}/v1", timeout_s=1.0)[0] == 504
 
 
+def test_upstream_client_sends_the_key_and_maps_statuses():
+    """The client alone, with a scripted transport: the key from --upstream-api-key-env is sent as a bearer token,
+    and the engine's statuses map to OpenAI errors (5xx -> 502, 429/503 keep Retry-After, 4xx keep their message)."""
+    import httpx2
+
+    from modeling_safe_llava.serving.upstream import UpstreamClient
+
+    seen = []
+    script = {
+        "500": (500, {}, b"Traceback (most recent call last): boom"),
+        "429": (429, {"retry-after": "7"}, b'{"error": {"message": "slow down"}}'),
+        "400": (400, {}, b'{"detail": "bad field"}'),
+        "ok": (200, {}, b'{"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}'),
+    }
+
+    def handler(request):
+        seen.append(request)
+        status, headers, content = script[json.loads(request.content)["case"]]
+        return httpx2.Response(status, headers=headers, content=content)
+
+    client = UpstreamClient("http://engine.invalid:8000", "stock", api_key="s3cret", transport=httpx2.MockTransport(handler))
+    loop = asyncio.new_event_loop()
+    try:
+        answer = loop.run_until_complete(client.chat({"case": "ok", "model": "safe"}))
+        errors = {}
+        for case in ("500", "429", "400"):
+            with pytest.raises(ServingError) as caught:
+                loop.run_until_complete(client.chat({"case": case}))
+            errors[case] = caught.value
+        loop.run_until_complete(client.close())
+    finally:
+        loop.close()
+    assert answer["choices"][0]["message"]["content"] == "hi"
+    assert seen[0].headers["authorization"] == "Bearer s3cret"
+    assert str(seen[0].url) == "http://engine.invalid:8000/v1/chat/completions"
+    assert json.loads(seen[0].content)["model"] == "stock"  # --upstream-model, whatever the client named
+    assert errors["500"].status == 502 and "HTTP 500" in errors["500"].message and "boom" not in errors["500"].message
+    assert (errors["429"].status, errors["429"].retry_after) == (429, 7) and "slow down" in errors["429"].message
+    assert errors["400"].status == 400 and "bad field" in errors["400"].message
+    with pytest.raises(ValueError, match="http"):
+        UpstreamClient("file:///etc/passwd", "stock")
+
+
 class _silent_listener:
     def __enter__(self):
         import socket

@@ -7,7 +7,7 @@ OpenAI's schema, never a traceback:
 
 - the upstream cannot be reached: 503 (`upstream_unavailable`, with `Retry-After`);
 - it does not answer in time: 504 (`upstream_timeout`);
-- it answers 5xx, or something that is not an OpenAI response: 502 (`upstream_error`);
+- it answers 5xx, or something that is not an OpenAI response: 502 (`upstream_error`), without the engine's text;
 - it rejects the request (4xx): the same status, with the upstream's own message (429 and 503 keep `Retry-After`).
 """
 
@@ -135,10 +135,10 @@ def _transport_error(error: Exception) -> ServingError:
 
 
 def _status_error(status: int, headers, content: bytes) -> ServingError:
-    message = _message_of(_json_or_none(content)) or f"HTTP {status}"
-    if status >= 500 and status != 503:
+    if status >= 500 and status != 503:  # the engine's own text stays out: it may hold a traceback
         logger.warning("Upstream answered %d", status)
-        return UpstreamError(f"The upstream engine failed (HTTP {status}): {message}")
+        return UpstreamError(f"The upstream engine failed (HTTP {status}); retry, or report it to its operator.")
+    message = _message_of(_json_or_none(content)) or f"HTTP {status}"
     retry_after = headers.get("retry-after")
     return ServingError(
         f"The upstream engine rejected the request: {message}",
