@@ -108,8 +108,9 @@ async def _chunks(response) -> AsyncIterator[dict]:
                 chunk = json.loads(data)
             except ValueError:
                 raise UpstreamError("The upstream engine streamed a chunk that is not JSON.") from None
-            if isinstance(chunk, dict) and "error" in chunk:
-                raise UpstreamError(f"The upstream engine failed while streaming: {_message_of(chunk)}")
+            if isinstance(chunk, dict) and "error" in chunk:  # its text stays out of the answer (see _status_error)
+                logger.warning("Upstream stream failed")
+                raise UpstreamError("The upstream engine failed while streaming.")
             yield chunk
     except httpx2.HTTPError as error:
         raise _transport_error(error) from None
