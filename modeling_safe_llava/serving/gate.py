@@ -75,6 +75,8 @@ class GateBackend(ServingBackend):
         self.policy = judge.model.safety_policy
         if not self.policy.text_token_ids:
             self.policy.tokenize(judge.processor)
+        # The event loop's own copy: the judge's thread sets padding on its tokenizer while the loop tokenizes here.
+        self._processor = copy.deepcopy(judge.processor)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-judge")
         batching = dict(
             max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue
@@ -112,7 +114,7 @@ class GateBackend(ServingBackend):
             missing = request.n - len(choices)
             if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
                 choices += await self._more_choices(request, safety, missing, start=len(choices))
-            usage = _usage(answer.get("usage"), prompt_tokens, choices, self.judge)
+            usage = _usage(answer.get("usage"), prompt_tokens, choices, self._processor.tokenizer)
             return ChatCompletionResult(choices=choices, usage=usage, safety=safety)
 
     def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
@@ -146,7 +148,7 @@ class GateBackend(ServingBackend):
         eos = self.judge.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         tokens = (tokens + eos[:1])[: request.max_new_tokens]
-        text = self.judge.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+        text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
         for stop in request.stop:
             if stop and stop in text:
                 text = text[: text.index(stop)]
@@ -175,13 +177,14 @@ class GateBackend(ServingBackend):
         hint = self.policy.hints[safety["category_name"]][safety["level"]]
         hint_ids = self.policy.text_token_ids["hints"][safety["category_name"]][safety["level"]]
         marker = self.policy.text_token_ids["assistant_prefix"]
-        tokenizer = self.judge.processor.tokenizer
-        prompt_ids = tokenizer.encode(self.judge.prompt(messages), add_special_tokens=True)
+        tokenizer = self._processor.tokenizer
+        render = lambda conversation: self._processor.apply_chat_template(conversation, add_generation_prompt=True)  # noqa: E731
+        prompt_ids = tokenizer.encode(render(messages), add_special_tokens=True)
         target = prompt_ids[: -len(marker)] + list(hint_ids) + prompt_ids[-len(marker) :]
         for placement in (HINT_APPENDED, HINT_NEW_PART):
             edited = copy.deepcopy(messages)
             _add_hint(edited[-1], hint, placement)
-            if tokenizer.encode(self.judge.prompt(edited), add_special_tokens=True) == target:
+            if tokenizer.encode(render(edited), add_special_tokens=True) == target:
                 return placement
         logger.warning("No chat-message form of the safe hint tokenizes exactly as generate's; appending it.")
         return HINT_APPENDED
@@ -210,7 +213,8 @@ class GateBackend(ServingBackend):
                     yield event
             if request.include_usage:
                 choices = [Choice(i, "".join(parts), "stop") for i, parts in sorted(texts.items())]
-                yield StreamEvent("usage", usage=_usage(upstream_usage, prompt_tokens, choices, self.judge))
+                usage = _usage(upstream_usage, prompt_tokens, choices, self._processor.tokenizer)
+                yield StreamEvent("usage", usage=usage)
 
     async def _stream_refusal(self, request, safety, prompt_tokens) -> AsyncIterator[StreamEvent]:
         result = self._refusal(request, safety, prompt_tokens)
@@ -308,12 +312,12 @@ def _chunk_events(chunk: dict, texts: dict[int, list[str]]):
             yield StreamEvent("finish", index=index, finish_reason=finish if finish in ("stop", "length") else "stop")
 
 
-def _usage(upstream_usage, prompt_tokens: int, choices: list[Choice], judge: SafetyJudge) -> Usage:
+def _usage(upstream_usage, prompt_tokens: int, choices: list[Choice], tokenizer) -> Usage:
     """The upstream's token counts when it reports them; otherwise the prompt's (this tokenizer, images expanded) and
     each answer's, counted with this model's tokenizer."""
     if isinstance(upstream_usage, dict) and "completion_tokens" in upstream_usage:
         return Usage(int(upstream_usage.get("prompt_tokens", prompt_tokens)), int(upstream_usage["completion_tokens"]))
-    return Usage(prompt_tokens, sum(judge.count_tokens(choice.text) for choice in choices))
+    return Usage(prompt_tokens, sum(len(tokenizer.encode(c.text, add_special_tokens=False)) for c in choices))
 
 
 def build_gate_backend(settings: BackendSettings) -> GateBackend:
