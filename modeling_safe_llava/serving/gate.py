@@ -82,7 +82,11 @@ class GateBackend(ServingBackend):
             max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue
         )
         self._chat_judge = MicroBatcher(
-            self.judge.judge, self._executor, on_batch=lambda n: self.record_batch("chat", n), name="gate-chat", **batching
+            self.judge.judge,
+            self._executor,
+            on_batch=lambda n: self.record_batch("chat", n),
+            name="gate-chat",
+            **batching,
         )
         self._moderation_judge = MicroBatcher(
             self.judge.judge,
@@ -177,17 +181,19 @@ class GateBackend(ServingBackend):
         hint = self.policy.hints[safety["category_name"]][safety["level"]]
         hint_ids = self.policy.text_token_ids["hints"][safety["category_name"]][safety["level"]]
         marker = self.policy.text_token_ids["assistant_prefix"]
-        tokenizer = self._processor.tokenizer
-        render = lambda conversation: self._processor.apply_chat_template(conversation, add_generation_prompt=True)  # noqa: E731
-        prompt_ids = tokenizer.encode(render(messages), add_special_tokens=True)
+        prompt_ids = self._prompt_ids(messages)
         target = prompt_ids[: -len(marker)] + list(hint_ids) + prompt_ids[-len(marker) :]
         for placement in (HINT_APPENDED, HINT_NEW_PART):
             edited = copy.deepcopy(messages)
             _add_hint(edited[-1], hint, placement)
-            if tokenizer.encode(render(edited), add_special_tokens=True) == target:
+            if self._prompt_ids(edited) == target:
                 return placement
         logger.warning("No chat-message form of the safe hint tokenizes exactly as generate's; appending it.")
         return HINT_APPENDED
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        prompt = self._processor.apply_chat_template(messages, add_generation_prompt=True)
+        return self._processor.tokenizer.encode(prompt, add_special_tokens=True)
 
     # -- upstream --------------------------------------------------------------------------------------------------
 
@@ -296,7 +302,8 @@ def _inline_fetched_images(messages: list[dict], images: list):
 def _choice(raw: dict, index: int) -> Choice:
     message = raw.get("message") or {}
     finish = raw.get("finish_reason") or "stop"
-    return Choice(index, message.get("content") or "", finish if finish in ("stop", "length", "content_filter") else "stop")
+    finish = finish if finish in ("stop", "length", "content_filter") else "stop"
+    return Choice(index, message.get("content") or "", finish)
 
 
 def _chunk_events(chunk: dict, texts: dict[int, list[str]]):

@@ -203,9 +203,8 @@ def checkpoint_key_to_model_key(key: str) -> str:
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
     from transformers.core_model_loading import WeightRenaming, apply_renamings
 
-    renamings = [
-        r for r in get_checkpoint_conversion_mapping("SafeLlavaForConditionalGeneration") if isinstance(r, WeightRenaming)
-    ]
+    mapping = get_checkpoint_conversion_mapping("SafeLlavaForConditionalGeneration")
+    renamings = [r for r in mapping if isinstance(r, WeightRenaming)]
     renamed = apply_renamings(key, renamings)
     old, new = _STOCK_LEGACY_PREFIX
     return new + renamed[len(old) :] if renamed.startswith(old) else renamed

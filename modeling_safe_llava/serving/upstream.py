@@ -141,12 +141,13 @@ def _status_error(status: int, headers, content: bytes) -> ServingError:
         return UpstreamError(f"The upstream engine failed (HTTP {status}); retry, or report it to its operator.")
     message = _message_of(_json_or_none(content)) or f"HTTP {status}"
     retry_after = headers.get("retry-after")
+    default_retry = 5 if status in (429, 503) else None
     return ServingError(
         f"The upstream engine rejected the request: {message}",
         status=status,
         type="upstream_error" if status == 503 else "invalid_request_error",
         code="upstream_rejected",
-        retry_after=int(retry_after) if retry_after and retry_after.isdigit() else (5 if status in (429, 503) else None),
+        retry_after=int(retry_after) if retry_after and retry_after.isdigit() else default_retry,
     )
 
 
