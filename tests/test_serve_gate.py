@@ -423,7 +423,8 @@ README_SAFE, README_STOCK, README_UPSTREAM = "org/safe-llava-7b-head-only", "lla
 def _readme_gate_section() -> str:
     readme = (REPO_ROOT / "README.md").read_text()
     start = readme.index("### Gate mode")
-    return readme[start : readme.index("\n## ", start)]
+    ends = [readme.find(heading, start + 1) for heading in ("\n## ", "\n### ")]
+    return readme[start : min(end for end in ends if end > 0)]
 
 
 @pytest.fixture(scope="module")
