@@ -199,6 +199,22 @@ def test_n_choices_from_an_upstream_that_ignores_n(gate, reference):
     assert [c.text for c in result.choices] == [expected] * 3
 
 
+def test_streamed_n_choices_from_an_upstream_that_ignores_n(gate, upstream, reference):
+    model, generate = reference
+    image = random_image(14)
+    request = _request(image, 0.0, _every(model, "allow"), n=2, stream=True, include_usage=True)
+    request.body["n"] = 2
+    before = upstream.count_requests()
+    events = _stream(gate, request)
+    expected = generate(image, 0.0, _every(model, "allow"))[0]
+    assert events[0].kind == "verdict"
+    for index in (0, 1):
+        assert "".join(e.text for e in events if e.kind == "delta" and e.index == index) == expected
+    assert sorted(e.index for e in events if e.kind == "finish") == [0, 1]
+    assert events[-1].kind == "usage" and events[-1].usage.completion_tokens == 2 * NEW_TOKENS
+    assert upstream.count_requests() == before + 2
+
+
 def test_concurrent_requests_share_one_verdict_call_and_keep_their_own(gate, reference):
     model, generate = reference
     images = [random_image(10 + i) for i in range(3)]

@@ -209,18 +209,41 @@ class GateBackend(ServingBackend):
                 async for event in self._stream_refusal(request, safety, prompt_tokens):
                     yield event
                 return
-            chunks = await self.upstream.stream_chat(self.forward_body(request, safety))
+            streams = await self._open_streams(request, safety)
             yield StreamEvent("verdict", safety=safety)
             texts: dict[int, list[str]] = {}
-            upstream_usage = None
-            async for chunk in chunks:
-                upstream_usage = chunk.get("usage") or upstream_usage
-                for event in _chunk_events(chunk, texts):
-                    yield event
+            completion_tokens = []
+            for index, chunks in enumerate(streams):
+                upstream_usage = None
+                async for chunk in chunks:
+                    upstream_usage = chunk.get("usage") or upstream_usage
+                    for event in _chunk_events(chunk, texts, index if len(streams) > 1 else 0):
+                        yield event
+                completion_tokens.append((upstream_usage or {}).get("completion_tokens"))
             if request.include_usage:
-                choices = [Choice(i, "".join(parts), "stop") for i, parts in sorted(texts.items())]
-                usage = _usage(upstream_usage, prompt_tokens, choices, self._processor.tokenizer)
-                yield StreamEvent("usage", usage=usage)
+                yield StreamEvent("usage", usage=self._stream_usage(texts, completion_tokens, prompt_tokens))
+
+    async def _open_streams(self, request: ChatRequest, safety: dict) -> list:
+        """The engine's streams, opened before the verdict is sent (so that its refusals keep their status): one for
+        `n == 1`; for `n > 1` one per choice (`n: 1`, the seed plus the choice's index, as the local backend streams
+        them), since engines such as `transformers serve` ignore `n`."""
+        body = self.forward_body(request, safety)
+        bodies = [body] if request.n <= 1 else [_single_choice(body, i) for i in range(request.n)]
+        streams = []
+        try:
+            for one in bodies:
+                streams.append(await self.upstream.stream_chat(one))
+        except BaseException:
+            for opened in streams:
+                await opened.aclose()
+            raise
+        return streams
+
+    def _stream_usage(self, texts: dict, completion_tokens: list, prompt_tokens: int) -> Usage:
+        if all(count is not None for count in completion_tokens):
+            return Usage(prompt_tokens, sum(int(count) for count in completion_tokens))
+        choices = [Choice(i, "".join(parts), "stop") for i, parts in sorted(texts.items())]
+        return _usage(None, prompt_tokens, choices, self._processor.tokenizer)
 
     async def _stream_refusal(self, request, safety, prompt_tokens) -> AsyncIterator[StreamEvent]:
         result = self._refusal(request, safety, prompt_tokens)
@@ -306,9 +329,16 @@ def _choice(raw: dict, index: int) -> Choice:
     return Choice(index, message.get("content") or "", finish)
 
 
-def _chunk_events(chunk: dict, texts: dict[int, list[str]]):
+def _single_choice(body: dict, index: int) -> dict:
+    one = {**body, "n": 1}
+    if isinstance(body.get("seed"), int):
+        one["seed"] = body["seed"] + index
+    return one
+
+
+def _chunk_events(chunk: dict, texts: dict[int, list[str]], offset: int = 0):
     for raw in chunk.get("choices") or []:
-        index = int(raw.get("index", 0))
+        index = int(raw.get("index", 0)) + offset
         text = (raw.get("delta") or {}).get("content")
         if text:
             texts.setdefault(index, []).append(text)
