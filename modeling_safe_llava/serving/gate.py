@@ -198,8 +198,9 @@ class GateBackend(ServingBackend):
     # -- upstream --------------------------------------------------------------------------------------------------
 
     async def _more_choices(self, request, safety, count: int, start: int) -> list[Choice]:
-        body = {**self.forward_body(request, safety), "n": 1}
-        answers = await asyncio.gather(*(self.upstream.chat(body) for _ in range(count)))
+        """`count` further single-choice requests (seed + choice index, so seeded samples differ)."""
+        body = self.forward_body(request, safety)
+        answers = await asyncio.gather(*(self.upstream.chat(_single_choice(body, start + i)) for i in range(count)))
         return [_choice(answer["choices"][0], start + i) for i, answer in enumerate(answers)]
 
     async def _stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
