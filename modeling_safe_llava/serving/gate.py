@@ -352,7 +352,8 @@ def _chunk_events(chunk: dict, texts: dict[int, list[str]], offset: int = 0):
 
 def _usage(upstream_usage, prompt_tokens: int, choices: list[Choice], tokenizer) -> Usage:
     """The upstream's token counts when it reports them; otherwise the prompt's (this tokenizer, images expanded) and
-    each answer's, counted with this model's tokenizer."""
+    each answer's text re-tokenized with this model's tokenizer: an estimate (a decoded text need not re-tokenize
+    into the tokens that produced it), for engines that send no usage in streams (`transformers serve`)."""
     if isinstance(upstream_usage, dict) and "completion_tokens" in upstream_usage:
         return Usage(int(upstream_usage.get("prompt_tokens", prompt_tokens)), int(upstream_usage["completion_tokens"]))
     return Usage(prompt_tokens, sum(len(tokenizer.encode(c.text, add_special_tokens=False)) for c in choices))

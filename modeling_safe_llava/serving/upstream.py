@@ -72,7 +72,8 @@ class UpstreamClient:
     async def stream_chat(self, body: dict) -> AsyncIterator[dict]:
         """Opens a streamed chat completion; raises here (before any chunk) when the upstream refuses or fails. The
         returned iterator yields each chunk's JSON and closes the connection when it ends or is closed."""
-        body = {**body, "model": self.model, "stream": True}
+        # Token counts from the engine where it gives them (vLLM, SGLang); the gate sends usage on only when asked.
+        body = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         request = self._client.build_request("POST", f"{self.base_url}/chat/completions", json=body)
         try:
             response = await self._client.send(request, stream=True)
