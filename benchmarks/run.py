@@ -3,6 +3,7 @@
     python -m benchmarks.run --config cpu-small            # benchmarks/configs/cpu-small.json
     python -m benchmarks.run --config gpu-7b               # needs CUDA; refuses cleanly without it
     python -m benchmarks.run --config path/to/config.json --output-dir /tmp/results --only generate_overhead,refusal
+    python -m benchmarks.run --config cpu-serve            # serving: transformers serve vs safe-llava serve vs gate
 
 Writes `<output-dir>/<config name>.json`, `<config name>.md` and `LATEST.md` (default output dir:
 `benchmarks/results/`).
@@ -42,6 +43,13 @@ REQUIRED_KEYS = (
     "train_answer_tokens", "lora", "repeats", "warmup", "targets",
 )
 
+# Configs with `"kind": "serve"` run `benchmarks/serve.py` (three servers side by side) instead of the model items.
+SERVE_REQUIRED_KEYS = (
+    "name", "seed", "model", "prompt", "new_tokens", "concurrency", "scaling_concurrency", "requests", "repeats",
+    "max_batch_size", "batch_wait_ms", "refusal_new_tokens", "refusal_requests", "moderation_requests",
+    "moderation_concurrency", "targets",
+)  # fmt: skip
+
 
 class BenchmarkUnavailable(RuntimeError):
     """The configuration cannot run on this machine (e.g. it needs CUDA)."""
@@ -56,7 +64,8 @@ def load_config(name_or_path: str) -> tuple[dict, Path]:
         available = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
         raise ValueError(f"No benchmark config {name_or_path!r}; available: {available} (or a path to a JSON file).")
     config = json.loads(path.read_text())
-    missing = [key for key in REQUIRED_KEYS if key not in config]
+    required = SERVE_REQUIRED_KEYS if config.get("kind") == "serve" else REQUIRED_KEYS
+    missing = [key for key in required if key not in config]
     if missing:
         raise ValueError(f"Benchmark config {path} lacks {missing}.")
     return config, path
@@ -258,6 +267,8 @@ def main(argv=None) -> int:
         config["num_threads"] = args.threads
     items = None if args.only is None else [item.strip() for item in args.only.split(",") if item.strip()]
     command = "python -m benchmarks.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    if config.get("kind") == "serve":
+        return _run_serve(config, command, Path(args.output_dir))
     try:
         results = run_benchmark(config, config_path, items, command)
     except BenchmarkUnavailable as error:
@@ -268,6 +279,17 @@ def main(argv=None) -> int:
     paths = write_results(results, Path(args.output_dir), config["name"])
     for row in results["targets"]:
         print(f"{'PASS' if row['passed'] else 'FAIL'}  ({row['item']}) {row['name']}: {row['measured']:.4f} (target {row['target']})")
+    print(f"Results: {', '.join(paths.values())}")
+    return 0
+
+
+def _run_serve(config: dict, command: str, output_dir: Path) -> int:
+    from . import serve
+
+    results = serve.run_serve_benchmark(config, command)
+    paths = serve.write_results(results, output_dir, config["name"])
+    for row in results["targets"]:
+        print(f"{'PASS' if row['passed'] else 'FAIL'}  {row['name']}: {row['measured']:.4f} (target {row['target']})")
     print(f"Results: {', '.join(paths.values())}")
     return 0
 

@@ -1,0 +1,272 @@
+"""A judge: the part of a SafeLlava that makes the safety verdict, and nothing else.
+
+`SafetyJudge.from_pretrained(folder)` builds the model on the `meta` device, then gives real weights to the three
+parts a verdict reads (`modeling_safe_llava.VERDICT_PATH_PREFIXES`):
+
+- the vision tower (the safety head reads its hidden states);
+- the safety module (projector, head safety tokens, head);
+- the language model's input embedding table (the head's query is the embedding of each row's first real token).
+
+Those tensors alone are read from the safetensors files (a Hub id downloads only the shards that hold them). The
+language model's layers, its head and LLaVA's multi-modal projector stay on `meta`: they hold no memory, and calling
+them fails loudly. That is what a gate in front of an engine that already runs the language model needs, and what the
+audit's path (`assess_safety`) uses. `judge_memory_bytes` measures it; see README "Serving" for the 7B numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..configuration_safe_llava import SafeLlavaConfig
+from ..modeling_safe_llava import VERDICT_PATH_PREFIXES, SafeLlavaForConditionalGeneration
+from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF
+from ..policy_safe_llava import decide_safety_actions
+from ..processing_safe_llava import SafeLlavaProcessor
+from ..safety_module_safe_llava import SafeLlavaSafetyModule
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STOCK_LEGACY_PREFIX = ("model.language_model.model.", "model.language_model.")  # llava-hf's original key layout
+
+
+@dataclass
+class JudgeRow:
+    """One conversation to judge: processor-format `messages`, its PIL `images`, and `generate`'s safety arguments."""
+
+    messages: list[dict]
+    images: list = field(default_factory=list)
+    safety_threshold: float | dict | None = None
+    safety_actions: dict | None = None
+
+
+@dataclass
+class JudgeResult:
+    """A row's `safety` entry (`pipeline_safe_llava.safety_entries` format), its prompt length in tokens, and the
+    `ValueError` that made the row fail (then `safety` is None). One row's error never fails the others."""
+
+    safety: dict | None
+    prompt_tokens: int = 0
+    error: ValueError | None = None
+
+
+class SafetyJudge:
+    """
+    The verdict of a SafeLlava without its language model.
+
+    Args:
+        model (`SafeLlavaForConditionalGeneration`): a model whose vision tower, safety module and input embeddings
+            hold weights (the rest may sit on `meta`).
+        processor (`SafeLlavaProcessor`): its processor (chat template, tokenizer, image processor).
+        allow_untrained_safety (`bool`): judge with untrained safety modules (tests only; fails closed otherwise).
+    """
+
+    def __init__(self, model, processor, allow_untrained_safety: bool = False):
+        model.check_safety_ready(allow_untrained_safety)
+        self.model, self.processor = model.eval(), processor
+        self.allow_untrained_safety = allow_untrained_safety
+        self.config = model.config
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype=None, revision=None, allow_untrained_safety=False):
+        """The judge of a SafeLlava folder or Hub id: see the module docstring. `dtype`: a torch dtype, one of
+        `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`/None (the checkpoint's)."""
+        config = SafeLlavaConfig.from_pretrained(path, revision=revision)
+        processor = SafeLlavaProcessor.from_pretrained(path, revision=revision)
+        model = build_judge_model(config, path, revision=revision, device=device, dtype=dtype)
+        return cls(model, processor, allow_untrained_safety=allow_untrained_safety)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.vision_tower.device
+
+    def prompt(self, messages: list[dict]) -> str:
+        """The chat template's prompt, as `generate`'s callers build it (`add_generation_prompt=True`)."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def count_tokens(self, text: str, add_special_tokens: bool = False) -> int:
+        return len(self.processor.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    @torch.no_grad()
+    def judge(self, rows: list[JudgeRow]) -> list[JudgeResult]:
+        """One `JudgeResult` per row. The rows that need a verdict share one vision-tower and safety-head call; each
+        row keeps its own threshold and actions (the decision rule runs per row on that call's probabilities)."""
+        results, todo = [], []
+        for index, row in enumerate(rows):
+            result, settings = self._prepare(row)
+            results.append(result)
+            if settings is not None:
+                todo.append((index, settings))
+        if todo:
+            self._judge_batch([rows[i] for i, _ in todo], [r for _, r in todo], results, [i for i, _ in todo])
+        return results
+
+    def _prepare(self, row: JudgeRow):
+        """The row's prompt length and, when it needs a verdict, its resolved `(thresholds, actions)`."""
+        try:
+            prompt_tokens = self.count_tokens(self.prompt(row.messages), add_special_tokens=True)
+            prompt_tokens += len(row.images) * (self.config.image_seq_length - 1)  # exact once judged (`_assess`)
+            thresholds = self.model.resolve_safety_threshold(row.safety_threshold)
+            actions = self.model.resolve_safety_actions(row.safety_actions)
+        except ValueError as error:
+            return JudgeResult(None, error=error), None
+        if not row.images:
+            return JudgeResult({"judged": False, "reason": NOT_JUDGED_NO_IMAGE}, prompt_tokens), None
+        if bool((thresholds >= 1.0).all()):
+            return JudgeResult({"judged": False, "reason": NOT_JUDGED_SAFETY_OFF}, prompt_tokens), None
+        return JudgeResult(None, prompt_tokens), (thresholds, actions)
+
+    def _judge_batch(self, rows, settings, results, indices):
+        try:
+            assessment, lengths = self._assess([row.messages for row in rows], [i for row in rows for i in row.images])
+        except ValueError as error:  # a bad image or prompt: judge the rows one by one, so that only it fails
+            if len(rows) == 1:
+                results[indices[0]] = JudgeResult(None, results[indices[0]].prompt_tokens, error)
+                return
+            for row, setting, index in zip(rows, settings, indices):
+                self._judge_batch([row], [setting], results, [index])
+            return
+        for k, ((thresholds, actions), index) in enumerate(zip(settings, indices)):
+            decided = decide_safety_actions(
+                assessment.level_probs[k : k + 1],
+                assessment.type_probs[k : k + 1],
+                thresholds,
+                actions,
+                self.config.safety_level_labels,
+                self.config.safety_type_labels,
+                assessment.images_per_row[k : k + 1],
+            )
+            results[index].safety = {"judged": True, **decided.to_records()[0]}
+            results[index].prompt_tokens = int(lengths[k])
+
+    def _assess(self, conversations: list[list[dict]], images: list):
+        """`model.assess_safety` on one left-padded batch (its thresholds are replaced per row by the caller), and
+        each row's prompt length in tokens (images expanded, as the language model would read it)."""
+        tokenizer = self.processor.tokenizer
+        tokenizer.padding_side = "left"
+        prompts = [self.prompt(messages) for messages in conversations]
+        inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.model.vision_tower.dtype)
+        assessment = self.model.assess_safety(
+            **inputs, safety_threshold=0.5, allow_untrained_safety=self.allow_untrained_safety
+        )
+        return assessment, inputs["attention_mask"].sum(dim=1).tolist()
+
+
+def build_judge_model(config: SafeLlavaConfig, path: str, revision=None, device=None, dtype=None):
+    """A `SafeLlavaForConditionalGeneration` on `meta` with real vision tower, safety module and input embeddings,
+    loaded from `path`'s safetensors. Raises `ValueError` naming any of those weights the checkpoint lacks."""
+    device = torch.device(device or "cpu")
+    dtype = _resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = SafeLlavaForConditionalGeneration(config)
+    inner = model.model
+    with torch.device(device):
+        inner.vision_tower = type(inner.vision_tower)(config.vision_config)
+        inner.safety_module = SafeLlavaSafetyModule(config)
+        embed = inner.language_model.embed_tokens
+        inner.language_model.embed_tokens = nn.Embedding(embed.num_embeddings, embed.embedding_dim, embed.padding_idx)
+    wanted = {name for name, _ in model.named_parameters() if name.startswith(VERDICT_PATH_PREFIXES)}
+    state = read_verdict_weights(path, wanted, revision=revision)
+    missing = sorted(wanted - set(state))
+    if missing:
+        raise ValueError(
+            f"The checkpoint at {path!r} lacks weights the safety verdict depends on: {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''}. Serve a SafeLlava folder written by save_pretrained or export."
+        )
+    model.load_state_dict(state, strict=False, assign=True)
+    for module in (inner.vision_tower, inner.safety_module, inner.language_model.embed_tokens):
+        module.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _resolve_dtype(dtype, config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(saved, torch.dtype):
+            return saved
+        return _DTYPES.get(str(saved).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+def checkpoint_key_to_model_key(key: str) -> str:
+    """The model's name for a checkpoint key: the renamings `from_pretrained` applies (SafeLlava's registered
+    conversion mapping, which includes LLaVA's legacy layout)."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    mapping = get_checkpoint_conversion_mapping("SafeLlavaForConditionalGeneration")
+    renamings = [r for r in mapping if isinstance(r, WeightRenaming)]
+    renamed = apply_renamings(key, renamings)
+    old, new = _STOCK_LEGACY_PREFIX
+    return new + renamed[len(old) :] if renamed.startswith(old) else renamed
+
+
+def read_verdict_weights(path: str, wanted: set[str], revision=None) -> dict[str, torch.Tensor]:
+    """The tensors named `wanted` (model keys) from `path`'s safetensors, reading no other tensor and, for a Hub id,
+    downloading only the shards that hold them."""
+    from safetensors import safe_open
+
+    shards = _shards_by_key(path, revision)
+    by_file: dict[str, list[tuple[str, str]]] = {}
+    for checkpoint_key, shard in shards.items():
+        model_key = checkpoint_key_to_model_key(checkpoint_key)
+        if model_key in wanted:
+            by_file.setdefault(shard, []).append((checkpoint_key, model_key))
+    state = {}
+    for shard, keys in by_file.items():
+        with safe_open(_resolve_file(path, shard, revision), framework="pt") as handle:
+            for checkpoint_key, model_key in keys:
+                state[model_key] = handle.get_tensor(checkpoint_key)
+    return state
+
+
+def _shards_by_key(path: str, revision=None) -> dict[str, str]:
+    """`{checkpoint key: safetensors file name}`, from the shard index or the single `model.safetensors`."""
+    from safetensors import safe_open
+
+    try:
+        index_file = _resolve_file(path, "model.safetensors.index.json", revision)
+    except OSError:
+        index_file = None
+    if index_file is not None:
+        with open(index_file, encoding="utf-8") as handle:
+            return dict(json.load(handle)["weight_map"])
+    with safe_open(_resolve_file(path, "model.safetensors", revision), framework="pt") as handle:
+        return {key: "model.safetensors" for key in handle.keys()}
+
+
+def _resolve_file(path: str, name: str, revision=None) -> str:
+    if os.path.isdir(path):
+        local = os.path.join(path, name)
+        if not os.path.isfile(local):
+            raise OSError(f"{path!r} has no {name}.")
+        return local
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(path, name, revision=revision)
+    except Exception as error:  # the hub client raises many types; a missing file is an OSError to callers
+        raise OSError(f"Cannot fetch {name} of {path!r}: {error}") from error
+
+
+def judge_memory_bytes(model) -> dict[str, int]:
+    """Bytes held by the judge's parts (parameters and buffers not on `meta`), and by the parts left on `meta`."""
+    held = {"vision_tower": 0, "safety_module": 0, "embed_tokens": 0, "other": 0}
+    on_meta = 0
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        size = tensor.numel() * tensor.element_size()
+        if tensor.device.type == "meta":
+            on_meta += size
+            continue
+        part = next((p for p in ("vision_tower", "safety_module", "embed_tokens") if f".{p}." in f".{name}"), "other")
+        held[part] += size
+    return {**held, "total": sum(held.values()), "not_loaded": on_meta}
