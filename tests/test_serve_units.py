@@ -19,6 +19,7 @@ from modeling_safe_llava.serving.images import ImagePolicy, decode_image_url, is
 from modeling_safe_llava.serving.local import _held_back, cut_at_stop
 from modeling_safe_llava.serving.schemas import RequestLimits, parse_chat_request, parse_moderation_request
 from modeling_safe_llava.serving.server import is_loopback
+from bases import BASE_NAMES, BASES
 
 
 RISKY = ["Politics", "Illegal Risk", "Insults and Bullying", "Fairness", "Privacy", "Misleading"]
@@ -512,4 +513,23 @@ def test_dtype_and_device_flags_reach_the_model(tmp_path):
     request = ChatRequest("my-model", [{"role": "user", "content": content}], [Image.new("RGB", (32, 32), "red")], max_new_tokens=3, temperature=0.0)
     (result,) = backend.engine.complete_batch([request])  # bfloat16 pixels and weights run together
     assert result.safety["judged"] and result.choices[0].finish_reason in ("stop", "length", "content_filter")
+    asyncio.run(backend.close())
+
+
+@pytest.mark.parametrize("base_name", BASE_NAMES)
+def test_the_local_backend_serves_every_base_through_the_registry(base_name, tmp_path):
+    from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest
+    from modeling_safe_llava.serving.local import build_local_backend
+
+    base = BASES[base_name]
+    _, safe, processor = base.build_pair()
+    safe.config.safety_modules_trained = True
+    safe.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    backend = build_local_backend(BackendSettings(str(tmp_path / "m"), "m", device="cpu"))
+    assert type(backend.engine.model) is base.safe_model_class
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    request = ChatRequest("m", [{"role": "user", "content": content}], [base.random_image(0)], max_new_tokens=2, temperature=0.0)
+    (result,) = backend.engine.complete_batch([request])
+    assert result.safety["judged"] and result.safety["action"] in ("allow", "hint", "refuse")
     asyncio.run(backend.close())

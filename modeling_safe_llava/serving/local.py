@@ -48,19 +48,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_local_backend(settings: BackendSettings) -> LocalBackend:
-    """Loads the model and processor `settings.model` names (a folder or a Hub id) and wraps them in a backend.
+    """Loads the model and processor `settings.model` names (a folder or a Hub id, of any base in `bases.BASES`)
+    and wraps them in a backend.
 
     Raises:
         ValueError: the safety modules are untrained (`config.safety_modules_trained` is False): a server would
             answer with random verdicts. Train (or load a trained checkpoint) first.
     """
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from ..processing_safe_llava import SafeLlavaProcessor
+    from ..bases import load_safe_model, load_safe_processor
 
     dtype = "auto" if settings.dtype in (None, "auto") else DTYPES[settings.dtype]
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SafeLlavaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype).to(device).eval()
-    processor = SafeLlavaProcessor.from_pretrained(settings.model)
+    model = load_safe_model(settings.model, dtype=dtype).to(device).eval()  # any base, by the registry
+    processor = load_safe_processor(settings.model, model.config.model_type)
     if not model.config.safety_modules_trained:
         raise ValueError(
             f"{settings.model}: the safety modules are untrained (config.safety_modules_trained is false), so every "
