@@ -46,7 +46,7 @@ SERVERS = ("stock", "safe", "gate")
 def gate_memory_7b(preset: str = "7b.json", bytes_per_value: int = 2) -> dict:
     """Weights of one gate (vision tower, safety module, input embeddings) against the whole head-only SafeLlava at
     `preset`'s shape, in bytes at `bytes_per_value` (bf16: 2), counted on the meta device."""
-    from modeling_safe_llava.modeling_safe_llava import VERDICT_PATH_PREFIXES
+    from modeling_safe_llava.safety_loading_safe_llava import VERDICT_PATH_PREFIXES
 
     from .models import build_meta_pair, model_spec_dict
 

@@ -22,7 +22,7 @@ def spread_head(model, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     head = model.model.safety_module.head
     with torch.no_grad():
-        for layer in (head.q_proj, head.k_proj, head.v_proj, head.o_proj):
+        for layer in (head.query_projection, head.key_projection, head.value_projection, head.output_projection):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.5)
         for layer in (head.level_classifier, head.category_classifier):
             layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator))

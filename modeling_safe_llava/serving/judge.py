@@ -1,7 +1,7 @@
 """A judge: the part of a SafeLlava that makes the safety verdict, and nothing else.
 
 `SafetyJudge.from_pretrained(folder)` builds the model on the `meta` device, then gives real weights to the three
-parts a verdict reads (`modeling_safe_llava.VERDICT_PATH_PREFIXES`):
+parts a verdict reads (`safety_loading_safe_llava.VERDICT_PATH_PREFIXES`):
 
 - the vision tower (the safety head reads its hidden states);
 - the safety module (projector, head safety tokens, head);
@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from ..configuration_safe_llava import SafeLlavaConfig
-from ..modeling_safe_llava import VERDICT_PATH_PREFIXES, SafeLlavaForConditionalGeneration
+from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF
-from ..policy_safe_llava import decide_safety_actions
+from ..policy_safe_llava import check_safety_ready, decide_safety_actions
 from ..processing_safe_llava import SafeLlavaProcessor
+from ..safety_loading_safe_llava import VERDICT_PATH_PREFIXES
 from ..safety_module_safe_llava import SafeLlavaSafetyModule
 
 
@@ -66,8 +67,9 @@ class SafetyJudge:
     """
 
     def __init__(self, model, processor, allow_untrained_safety: bool = False):
-        model.check_safety_ready(allow_untrained_safety)
+        check_safety_ready(model.config, allow_untrained_safety)
         self.model, self.processor = model.eval(), processor
+        self.policy = model.safety_policy  # built and validated once; each request resolves its own call rule
         self.allow_untrained_safety = allow_untrained_safety
         self.config = model.config
 
@@ -110,8 +112,8 @@ class SafetyJudge:
         try:
             prompt_tokens = self.count_tokens(self.prompt(row.messages), add_special_tokens=True)
             prompt_tokens += len(row.images) * (self.config.image_seq_length - 1)  # exact once judged (`_assess`)
-            thresholds = self.model.resolve_safety_threshold(row.safety_threshold)
-            actions = self.model.resolve_safety_actions(row.safety_actions)
+            rule = self.policy.for_call(row.safety_threshold, row.safety_actions, self.model.generation_config)
+            thresholds, actions = rule.thresholds, rule.actions
         except ValueError as error:
             return JudgeResult(None, error=error), None
         if not row.images:
