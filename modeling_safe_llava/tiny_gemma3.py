@@ -88,3 +88,15 @@ def build_tiny_gemma3(seed: int = 0, preset: str = "tiny-gemma3.json"):
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
     return model, build_tiny_gemma3_processor(tokenizer, config)
+
+
+def build_tiny_safe_gemma3(seed: int = 0, preset: str = "tiny-gemma3.json", policy: str = "paper_safety_policy.json", **overrides):
+    """A tiny Safe Gemma 3 (safety modules untrained) and its processor, with the policy texts tokenized."""
+    from .gemma3_safe_llava import SafeGemma3ForConditionalGeneration, SafeGemma3Processor
+    from .tiny import safety_fields
+
+    stock, stock_processor = build_tiny_gemma3(seed, preset)
+    fields = {**safety_fields(preset), **load_safety_policy(policy), **overrides}
+    processor = SafeGemma3Processor.from_base(stock_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
+    model = SafeGemma3ForConditionalGeneration.from_base(stock, processor=processor, **fields).eval()
+    return model, processor
