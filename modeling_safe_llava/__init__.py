@@ -1,6 +1,6 @@
 """SafeLlava: safety projector, safety tokens and safety head for LLaVA-1.5, as a transformers model.
 
-Importing the package registers `safe_llava` with transformers' Auto classes:
+Importing the package registers `safe_llava` and `safe_gemma3` with transformers' Auto classes:
 `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give `SafeLlavaForConditionalGeneration`)
 and `AutoProcessor`.
 """
@@ -8,6 +8,15 @@ and `AutoProcessor`.
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .gemma3_safe_llava import (
+    SafeGemma3CausalLMOutputWithPast,
+    SafeGemma3Config,
+    SafeGemma3ForConditionalGeneration,
+    SafeGemma3Model,
+    SafeGemma3ModelOutputWithPast,
+    SafeGemma3PreTrainedModel,
+    SafeGemma3Processor,
+)
 from .modeling_safe_llava import (
     SafeLlavaCausalLMOutputWithPast,
     SafeLlavaForConditionalGeneration,
@@ -36,11 +45,18 @@ AutoConfig.register(SafeLlavaConfig.model_type, SafeLlavaConfig, exist_ok=True)
 AutoModel.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeLlavaConfig, SafeLlavaProcessor, exist_ok=True)
+AutoConfig.register(SafeGemma3Config.model_type, SafeGemma3Config, exist_ok=True)
+AutoModel.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(SafeGemma3Config, SafeGemma3Processor, exist_ok=True)
 
 # Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
 SafeLlavaConfig.register_for_auto_class()
 SafeLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
+SafeGemma3Config.register_for_auto_class()
+SafeGemma3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+SafeGemma3Processor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SafeLlavaConfig",
@@ -54,6 +70,13 @@ __all__ = [
     "SafeLlavaSafetyAssessment",
     "SafetyPolicy",
     "SafeLlavaProcessor",
+    "SafeGemma3Config",
+    "SafeGemma3PreTrainedModel",
+    "SafeGemma3Model",
+    "SafeGemma3ForConditionalGeneration",
+    "SafeGemma3CausalLMOutputWithPast",
+    "SafeGemma3ModelOutputWithPast",
+    "SafeGemma3Processor",
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",

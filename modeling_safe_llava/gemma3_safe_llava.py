@@ -460,8 +460,22 @@ class SafeGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration, SafeGem
     # -- forward and generate ----------------------------------------------------------------------------------
 
     @can_return_tuple
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, labels=None, safety_labels=None,
-                logits_to_keep=0, mm_encoder_outputs=None, output_safety=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        safety_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        output_safety: bool | None = None,
+        **kwargs,
+    ) -> SafeGemma3CausalLMOutputWithPast:
         r"""
         Stock Gemma 3's forward, plus the safety logits whenever this call encodes `pixel_values`.
 
@@ -476,8 +490,16 @@ class SafeGemma3ForConditionalGeneration(Gemma3ForConditionalGeneration, SafeGem
         if input_ids is not None and kwargs.get("past_key_values") is None and kwargs.get("cache") is None:
             _check_direct_call(self.config, input_ids)
         outputs = self.model(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety, **{**kwargs, "return_dict": True},
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            token_type_ids=token_type_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=output_safety,
+            **{**kwargs, "return_dict": True},
         )
         logits = self.lm_head(_keep_logits(outputs.last_hidden_state, logits_to_keep))
         lm_loss, safety_loss = self._losses(logits, labels, outputs, safety_labels, kwargs)
