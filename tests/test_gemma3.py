@@ -270,15 +270,19 @@ def test_mixed_batch_rows_get_what_they_would_get_alone():
     privacy, clean = safe.config.safety_type_labels.index("Privacy"), len(safe.config.safety_type_labels) - 1
     verdicts = [(1, privacy), (0, clean), (3, privacy)]
     handles = force_safety_verdicts(safe, verdicts)
-    out = safe.generate(**inputs, max_new_tokens=4, do_sample=False, safety_actions=actions, return_dict_in_generate=True)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "safety_actions": actions, "return_dict_in_generate": True,
+              "output_scores": True}
+    out = safe.generate(**inputs, **kwargs)
     for handle in handles:
         handle.remove()
     assert out.safety_assessment.actions == ["hint", "allow", "refuse"]
+    width = inputs["input_ids"].shape[1]
     for row in (0, 1):
         alone = processor(images=images[row], text=texts[row], return_tensors="pt")
         handles = force_safety_verdicts(safe, [verdicts[row]])
-        single = safe.generate(**alone, max_new_tokens=4, do_sample=False, safety_actions=actions)
+        single = safe.generate(**alone, **kwargs)
         for handle in handles:
             handle.remove()
-        width = inputs["input_ids"].shape[1]
-        assert out.sequences[row, width:].tolist() == single[0, alone["input_ids"].shape[1] :].tolist(), row
+        assert out.sequences[row, width:].tolist() == single.sequences[0, alone["input_ids"].shape[1] :].tolist(), row
+        for step, (batched, alone_scores) in enumerate(zip(out.scores, single.scores)):
+            torch.testing.assert_close(batched[row], alone_scores[0], atol=1e-5, rtol=1e-5, msg=f"row {row} step {step}")
