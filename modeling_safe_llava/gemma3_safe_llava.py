@@ -189,10 +189,23 @@ class SafeGemma3Processor(Gemma3Processor):
                 "reads the prompt's first token), e.g. processor.apply_chat_template(...)."
             )
         if images is not None:
-            images = _prepare_images(images, counter=[0])
+            images = _prepare_images(self._nested_per_prompt(images, text), counter=[0])
             if kwargs.get("do_rescale", getattr(self.image_processor, "do_rescale", False)) is not False:
                 _refuse_rescaled_floats(images, counter=[0])
         return super().__call__(images=images, text=text, **kwargs)
+
+    def _nested_per_prompt(self, images, text):
+        """A flat list of images for several prompts, split per prompt by its `<start_of_image>` count (what
+        `LlavaProcessor` accepts; stock `Gemma3Processor` wants them nested per prompt). Anything else unchanged."""
+        if not isinstance(text, (list, tuple)) or len(text) < 2 or not isinstance(images, (list, tuple)):
+            return images
+        if any(isinstance(image, (list, tuple)) for image in images):
+            return images
+        counts = [prompt.count(self.boi_token) if isinstance(prompt, str) else 0 for prompt in text]
+        if sum(counts) != len(images):
+            return images  # stock's own check names the mismatch
+        starts = [sum(counts[:row]) for row in range(len(counts))]
+        return [list(images[start : start + count]) for start, count in zip(starts, counts)]
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         data = super()._get_num_multimodal_tokens(image_sizes=image_sizes, **kwargs)

@@ -87,6 +87,10 @@ def build_tiny_gemma3(seed: int = 0, preset: str = "tiny-gemma3.json"):
     config = tiny_gemma3_config(tokenizer, preset)
     torch.manual_seed(seed)
     model = Gemma3ForConditionalGeneration(config).eval()
+    # Gemma 3 initialises its image projection to zeros: a random model would then ignore its images entirely.
+    projection = model.model.multi_modal_projector.mm_input_projection_weight
+    with torch.no_grad():
+        projection.normal_(std=config.vision_config.hidden_size**-0.5)
     return model, build_tiny_gemma3_processor(tokenizer, config)
 
 
@@ -100,3 +104,11 @@ def build_tiny_safe_gemma3(seed: int = 0, preset: str = "tiny-gemma3.json", poli
     processor = SafeGemma3Processor.from_base(stock_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
     model = SafeGemma3ForConditionalGeneration.from_base(stock, processor=processor, **fields).eval()
     return model, processor
+
+
+def build_demo_safe_gemma3(language_model: str = "tiny", seed: int = 0):
+    """The model of `safe-llava demo --base gemma3`: a tiny random Gemma 3 sized by `configuration/demo-gemma3.json`
+    (safety modules untrained, paper policy texts tokenized). Only the random language model exists for this base."""
+    if language_model != "tiny":
+        raise ValueError(f"The Gemma 3 demo has only the tiny random language model, got {language_model!r}.")
+    return build_tiny_safe_gemma3(seed=seed, preset="demo-gemma3.json")

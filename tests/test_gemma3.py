@@ -286,3 +286,86 @@ def test_mixed_batch_rows_get_what_they_would_get_alone():
         assert out.sequences[row, width:].tolist() == single.sequences[0, alone["input_ids"].shape[1] :].tolist(), row
         for step, (batched, alone_scores) in enumerate(zip(out.scores, single.scores)):
             torch.testing.assert_close(batched[row], alone_scores[0], atol=1e-5, rtol=1e-5, msg=f"row {row} step {step}")
+
+
+def test_processor_takes_a_flat_image_list_in_prompt_order_as_llava_does():
+    _, _, processor = build_pair(2)
+    texts = [chat_prompt(processor, QUESTIONS[0], images=2), chat_prompt(processor, QUESTIONS[1])]
+    images = [random_image(0), random_image(1), random_image(2)]
+    flat = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    nested = processor(images=[images[:2], images[2:]], text=texts, return_tensors="pt", padding=True)
+    for name in nested:
+        assert torch.equal(flat[name], nested[name]), name
+    with pytest.raises(ValueError, match="should be the same as the number of images"):
+        processor(images=images[:2], text=texts, return_tensors="pt", padding=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Auto classes and remote code
+# ----------------------------------------------------------------------------------------------------------------
+
+GEMMA3_FRESH_PROCESS = """
+    import sys, json, torch
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+    from pathlib import Path
+    from PIL import Image
+    from safetensors.torch import save_file
+    folder, work = Path(sys.argv[1]), Path(sys.argv[2])
+    texts = json.loads((work / "texts.json").read_text())
+    images = [Image.open(work / f"image{i}.png") for i in range(len(texts))]
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, attn_implementation="eager").eval()
+    model2 = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+    assert type(model).__name__ == type(model2).__name__ == "SafeGemma3ForConditionalGeneration"
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(processor).__name__ == "SafeGemma3Processor", type(processor).__name__
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inputs)
+    tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False, safety_threshold=0.0)
+    save_file({"input_ids": inputs["input_ids"], "token_type_ids": inputs["token_type_ids"], "logits": out.logits,
+               "level": out.safety_level_logits, "tokens": tokens}, str(work / "out.safetensors"))
+"""
+
+
+def test_auto_classes_in_process_and_with_remote_code_in_a_fresh_process(tmp_path):
+    import json
+
+    from conftest import run_without_the_package
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    from modeling_safe_llava import SafeGemma3Config
+
+    _, safe, processor = build_pair(3)
+    safe.config.safety_modules_trained = True
+    folder = tmp_path / "safe-gemma3-tiny"
+    safe.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert isinstance(AutoConfig.from_pretrained(folder), SafeGemma3Config)
+    assert type(AutoModel.from_pretrained(folder)) is SafeGemma3ForConditionalGeneration
+    texts = [chat_prompt(processor, q) for q in QUESTIONS]
+    for i in range(2):
+        random_image(i).save(tmp_path / f"image{i}.png")
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    run_without_the_package(GEMMA3_FRESH_PROCESS, folder, tmp_path, work_dir=tmp_path)
+    remote = load_file(tmp_path / "out.safetensors")
+    inputs = processor(images=[random_image(0), random_image(1)], text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        local = safe(**inputs)
+    local_tokens = safe.generate(**inputs, max_new_tokens=4, do_sample=False, safety_threshold=0.0)
+    assert torch.equal(remote["input_ids"], inputs["input_ids"])
+    assert torch.equal(remote["token_type_ids"], inputs["token_type_ids"])
+    torch.testing.assert_close(remote["logits"], local.logits)
+    torch.testing.assert_close(remote["level"], local.safety_level_logits)
+    assert torch.equal(remote["tokens"], local_tokens)
+
+
+def test_the_tiny_model_reads_its_images():
+    """Gemma 3 initialises its image projection to zeros; the tiny builder does not, or no test could see an image."""
+    stock, _, processor = build_pair(0)
+    inputs = image_inputs(processor)
+    other = processor(images=[[random_image(7)], [random_image(8)]], text=[chat_prompt(processor, q) for q in QUESTIONS],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert not torch.allclose(stock(**inputs).logits[:, -1], stock(**other).logits[:, -1], atol=1e-3)
