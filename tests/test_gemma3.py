@@ -226,7 +226,8 @@ def test_head_reads_the_pooled_siglip_grid_the_language_model_reads():
     patches = safe.config.vision_config.image_size // safe.config.vision_config.patch_size
     grid = image_outputs.last_hidden_state.reshape(2, patches, patches, -1)
     kernel = patches // side
-    expected = grid.reshape(2, side, kernel, side, kernel, -1).mean(dim=(2, 4)).reshape(2, side * side, -1)
+    expected = grid.reshape(2, side, kernel, side, kernel, -1).mean(dim=(2, 4))
+    assert states.shape == (2, side, side, safe.config.safety_vision_dim)
     assert torch.allclose(states, expected, atol=1e-6)
     assert image_outputs.pooler_output.shape[:2] == (2, 3 + safe.config.mm_tokens_per_image)
 
