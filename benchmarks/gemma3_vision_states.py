@@ -12,12 +12,12 @@ Run: `python -m benchmarks.gemma3_vision_states` (a few seconds; prints a Markdo
 """
 
 import copy
-from types import SimpleNamespace
 
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
 from benchmarks.flops import count_flops
+from modeling_safe_llava.gemma3_safe_llava import SafeGemma3Config
 from modeling_safe_llava.presets import load_json_preset
 from modeling_safe_llava.safety_module_safe_llava import SafeLlavaCAbstractor, SafeLlavaSafetyHead
 
@@ -31,19 +31,10 @@ def gemma3_4b_config() -> tuple[Gemma3Config, dict]:
     return config, preset
 
 
-def _safety_config(config, preset, out_side: int):
-    """The fields the C-Abstractor and the head read, with the C-Abstractor's output grid set to `out_side`."""
-    vision = SimpleNamespace(image_size=out_side, patch_size=1)
-    hidden = config.vision_config.hidden_size + preset["num_safety_tokens"]
-    return SimpleNamespace(
-        vision_config=vision,
-        text_config=config.text_config,
-        safety_projector_hidden_size=hidden,
-        safety_projector_depth=preset["safety_projector_depth"],
-        safety_head_num_heads=preset["safety_head_num_heads"],
-        safety_level_labels=[0] * 4,
-        safety_type_labels=[0] * 7,
-    )
+def _safety_config(config, preset, out_side: int) -> SafeGemma3Config:
+    """The Safe Gemma 3 config of the 4B preset, with the C-Abstractor's output grid set to `out_side`."""
+    fields = {k: v for k, v in preset.items() if k.startswith(("num_", "safety_"))}
+    return SafeGemma3Config.from_base_config(config, **fields, safety_projector_grid_size=out_side)
 
 
 def safety_flops(config, preset, in_side: int, out_side: int) -> int:
@@ -52,11 +43,11 @@ def safety_flops(config, preset, in_side: int, out_side: int) -> int:
     with torch.device("meta"):
         projector = SafeLlavaCAbstractor(safety_config, config.vision_config.hidden_size)
         head = SafeLlavaSafetyHead(safety_config)
-        states = torch.zeros(1, in_side * in_side, config.vision_config.hidden_size)
-        keys = out_side * out_side + preset["num_safety_tokens"]
+        states = torch.zeros(1, in_side, in_side, config.vision_config.hidden_size)
+        keys = torch.zeros(1, out_side * out_side + preset["num_safety_tokens"], config.text_config.hidden_size)
         query = torch.zeros(1, config.text_config.hidden_size)
     projector_flops, _ = count_flops(lambda: projector(states))
-    head_flops, _ = count_flops(lambda: head(query, torch.zeros(1, keys, config.text_config.hidden_size, device="meta")))
+    head_flops, _ = count_flops(lambda: head(query, keys))
     return projector_flops + head_flops
 
 
