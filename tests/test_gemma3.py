@@ -370,3 +370,21 @@ def test_the_tiny_model_reads_its_images():
                       return_tensors="pt", padding=True)
     with torch.no_grad():
         assert not torch.allclose(stock(**inputs).logits[:, -1], stock(**other).logits[:, -1], atol=1e-3)
+
+
+def test_the_query_is_bos_so_the_verdict_depends_on_the_image_not_on_the_wording_or_padding():
+    """The paper's rule (the first real token) gives `<bos>` on every Gemma 3 prompt: the verdict is the image's,
+    whatever the question and the padding side (docs/gemma3.md: why not the first user-text token)."""
+    _, safe, processor = build_pair(3)
+    image = random_image(3)
+    verdicts = []
+    for question, side in ((QUESTIONS[0], "left"), (QUESTIONS[1], "left"), (QUESTIONS[1], "right")):
+        processor.tokenizer.padding_side = side
+        texts = [chat_prompt(processor, question), chat_prompt(processor, "Hi")]
+        inputs = processor(images=[image, random_image(4)], text=texts, return_tensors="pt", padding=True)
+        first = inputs["input_ids"][0, inputs["attention_mask"][0].argmax()]
+        assert first == processor.tokenizer.bos_token_id
+        verdicts.append(safe.assess_safety(**inputs, allow_untrained_safety=True).level_probs[0])
+    processor.tokenizer.padding_side = "left"
+    for verdict in verdicts[1:]:
+        torch.testing.assert_close(verdict, verdicts[0])
