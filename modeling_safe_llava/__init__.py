@@ -8,6 +8,15 @@ and `AutoProcessor`.
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .llava_next_safe_llava import (
+    SafeLlavaNextCausalLMOutputWithPast,
+    SafeLlavaNextConfig,
+    SafeLlavaNextForConditionalGeneration,
+    SafeLlavaNextModel,
+    SafeLlavaNextModelOutputWithPast,
+    SafeLlavaNextPreTrainedModel,
+    SafeLlavaNextProcessor,
+)
 from .modeling_safe_llava import (
     SafeLlavaCausalLMOutputWithPast,
     SafeLlavaForConditionalGeneration,
@@ -36,11 +45,18 @@ AutoConfig.register(SafeLlavaConfig.model_type, SafeLlavaConfig, exist_ok=True)
 AutoModel.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeLlavaConfig, SafeLlavaProcessor, exist_ok=True)
+AutoConfig.register(SafeLlavaNextConfig.model_type, SafeLlavaNextConfig, exist_ok=True)
+AutoModel.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(SafeLlavaNextConfig, SafeLlavaNextProcessor, exist_ok=True)
 
 # Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
 SafeLlavaConfig.register_for_auto_class()
 SafeLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
+SafeLlavaNextConfig.register_for_auto_class()
+SafeLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+SafeLlavaNextProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SafeLlavaConfig",
@@ -54,6 +70,13 @@ __all__ = [
     "SafeLlavaSafetyAssessment",
     "SafetyPolicy",
     "SafeLlavaProcessor",
+    "SafeLlavaNextConfig",
+    "SafeLlavaNextPreTrainedModel",
+    "SafeLlavaNextModel",
+    "SafeLlavaNextForConditionalGeneration",
+    "SafeLlavaNextCausalLMOutputWithPast",
+    "SafeLlavaNextModelOutputWithPast",
+    "SafeLlavaNextProcessor",
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoProcessor, LlavaNextConfig, LlavaNextProcessor
+from transformers import AutoModel, LlavaNextConfig, LlavaNextProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextCausalLMOutputWithPast,
@@ -37,8 +37,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 from transformers.utils.generic import can_return_tuple
 
-from .policy_safe_llava import assistant_prefix_ids
-from .processing_safe_llava import _prepare_images, _refuse_rescaled_floats
+from .safety_processing_safe_llava import SafetyProcessorMixin
 from .safety_config_safe_llava import SafetyConfigMixin
 from .safety_loading_safe_llava import SafetyPreTrainedMixin
 from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
@@ -89,7 +88,7 @@ class SafeLlavaNextConfig(SafetyConfigMixin, LlavaNextConfig):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class SafeLlavaNextProcessor(LlavaNextProcessor):
+class SafeLlavaNextProcessor(SafetyProcessorMixin, LlavaNextProcessor):
     r"""
     [`LlavaNextProcessor`] for SafeLlava-NeXT: each `<image>` expands to `num_llm_safety_tokens` + the image's anyres
     feature count (base image, unpadded crops, one `image_newline` per row of the crop grid), the positions that
@@ -101,47 +100,33 @@ class SafeLlavaNextProcessor(LlavaNextProcessor):
         (the other arguments are [`LlavaNextProcessor`]'s.)
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, num_llm_safety_tokens=0, **kwargs):
-        if isinstance(num_llm_safety_tokens, bool) or not isinstance(num_llm_safety_tokens, int) or num_llm_safety_tokens < 0:
-            raise ValueError(f"num_llm_safety_tokens must be an integer >= 0, got {num_llm_safety_tokens!r}.")
-        self.num_llm_safety_tokens = num_llm_safety_tokens
-        super().__init__(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+    stock_class = LlavaNextProcessor
+    stock_settings = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
 
-    @classmethod
-    def from_base(cls, processor_or_path, num_llm_safety_tokens: int, chat_template: str | None = None, **kwargs):
-        """A SafeLlava-NeXT processor from a stock [`LlavaNextProcessor`] (instance, folder or Hub id), keeping its
-        tokenizer, image processor and chat template; sets left padding for generation."""
-        if isinstance(processor_or_path, LlavaNextProcessor):
-            stock = processor_or_path
-        else:
-            stock = AutoProcessor.from_pretrained(processor_or_path, **kwargs)
-        stock.tokenizer.padding_side = "left"
-        return cls(
-            image_processor=stock.image_processor,
-            tokenizer=stock.tokenizer,
-            patch_size=stock.patch_size,
-            vision_feature_select_strategy=stock.vision_feature_select_strategy,
-            chat_template=chat_template or stock.chat_template,
-            image_token=stock.image_token,
-            num_additional_image_tokens=stock.num_additional_image_tokens,
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        num_llm_safety_tokens=0,
+        **kwargs,
+    ):
+        # Every argument named: the saved processor_config.json holds the ones `__init__`'s signature names.
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
             num_llm_safety_tokens=num_llm_safety_tokens,
+            **kwargs,
         )
-
-    def __call__(self, images=None, text=None, **kwargs):
-        if images is not None and text is None:
-            raise ValueError(
-                "SafeLlavaNextProcessor needs text with an <image> placeholder for each image (the safety head reads "
-                "the prompt's first token), e.g. processor.apply_chat_template(...)."
-            )
-        if images is not None:
-            images = _prepare_images(images, counter=[0])
-            if kwargs.get("do_rescale", getattr(self.image_processor, "do_rescale", False)) is not False:
-                _refuse_rescaled_floats(images, counter=[0])
-        return super().__call__(images=images, text=text, **kwargs)
-
-    def assistant_prefix_ids(self) -> list[int]:
-        """Token ids the chat template adds for `add_generation_prompt=True` (where an answer starts)."""
-        return assistant_prefix_ids(self)
 
     def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
         """Stock's anyres feature count plus the LLM safety tokens (counted once per image, before its features)."""
