@@ -344,15 +344,40 @@ class SafeLlavaNextForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, pixel_values=None, image_sizes=None, attention_mask=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SafeLlavaNextCausalLMOutputWithPast:
         r"""
-        Stock LLaVA-NeXT's forward plus the safety fields ([`SafetyForConditionalGenerationMixin.forward`]), with
-        stock's leading arguments named: `generate` accepts `image_sizes` only if `forward` names it.
+        Stock LLaVA-NeXT's forward plus the safety fields ([`SafetyForConditionalGenerationMixin.forward`]: also
+        `safety_labels`, `output_safety`, `logits_to_keep`, `mm_encoder_outputs`), with stock's arguments named in
+        stock's order: `generate` passes `image_sizes` and computes left-padding-aware `position_ids` only for a
+        `forward` that names them.
 
         image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): each image's `(height, width)` before anyres.
         """
         return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask, **kwargs
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            **kwargs,
         )
 
 

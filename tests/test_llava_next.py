@@ -102,9 +102,11 @@ def test_mixed_batch_generates_each_allowed_row_as_stock_does_alone(pair):
     _, safe, processor = pair
     texts = [chat_prompt(processor, q) for q in ("What is shown?", "Describe the picture.", "Read the text.")]
     inputs = processor(images=[NEXT.random_image(i) for i in range(3)], text=texts, return_tensors="pt", padding=True)
-    force_safety_verdicts(safe, [HINT, SAFE, REFUSE], NEXT.judged_units(inputs))
+    handles = force_safety_verdicts(safe, [HINT, SAFE, REFUSE], NEXT.judged_units(inputs))
     out = safe.generate(**inputs, safety_threshold=0.5, do_sample=False, max_new_tokens=5, return_dict_in_generate=True)
     assert out.safety_assessment.actions == ["hint", "allow", "refuse"]
+    for handle in handles:
+        handle.remove()
     alone = processor(images=[NEXT.random_image(1)], text=[texts[1]], return_tensors="pt")
     expected = safe.generate(**alone, safety_threshold=1.0, do_sample=False, max_new_tokens=5)
     prompt = inputs["input_ids"].shape[1]

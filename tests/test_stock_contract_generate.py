@@ -147,7 +147,7 @@ def test_static_cache(pair, mode, inputs):
     assert_same(expected, sequences_of(actual), "static-cache sequences")
 
 
-def test_torch_compile_of_forward_and_decode_steps(pair, mode, inputs):
+def test_torch_compile_of_forward_and_decode_steps(pair, mode, inputs, base):
     """
     `torch.compile(forward, fullgraph=True)`: any graph break (host sync such as `int(tensor)`, data-dependent Python
     branch) fails. backend="eager" only traces with dynamo (no inductor codegen), which keeps this test cheap on CPU
@@ -162,9 +162,14 @@ def test_torch_compile_of_forward_and_decode_steps(pair, mode, inputs):
     expected, actual = run_both(
         lambda: torch.compile(stock.forward, backend="eager", fullgraph=True)(**inputs),
         lambda: torch.compile(safe.forward, backend="eager", fullgraph=True)(**inputs),
+        error_family=torch._dynamo.exc.TorchDynamoException,
     )
-    assert expected is not None, "stock forward compiles with fullgraph=True"
-    assert_same(expected.logits, actual.logits, "compiled forward logits")
+    # Where stock's forward with images compiles with fullgraph=True (LLaVA-1.5), SafeLlava's must give its logits;
+    # where it cannot (LLaVA-NeXT: anyres picks each image's grid from its size, a data-dependent branch), SafeLlava
+    # fails the same way.
+    assert (expected is not None) == base.compiles_fullgraph, "stock's fullgraph compilation changed"
+    if expected is not None:
+        assert_same(expected.logits, actual.logits, "compiled forward logits")
 
     def compiled_generate(model, extra):
         config = CompileConfig(backend="eager", fullgraph=True)
