@@ -155,3 +155,23 @@ def build_tiny_llava_next(seed: int = 0, preset: str = "llava-next-tiny.json"):
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
     return model, build_tiny_llava_next_processor(tokenizer, config)
+
+
+def build_tiny_safe_llava_next(seed: int = 0, preset: str = "llava-next-tiny.json", policy: str = "paper_safety_policy.json", **overrides):
+    """A tiny SafeLlava-NeXT (safety modules untrained) and its processor, with the policy texts tokenized."""
+    from .llava_next_safe_llava import SafeLlavaNextForConditionalGeneration, SafeLlavaNextProcessor
+
+    stock, stock_processor = build_tiny_llava_next(seed, preset)
+    fields = {**safety_fields(preset), **load_safety_policy(policy), **overrides}
+    processor = SafeLlavaNextProcessor.from_base(stock_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
+    model = SafeLlavaNextForConditionalGeneration.from_base(stock, processor=processor, **fields).eval()
+    return model, processor
+
+
+def build_demo_safe_llava_next(language_model: str = "tiny", seed: int = 0):
+    """The model of `safe-llava demo --base llava-next`: a tiny random LLaVA-NeXT sized by
+    `configuration/demo-llava-next.json` (safety modules untrained, paper policy texts tokenized). Only the random
+    language model exists for this base."""
+    if language_model != "tiny":
+        raise ValueError(f"The LLaVA-NeXT demo has only the tiny random language model, got {language_model!r}.")
+    return build_tiny_safe_llava_next(seed=seed, preset="demo-llava-next.json")

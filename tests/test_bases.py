@@ -198,3 +198,29 @@ def test_remote_code_loads_the_base_in_a_fresh_process(base, tmp_path):
     assert (remote["logits"] - local.logits).abs().max().item() <= 1e-5
     assert (remote["level"] - local.safety_level_logits).abs().max().item() <= 1e-5
     assert torch.equal(remote["tokens"], local_tokens)
+
+
+def test_training_collators_carry_every_image_field(base):
+    """The Trainer's batches hold what the base's processor returns for images (LLaVA-NeXT: `image_sizes` too), so
+    that stage 1 and 2 train every base through the same collators."""
+    from modeling_safe_llava.training import SafeLlavaPromptCollator, SafeLlavaTrainingCollator
+
+    _, safe, processor = base.build_pair(num_llm_safety_tokens=4)
+    rows = [
+        {
+            "image": base.random_image(i),
+            "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Fine."}],
+            "safe_level": level,
+            "safe_type": kind,
+        }
+        for i, (level, kind) in enumerate([(3, 0), (0, 6)])
+    ]
+    batch = SafeLlavaTrainingCollator(processor)(rows)
+    assert set(base.image_fields) <= set(batch)
+    out = safe(**batch)
+    assert out.loss is not None and out.safety_loss is not None and torch.isfinite(out.loss)
+    prompts = SafeLlavaPromptCollator(processor)(rows)
+    assert set(base.image_fields) <= set(prompts)
+    prompts.pop("safety_labels")
+    safe.config.safety_modules_trained = True
+    assert len(safe.assess_safety(**prompts).actions) == 2
