@@ -41,7 +41,7 @@ from .safety_processing_safe_llava import SafetyProcessorMixin
 from .safety_config_safe_llava import SafetyConfigMixin
 from .safety_loading_safe_llava import SafetyPreTrainedMixin
 from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
-from .safety_module_safe_llava import SafeLlavaSafetyModule, check_images_match
+from .safety_module_safe_llava import SafeLlavaSafetyModule
 
 
 # Remote code: transformers records only one auto class per model class, so every entry is written here.
@@ -261,32 +261,14 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
         side = self.config.vision_config.image_size // self.config.vision_config.patch_size
         return states.reshape(states.shape[0], side, side, states.shape[-1])
 
-    def judge(self, image_outputs, input_ids=None, inputs_embeds=None, attention_mask=None):
-        """
-        The seam's `judge` with crops as the units the head judges: `(level_logits (batch_size, num_levels),
-        type_logits (batch_size, num_types), images_per_row (batch_size,))`, each row's logits those of its riskiest
-        crop (the riskiest crop of its riskiest image).
-        """
-        if image_outputs is None:
-            return super().judge(image_outputs, input_ids, inputs_embeds, attention_mask)
-        vision_states = self.safety_vision_states(image_outputs)
-        images_per_row = self.images_per_row(input_ids, inputs_embeds, image_outputs)
-        if not torch.compiler.is_compiling():  # a host sync: skipped under torch.compile
-            check_images_match(images_per_row, len(image_outputs.pooler_output), self.config)
-        crops = image_outputs.crops_per_image.to(images_per_row.device)
-        rows = torch.arange(images_per_row.shape[0], device=images_per_row.device)
-        image_rows = torch.repeat_interleave(rows, images_per_row, output_size=crops.shape[0])
-        crops_per_row = torch.zeros_like(images_per_row).index_add_(0, image_rows, crops)
-        query = self.safety_query(input_ids, inputs_embeds, attention_mask)
-        level_logits, type_logits = self.safety_module(vision_states, query, crops_per_row)
-        return level_logits, type_logits, images_per_row
+    def safety_units_per_image(self, image_outputs) -> torch.LongTensor:
+        """The head judges every crop: an image's units are its crops (the base image first)."""
+        return image_outputs.crops_per_image
 
-    def images_per_row(self, input_ids, inputs_embeds, image_outputs=None) -> torch.LongTensor:
+    def images_per_row(self, input_ids, inputs_embeds, image_outputs) -> torch.LongTensor:
         """Images in each row, `(batch_size,)`: each image takes its own number of placeholders (anyres), so rows are
         matched to images by running totals of placeholders and of per-image feature lengths."""
         placeholders = self.image_placeholders_per_row(input_ids, inputs_embeds)
-        if image_outputs is None:
-            return (placeholders > 0).long()
         tokens = torch.tensor([len(f) for f in image_outputs.pooler_output], device=placeholders.device)
         ends = torch.searchsorted(tokens.cumsum(0), placeholders.cumsum(0), right=True)
         return torch.diff(ends, prepend=ends.new_zeros(1))
@@ -298,20 +280,6 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
             return (input_ids == image_token_id).sum(dim=1)
         image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
         return (inputs_embeds == image_embedding).all(-1).sum(dim=1)
-
-    def select_encoded_images(self, image_outputs, images: list[int]) -> SafeLlavaNextImageOutputs:
-        """The encoded images numbered `images` (mixed batches): their packed features, crops and vision states."""
-        crops = image_outputs.crops_per_image.tolist()
-        starts = [sum(crops[:image]) for image in range(len(crops))]
-        chosen_crops = torch.tensor([starts[i] + c for i in images for c in range(crops[i])], dtype=torch.long)
-        hidden_states = image_outputs.hidden_states
-        if hidden_states is not None:
-            hidden_states = tuple(h if h is None else h[chosen_crops.to(h.device)] for h in hidden_states)
-        return SafeLlavaNextImageOutputs(
-            pooler_output=[image_outputs.pooler_output[i] for i in images],
-            hidden_states=hidden_states,
-            crops_per_image=image_outputs.crops_per_image[torch.tensor(images, dtype=torch.long)],
-        )
 
 
 class SafeLlavaNextForConditionalGeneration(
