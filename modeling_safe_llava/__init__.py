@@ -17,6 +17,15 @@ from .gemma3_safe_llava import (
     SafeGemma3PreTrainedModel,
     SafeGemma3Processor,
 )
+from .llava_next_safe_llava import (
+    SafeLlavaNextCausalLMOutputWithPast,
+    SafeLlavaNextConfig,
+    SafeLlavaNextForConditionalGeneration,
+    SafeLlavaNextModel,
+    SafeLlavaNextModelOutputWithPast,
+    SafeLlavaNextPreTrainedModel,
+    SafeLlavaNextProcessor,
+)
 from .modeling_safe_llava import (
     SafeLlavaCausalLMOutputWithPast,
     SafeLlavaForConditionalGeneration,
@@ -49,6 +58,10 @@ AutoConfig.register(SafeGemma3Config.model_type, SafeGemma3Config, exist_ok=True
 AutoModel.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeGemma3Config, SafeGemma3Processor, exist_ok=True)
+AutoConfig.register(SafeLlavaNextConfig.model_type, SafeLlavaNextConfig, exist_ok=True)
+AutoModel.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(SafeLlavaNextConfig, SafeLlavaNextProcessor, exist_ok=True)
 
 # Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
 SafeLlavaConfig.register_for_auto_class()
@@ -57,6 +70,9 @@ SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
 SafeGemma3Config.register_for_auto_class()
 SafeGemma3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 SafeGemma3Processor.register_for_auto_class("AutoProcessor")
+SafeLlavaNextConfig.register_for_auto_class()
+SafeLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+SafeLlavaNextProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SafeLlavaConfig",
@@ -77,6 +93,13 @@ __all__ = [
     "SafeGemma3CausalLMOutputWithPast",
     "SafeGemma3ModelOutputWithPast",
     "SafeGemma3Processor",
+    "SafeLlavaNextConfig",
+    "SafeLlavaNextPreTrainedModel",
+    "SafeLlavaNextModel",
+    "SafeLlavaNextForConditionalGeneration",
+    "SafeLlavaNextCausalLMOutputWithPast",
+    "SafeLlavaNextModelOutputWithPast",
+    "SafeLlavaNextProcessor",
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",

@@ -105,6 +105,15 @@ BASES = {
         demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
         demo_language_models=("smollm2", "tiny"),
     ),
+    "llava-next": BasePreset(
+        name="llava-next",
+        model_class="SafeLlavaNextForConditionalGeneration",
+        processor_class="SafeLlavaNextProcessor",
+        stock_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
+        large_preset="llava-next-7b.json",
+        head_reads="CLIP's vision_feature_layer grid of the base image and of every anyres crop (riskiest unit)",
+        demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
+    ),
     "gemma3": BasePreset(
         name="gemma3",
         model_class="SafeGemma3ForConditionalGeneration",

@@ -6,6 +6,7 @@ import copy
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil, LlavaNextProcessor
 from transformers import PreTrainedTokenizerFast
 
 from .presets import load_chat_template, load_json_preset, load_safety_policy
@@ -49,9 +50,22 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     )
 
 
+def load_model_preset(preset: str) -> dict:
+    """A configuration preset with the fields of the preset it `extends` (if any) under its own."""
+    preset_dict = load_json_preset("configuration", preset)
+    if "extends" in preset_dict:
+        preset_dict = {**load_model_preset(preset_dict.pop("extends")), **preset_dict}
+    return preset_dict
+
+
 def tiny_llava_config(tokenizer, preset: str = "tiny.json", **overrides) -> LlavaConfig:
     """The stock LLaVA part of a configuration preset, with token ids from `tokenizer`."""
-    preset_dict = load_json_preset("configuration", preset)
+    return LlavaConfig(**_stock_fields(tokenizer, preset), **overrides)
+
+
+def _stock_fields(tokenizer, preset: str) -> dict:
+    """The vision config, text config (token ids from `tokenizer`) and image token id of a configuration preset."""
+    preset_dict = load_model_preset(preset)
     text_config = dict(preset_dict["text_config"])
     text_config.update(
         vocab_size=len(tokenizer),
@@ -59,17 +73,16 @@ def tiny_llava_config(tokenizer, preset: str = "tiny.json", **overrides) -> Llav
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlavaConfig(
-        vision_config=copy.deepcopy(preset_dict["vision_config"]),
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        **overrides,
-    )
+    return {
+        "vision_config": copy.deepcopy(preset_dict["vision_config"]),
+        "text_config": text_config,
+        "image_token_id": tokenizer.convert_tokens_to_ids("<image>"),
+    }
 
 
 def safety_fields(preset: str = "tiny.json") -> dict:
     """The SafeLlava-only fields of a configuration preset."""
-    preset_dict = load_json_preset("configuration", preset)
+    preset_dict = load_model_preset(preset)
     return {k: v for k, v in preset_dict.items() if k.startswith(("num_", "safety_"))}
 
 
@@ -107,3 +120,58 @@ def build_tiny_safe_llava(seed: int = 0, preset: str = "tiny.json", policy: str 
     processor = SafeLlavaProcessor.from_llava(llava_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
     model = SafeLlavaForConditionalGeneration.from_llava(llava, processor=processor, **fields).eval()
     return model, processor
+
+
+def tiny_llava_next_config(tokenizer, preset: str = "llava-next-tiny.json", **overrides) -> LlavaNextConfig:
+    """The stock LLaVA-NeXT part of a configuration preset (anyres pinpoints included), with token ids from `tokenizer`."""
+    pinpoints = load_model_preset(preset)["image_grid_pinpoints"]
+    return LlavaNextConfig(**_stock_fields(tokenizer, preset), image_grid_pinpoints=pinpoints, **overrides)
+
+
+def build_tiny_llava_next_processor(tokenizer, config: LlavaNextConfig) -> LlavaNextProcessor:
+    """LLaVA-NeXT's processor for `config`: base image and anyres crops at the vision tower's size, CLS counted."""
+    size = config.vision_config.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints),
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=load_chat_template(),
+    )
+
+
+def build_tiny_llava_next(seed: int = 0, preset: str = "llava-next-tiny.json"):
+    """A random stock `LlavaNextForConditionalGeneration` and its `LlavaNextProcessor` (what `from_base` starts from)."""
+    import torch
+
+    tokenizer = build_tiny_tokenizer()
+    config = tiny_llava_next_config(tokenizer, preset)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    return model, build_tiny_llava_next_processor(tokenizer, config)
+
+
+def build_tiny_safe_llava_next(seed: int = 0, preset: str = "llava-next-tiny.json", policy: str = "paper_safety_policy.json", **overrides):
+    """A tiny SafeLlava-NeXT (safety modules untrained) and its processor, with the policy texts tokenized."""
+    from .llava_next_safe_llava import SafeLlavaNextForConditionalGeneration, SafeLlavaNextProcessor
+
+    stock, stock_processor = build_tiny_llava_next(seed, preset)
+    fields = {**safety_fields(preset), **load_safety_policy(policy), **overrides}
+    processor = SafeLlavaNextProcessor.from_base(stock_processor, num_llm_safety_tokens=fields["num_llm_safety_tokens"])
+    model = SafeLlavaNextForConditionalGeneration.from_base(stock, processor=processor, **fields).eval()
+    return model, processor
+
+
+def build_demo_safe_llava_next(language_model: str = "tiny", seed: int = 0):
+    """The model of `safe-llava demo --base llava-next`: a tiny random LLaVA-NeXT sized by
+    `configuration/demo-llava-next.json` (safety modules untrained, paper policy texts tokenized). Only the random
+    language model exists for this base."""
+    if language_model != "tiny":
+        raise ValueError(f"The LLaVA-NeXT demo has only the tiny random language model, got {language_model!r}.")
+    return build_tiny_safe_llava_next(seed=seed, preset="demo-llava-next.json")

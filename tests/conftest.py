@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from bases import BASE_NAMES, BASES  # noqa: E402
 from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava  # noqa: E402
 
 # Two xdist workers share two cores: more threads per worker only oversubscribe them.
@@ -72,6 +73,12 @@ def random_image(seed: int, size: int = 20) -> Image.Image:
 def chat_prompt(processor, question: str = "What is shown in this image?", images: int = 1) -> str:
     content = [{"type": "image"}] * images + [{"type": "text", "text": question}]
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+@pytest.fixture(params=BASE_NAMES)
+def base(request):
+    """Each base SafeLlava supports (`bases.BASES`) in turn: a test taking `base` runs once per base."""
+    return BASES[request.param]
 
 
 @pytest.fixture

@@ -1,38 +1,29 @@
-"""Shared pieces of the stock-contract tests (issue 11, item 2): a stock `LlavaForConditionalGeneration` and a
-head-only SafeLlava (`num_llm_safety_tokens=0`) holding the same weights, the two safety modes they are compared in,
-inputs, a differential runner that mirrors stock's errors, and one helper that forces the safety head's verdicts.
+"""Shared pieces of the stock-contract tests (issue 11, item 2; issue 19, item 3): for each base of `bases.BASES`, a
+stock model and a head-only SafeLlava (`num_llm_safety_tokens=0`) holding the same weights, the two safety modes they
+are compared in, inputs, a differential runner that mirrors stock's errors, and one helper that forces the safety
+head's verdicts.
 
 Only public API is used, apart from `force_safety_verdicts`, which finds the head's classifiers by module name
 ("level_classifier" / "category_classifier"); adapt that one function if the names change.
 """
 
-import copy
-
 import torch
-from conftest import chat_prompt, random_image
+from bases import BASES
+from conftest import chat_prompt
 from transformers import Cache
-
-from modeling_safe_llava import SafeLlavaForConditionalGeneration, SafeLlavaProcessor
-from modeling_safe_llava.presets import load_safety_policy
-from modeling_safe_llava.tiny import build_tiny_llava, safety_fields
 
 # safety off: threshold 1.0 flags nothing, so untrained modules must not raise the fail-closed error.
 # safety on: threshold 0.0 flags every image row, every action is "allow", so the answers must still be stock's.
 MODES = ("safety_off", "safety_on_allow")
 
 
-def build_pair(mode: str, attn_implementation: str = "eager"):
+def build_pair(mode: str, attn_implementation: str = "eager", base=BASES["llava"]):
     """
-    `(stock, safe, processor)`: a tiny random stock LLaVA, and SafeLlava built from a deep copy of it in head-only
-    mode (paper policy texts tokenized), both float32, eval, with the same attention implementation.
+    `(stock, safe, processor)`: a tiny random stock model of `base`, and SafeLlava built from a deep copy of it in
+    head-only mode (paper policy texts tokenized), both float32, eval, with the same attention implementation.
     """
-    stock, llava_processor = build_tiny_llava(seed=0)
-    processor = SafeLlavaProcessor.from_llava(llava_processor, num_llm_safety_tokens=0)
-    fields = {**safety_fields(), **load_safety_policy(), "num_llm_safety_tokens": 0}
-    torch.manual_seed(1)  # the fresh safety modules
-    safe = SafeLlavaForConditionalGeneration.from_llava(copy.deepcopy(stock), processor=processor, **fields)
+    stock, safe, processor = base.build_pair(num_llm_safety_tokens=0)
     for model in (stock, safe):
-        model.to(torch.float32).eval()
         model.set_attn_implementation(attn_implementation)
     safe.config.safety_modules_trained = mode == "safety_on_allow"
     return stock, safe, processor
@@ -45,11 +36,18 @@ def mode_kwargs(mode: str, safe) -> dict:
     return {"safety_threshold": 0.0, "safety_actions": {name: "allow" for name in safe.config.risky_type_labels}}
 
 
-def image_inputs(processor, questions=("What is shown in this image?", "Describe the picture. Read the text.")):
-    """Left-padded chat prompts with one random image each (rows of different lengths)."""
+def image_inputs(processor, questions=("What is shown in this image?", "Describe the picture. Read the text."), base=None):
+    """Left-padded chat prompts with one random image each (rows of different lengths; with an anyres base, images
+    of different crop counts)."""
+    base = base or BASES["llava"]
     texts = [chat_prompt(processor, q) for q in questions]
-    images = [random_image(i) for i in range(len(texts))]
+    images = [base.random_image(i) for i in range(len(texts))]
     return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+def image_kwargs(inputs, base) -> dict:
+    """The image fields of processor outputs (`pixel_values`, and `image_sizes` where the base has them)."""
+    return {name: inputs[name] for name in base.image_fields if name in inputs}
 
 
 def text_only_prompt(processor, question="Describe the picture.") -> str:
@@ -58,17 +56,22 @@ def text_only_prompt(processor, question="Describe the picture.") -> str:
     )
 
 
-def run_both(stock_call, safe_call):
+def run_both(stock_call, safe_call, error_family=None):
     """
-    Runs `stock_call()`; if stock raises, asserts that `safe_call()` raises the same exception type and returns
-    `(None, None)`. Otherwise returns `(stock_result, safe_result)` (SafeLlava's exception, if any, propagates).
+    Runs `stock_call()`; if stock raises, asserts that `safe_call()` raises the same exception type (or, with
+    `error_family`, any exception of that family when stock's is one, e.g. torch.compile's errors, whose exact class
+    names the first unsupported construct met) and returns `(None, None)`. Otherwise returns
+    `(stock_result, safe_result)` (SafeLlava's exception, if any, propagates).
     """
     try:
         expected = stock_call()
     except Exception as stock_error:  # noqa: BLE001 - we mirror whatever stock raises
+        accepted = type(stock_error)
+        if error_family is not None and isinstance(stock_error, error_family):
+            accepted = error_family
         try:
             safe_call()
-        except type(stock_error):
+        except accepted:
             return None, None
         except Exception as safe_error:  # noqa: BLE001
             raise AssertionError(
@@ -116,12 +119,15 @@ def assert_same_fields(expected, actual, path="output"):
         assert_same(expected[name], actual[name], f"{path}.{name}")
 
 
-def force_safety_verdicts(model, verdicts):
+def force_safety_verdicts(model, verdicts, units_per_image=None):
     """
     Makes the safety head return fixed verdicts: `verdicts` is a list of `(level index, type index)`, one per image
-    in the order of `pixel_values`. Forward hooks on the head's level and type classifiers (found by module name)
-    replace their logits with one-hot * 20. Returns the hook handles (call `.remove()` to undo).
+    in the order of `pixel_values`; `units_per_image` (default one each) says how many vision units (crops) the head
+    judges per image, all of which get the image's verdict. Forward hooks on the head's level and type classifiers
+    (found by module name) replace their logits with one-hot * 20. Returns the hook handles (call `.remove()` to undo).
     """
+    units = units_per_image or [1] * len(verdicts)
+    verdicts = [verdict for verdict, count in zip(verdicts, units) for _ in range(count)]
     targets = {"level_classifier": [v[0] for v in verdicts], "category_classifier": [v[1] for v in verdicts]}
     handles = []
     for name, module in model.named_modules():

@@ -56,6 +56,7 @@ REMOTE_CODE_FILES = (
     "safety_model_safe_llava.py",
     "safety_processing_safe_llava.py",
     "gemma3_safe_llava.py",
+    "llava_next_safe_llava.py",
 )
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",

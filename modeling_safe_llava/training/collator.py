@@ -81,7 +81,8 @@ class SafeLlavaTrainingCollator:
     """
     Batches records for training.
 
-    Returns `input_ids`, `attention_mask` `(B, T)`, `pixel_values` `(B, 3, H, W)`, `labels` `(B, T)` (token ids of
+    Returns `input_ids`, `attention_mask` `(B, T)`, the image fields (`pixel_values` `(B, 3, H, W)`; anyres bases:
+    `(B, crops, 3, H, W)` and `image_sizes` `(B, 2)`), `labels` `(B, T)` (token ids of
     what the model must generate after each generation prompt: the assistant answer with its end-of-turn token, and
     a whitespace token between "ASSISTANT:" and the answer; -100 everywhere else: prompts, image placeholders,
     padding)
@@ -115,7 +116,7 @@ class SafeLlavaTrainingCollator:
         batch = {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
-            "pixel_values": encoded["pixel_values"],
+            **image_fields(encoded),
             "labels": labels,
             "safety_labels": safety_labels_of(rows),
         }
@@ -181,9 +182,15 @@ class SafeLlavaPromptCollator:
         return {
             "input_ids": encoded["input_ids"],
             "attention_mask": encoded["attention_mask"],
-            "pixel_values": encoded["pixel_values"],
+            **image_fields(encoded),
             "safety_labels": safety_labels_of(rows),
         }
+
+
+def image_fields(encoded) -> dict:
+    """The processor's image outputs, whatever the base returns: `pixel_values`, and e.g. LLaVA-NeXT's `image_sizes`
+    (one entry per image, never cut with the text)."""
+    return {key: value for key, value in encoded.items() if key.startswith(("pixel_values", "image_"))}
 
 
 def _checked_max_length(max_length) -> int:

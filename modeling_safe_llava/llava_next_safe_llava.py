@@ -1,0 +1,360 @@
+# Copyright 2026 The SafeLlava authors. Licensed under the Apache License, Version 2.0.
+"""SafeLlava on LLaVA-NeXT (LLaVA-v1.6): the safety module of arXiv 2405.13581 on `LlavaNextForConditionalGeneration`,
+with anyres crops. Config, processor and model classes of the base in one file, built on the stock classes.
+
+Pipeline (llava-v1.6-mistral-7b shapes, a 672x672 image: the base image plus 2x2 crops of 336x336):
+
+    pixel_values (N_img, 5, 3, 336, 336) -> vision tower on every crop -> (N_crops, 577, 1024)
+      |-> stock projection, unpadding, `image_newline`, packing -> one (tokens_i, 4096) tensor per image
+      |      LLM input at each image: [safety_module.llm_tokens (64, 4096) ; packed features of the image]
+      '-> vision_feature_layer, CLS dropped, one 24x24 grid per crop -> safety projector -> safety head
+             -> level / type logits per crop -> riskiest crop of the riskiest image per row -> (B, 4), (B, 7)
+
+What the head judges: every crop (the base image and each anyres crop), a row's verdict being its riskiest crop. A
+detail visible only at crop resolution (small text, a small object) is averaged away in the 336x336 base image; on a
+toy case of such a risk (`benchmarks/llava_next_crops.py`) a head trained on the base image alone reached AUROC 0.75,
+one judging every crop 1.00. The cost is the safety projector and head once per crop instead of once per image (the
+vision tower runs on every crop either way).
+
+This file is remote code: it imports only torch, transformers and its sibling files.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, LlavaNextConfig, LlavaNextProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextCausalLMOutputWithPast,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextModelOutputWithPast,
+    LlavaNextMultiModalProjector,
+    LlavaNextPreTrainedModel,
+    image_size_to_num_patches,
+)
+from transformers.utils.generic import can_return_tuple
+
+from .safety_processing_safe_llava import SafetyProcessorMixin
+from .safety_config_safe_llava import SafetyConfigMixin
+from .safety_loading_safe_llava import SafetyPreTrainedMixin
+from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
+from .safety_module_safe_llava import SafeLlavaSafetyModule
+
+
+# Remote code: transformers records only one auto class per model class, so every entry is written here.
+AUTO_MAP = {
+    "AutoConfig": "llava_next_safe_llava.SafeLlavaNextConfig",
+    "AutoModel": "llava_next_safe_llava.SafeLlavaNextForConditionalGeneration",
+    "AutoModelForImageTextToText": "llava_next_safe_llava.SafeLlavaNextForConditionalGeneration",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SafeLlavaNextConfig(SafetyConfigMixin, LlavaNextConfig):
+    r"""
+    Configuration of a [`SafeLlavaNextForConditionalGeneration`]: every field of [`LlavaNextConfig`] (anyres
+    `image_grid_pinpoints` included) plus the safety fields of [`SafetyConfigMixin`]. The placeholder count of an
+    image depends on its size (anyres), so it is the processor's to count; it grows by `num_llm_safety_tokens`.
+
+    Example:
+
+    ```python
+    >>> from modeling_safe_llava import SafeLlavaNextConfig
+    >>> config = SafeLlavaNextConfig(num_llm_safety_tokens=0)
+    >>> config.image_grid_pinpoints[0]
+    [336, 672]
+    ```
+    """
+
+    model_type = "safe_llava_next"
+    safety_auto_map = AUTO_MAP
+
+    @property
+    def safety_vision_dim(self) -> int:
+        """The vision layer(s) LLaVA-NeXT projects, concatenated: `vision hidden size * number of layers`."""
+        layers = self.vision_feature_layer
+        return self.vision_config.hidden_size * (1 if isinstance(layers, int) else len(layers))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Processor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SafeLlavaNextProcessor(SafetyProcessorMixin, LlavaNextProcessor):
+    r"""
+    [`LlavaNextProcessor`] for SafeLlava-NeXT: each `<image>` expands to `num_llm_safety_tokens` + the image's anyres
+    feature count (base image, unpadded crops, one `image_newline` per row of the crop grid), the positions that
+    [`SafeLlavaNextForConditionalGeneration`] fills with its LLM safety tokens and the packed image features.
+
+    Args:
+        num_llm_safety_tokens (`int`, *optional*, defaults to 0):
+            Must equal the model's `config.num_llm_safety_tokens`.
+        (the other arguments are [`LlavaNextProcessor`]'s.)
+    """
+
+    stock_class = LlavaNextProcessor
+    stock_settings = ("patch_size", "vision_feature_select_strategy", "image_token", "num_additional_image_tokens")
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=0,
+        num_llm_safety_tokens=0,
+        **kwargs,
+    ):
+        # Every argument named: the saved processor_config.json holds the ones `__init__`'s signature names.
+        super().__init__(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template,
+            image_token=image_token,
+            num_additional_image_tokens=num_additional_image_tokens,
+            num_llm_safety_tokens=num_llm_safety_tokens,
+            **kwargs,
+        )
+
+    def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
+        """Stock's anyres feature count plus the LLM safety tokens (counted once per image, before its features)."""
+        return super()._get_number_of_features(orig_height, orig_width, height, width) + self.num_llm_safety_tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SafeLlavaNextImageOutputs(BaseModelOutputWithPooling):
+    r"""
+    What [`SafeLlavaNextModel.get_image_features`] returns: stock's fields (`pooler_output` holds one packed
+    `(num_llm_safety_tokens + tokens_i, text_hidden)` tensor per image; `hidden_states` one entry per crop), plus
+    how many crops each image has.
+
+    crops_per_image (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+        Crops of each image in `hidden_states` (the base image plus its anyres crops), images in order.
+    """
+
+    crops_per_image: torch.LongTensor | None = None
+
+
+@dataclass
+class SafeLlavaNextModelOutputWithPast(LlavaNextModelOutputWithPast):
+    r"""
+    [`LlavaNextModelOutputWithPast`] plus the safety head's verdict, computed when the call encodes `pixel_values`.
+
+    safety_level_logits (`torch.FloatTensor` of shape `(batch_size, num_levels)`, *optional*):
+        Risk-level logits of each row (its riskiest crop).
+    safety_type_logits (`torch.FloatTensor` of shape `(batch_size, num_types)`, *optional*):
+        Risk-type logits of each row (its riskiest crop).
+    images_per_row (`torch.LongTensor` of shape `(batch_size,)`, *optional*): Images found in each row.
+    """
+
+    safety_level_logits: torch.FloatTensor | None = None
+    safety_type_logits: torch.FloatTensor | None = None
+    images_per_row: torch.LongTensor | None = None
+
+
+@dataclass
+class SafeLlavaNextCausalLMOutputWithPast(LlavaNextCausalLMOutputWithPast):
+    r"""
+    [`LlavaNextCausalLMOutputWithPast`] plus the safety fields (after stock's, also in the `return_dict=False` tuple).
+
+    lm_loss (`torch.FloatTensor` of shape `()`, *optional*): Next-token cross-entropy, when `labels` is given.
+    safety_loss (`torch.FloatTensor` of shape `()`, *optional*): `CE(level) + CE(type)`, when `safety_labels` is given.
+    safety_level_logits (`torch.FloatTensor` of shape `(batch_size, num_levels)`, *optional*): Risk-level logits.
+    safety_type_logits (`torch.FloatTensor` of shape `(batch_size, num_types)`, *optional*): Risk-type logits.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    safety_loss: torch.FloatTensor | None = None
+    safety_level_logits: torch.FloatTensor | None = None
+    safety_type_logits: torch.FloatTensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SafeLlavaNextPreTrainedModel(SafetyPreTrainedMixin, LlavaNextPreTrainedModel):
+    config: SafeLlavaNextConfig
+    config_class = SafeLlavaNextConfig
+    _no_split_modules = ["SafeLlavaSafetyHead", "SafeLlavaCAbstractor"]
+
+
+class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrainedModel):
+    """LLaVA-NeXT without the language-modeling head, plus the safety module. The LLM safety tokens are put in front of
+    each image's packed features by `get_image_features`, so stock's merge and generation handle them."""
+
+    config: SafeLlavaNextConfig
+    config_class = SafeLlavaNextConfig
+    safety_output_class = SafeLlavaNextModelOutputWithPast
+
+    def __init__(self, config: SafeLlavaNextConfig):
+        # LlavaNextModel's modules, then the safety module, then one post_init() (LlavaNextModel.__init__ would run
+        # post_init() before the safety module exists).
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.safety_module = SafeLlavaSafetyModule(config)
+        self.post_init()
+
+    @can_return_tuple
+    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs):
+        """
+        LLaVA-NeXT's packed image features with the LLM safety tokens first ([`SafeLlavaNextImageOutputs`]):
+        `hidden_states` keeps the vision layer(s) the safety head reads, whatever layer the language model is given.
+        """
+        if vision_feature_layer not in (None, self.config.vision_feature_layer) and not kwargs.get("output_hidden_states"):
+            kwargs["output_hidden_states"] = True
+        image_outputs = super().get_image_features(
+            pixel_values,
+            image_sizes,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            **{**kwargs, "return_dict": True},
+        )
+        return SafeLlavaNextImageOutputs(
+            **{**image_outputs, "pooler_output": self.add_llm_safety_tokens(image_outputs.pooler_output)},
+            crops_per_image=self.crops_per_image(image_sizes, image_outputs.pooler_output[0].device),
+        )
+
+    def crops_per_image(self, image_sizes, device=None) -> torch.LongTensor:
+        """Crops of each image (the base image plus its anyres crops), `(num_images,)`, as stock counts them."""
+        crop = self.config.vision_config.image_size
+        counts = [image_size_to_num_patches(size, self.config.image_grid_pinpoints, crop) for size in image_sizes]
+        return torch.tensor(counts, dtype=torch.long, device=device)
+
+    def safety_vision_states(self, image_outputs) -> torch.Tensor:
+        """Every crop's grid at `vision_feature_layer` (CLS dropped): `(num_crops_total, grid, grid, vision_dim)`."""
+        layers = self.config.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        hidden_states = image_outputs.hidden_states
+        selected = [hidden_states[layer] if hidden_states is not None else None for layer in layers]
+        if any(hidden is None for hidden in selected):
+            raise ValueError(
+                f"The safety head reads vision layer(s) {layers}, which these image features do not carry; encode the "
+                "images with this model's get_image_features (or pass pixel_values)."
+            )
+        if self.config.vision_feature_select_strategy == "default":
+            selected = [hidden[:, 1:] for hidden in selected]
+        states = torch.cat(selected, dim=-1)
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        return states.reshape(states.shape[0], side, side, states.shape[-1])
+
+    def safety_units_per_image(self, image_outputs) -> torch.LongTensor:
+        """The head judges every crop: an image's units are its crops (the base image first)."""
+        return image_outputs.crops_per_image
+
+    def images_per_row(self, input_ids, inputs_embeds, image_outputs) -> torch.LongTensor:
+        """Images in each row, `(batch_size,)`: each image takes its own number of placeholders (anyres), so rows are
+        matched to images by running totals of placeholders and of per-image feature lengths."""
+        placeholders = self.image_placeholders_per_row(input_ids, inputs_embeds)
+        tokens = torch.tensor([len(f) for f in image_outputs.pooler_output], device=placeholders.device)
+        ends = torch.searchsorted(tokens.cumsum(0), placeholders.cumsum(0), right=True)
+        return torch.diff(ends, prepend=ends.new_zeros(1))
+
+    def image_placeholders_per_row(self, input_ids, inputs_embeds) -> torch.LongTensor:
+        """Image placeholders in each row, `(batch_size,)`, in `input_ids` or, as stock finds them, `inputs_embeds`."""
+        image_token_id = self.config.image_token_id
+        if input_ids is not None:
+            return (input_ids == image_token_id).sum(dim=1)
+        image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_embedding).all(-1).sum(dim=1)
+
+
+class SafeLlavaNextForConditionalGeneration(
+    SafetyForConditionalGenerationMixin, LlavaNextForConditionalGeneration, SafeLlavaNextPreTrainedModel
+):
+    """
+    LLaVA-NeXT with the safety module: the head judges every anyres crop of each image (the base image included), and
+    a row's verdict is its riskiest crop. `forward` is stock's plus the safety logits; `generate` is stock's with the
+    verdict in front.
+
+    Example:
+
+    ```python
+    >>> processor = SafeLlavaNextProcessor.from_base("llava-hf/llava-v1.6-mistral-7b-hf", num_llm_safety_tokens=64)
+    >>> model = SafeLlavaNextForConditionalGeneration.from_base("llava-hf/llava-v1.6-mistral-7b-hf", processor=processor)
+    >>> inputs = processor(images=image, text=prompt, return_tensors="pt")
+    >>> out = model.generate(**inputs, safety_threshold=0.5, max_new_tokens=64)  # after training the safety module
+    ```
+    """
+
+    config: SafeLlavaNextConfig
+    config_class = SafeLlavaNextConfig
+    stock_class = LlavaNextForConditionalGeneration
+    safety_output_class = SafeLlavaNextCausalLMOutputWithPast
+
+    def __init__(self, config: SafeLlavaNextConfig):
+        # Skip LlavaNextForConditionalGeneration.__init__ (it would build a stock LlavaNextModel).
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.model = SafeLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> SafeLlavaNextCausalLMOutputWithPast:
+        r"""
+        Stock LLaVA-NeXT's forward plus the safety fields ([`SafetyForConditionalGenerationMixin.forward`]: also
+        `safety_labels`, `output_safety`, `logits_to_keep`, `mm_encoder_outputs`), with stock's arguments named in
+        stock's order: `generate` passes `image_sizes` and computes left-padding-aware `position_ids` only for a
+        `forward` that names them.
+
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): each image's `(height, width)` before anyres.
+        """
+        return super().forward(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            labels=labels,
+            **kwargs,
+        )
+
+
+__all__ = [
+    "SafeLlavaNextConfig",
+    "SafeLlavaNextProcessor",
+    "SafeLlavaNextPreTrainedModel",
+    "SafeLlavaNextModel",
+    "SafeLlavaNextForConditionalGeneration",
+    "SafeLlavaNextModelOutputWithPast",
+    "SafeLlavaNextCausalLMOutputWithPast",
+]

@@ -1,0 +1,135 @@
+"""The seam and the LLaVA-1.5 class's shape: one route from images to the head, inputs validated once and the policy
+built once per public call, a checkpoint mapping that depends on the config, and head projections that the usual
+LoRA targets do not match."""
+
+import re
+
+import pytest
+import torch
+from conftest import chat_prompt, random_image
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
+
+from modeling_safe_llava import SafeLlavaForConditionalGeneration, SafetyPolicy
+from modeling_safe_llava import policy_safe_llava, safety_model_safe_llava, safety_module_safe_llava
+from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+
+def inputs_with_images(processor):
+    images = [random_image(0), random_image(1)]
+    texts = [chat_prompt(processor), chat_prompt(processor, "Describe the picture please.")]
+    return processor(images=images, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.fixture
+def counters(monkeypatch, trained_tiny_safe_llava):
+    """Counts, per public call, input-id validations, placeholder counts, policies built and trips to the head."""
+    model, _ = trained_tiny_safe_llava
+    counts = {"check_input_ids": 0, "images_per_row": 0, "policy": 0, "judge": 0}
+
+    def counting(name, function):
+        def counted(*args, **kwargs):
+            counts[name] += 1
+            return function(*args, **kwargs)
+
+        return counted
+
+    check = counting("check_input_ids", safety_module_safe_llava.check_input_ids)
+    for module in (safety_module_safe_llava, policy_safe_llava, safety_model_safe_llava):
+        monkeypatch.setattr(module, "check_input_ids", check)
+    monkeypatch.setattr(SafetyPolicy, "__post_init__", counting("policy", SafetyPolicy.__post_init__))
+    monkeypatch.setattr(model.model, "images_per_row", counting("images_per_row", model.model.images_per_row))
+    monkeypatch.setattr(model.model, "judge", counting("judge", model.model.judge))
+    return counts
+
+
+@pytest.mark.parametrize("call", ["generate", "assess_safety", "forward"])
+def test_each_public_call_validates_once_builds_the_policy_once_and_reaches_the_head_once(
+    trained_tiny_safe_llava, counters, call
+):
+    model, processor = trained_tiny_safe_llava
+    inputs = inputs_with_images(processor)
+    if call == "generate":
+        model.generate(**inputs, max_new_tokens=3, do_sample=False, safety_threshold=0.0, allow_untrained_safety=True)
+    elif call == "assess_safety":
+        model.assess_safety(**inputs, safety_threshold=0.0)
+    else:
+        with torch.no_grad():
+            model(**inputs)
+    expected_policies = 0 if call == "forward" else 1  # forward applies no policy
+    assert counters == {"check_input_ids": 1, "images_per_row": 1, "policy": expected_policies, "judge": 1}
+
+
+def test_generate_assess_and_forward_give_the_same_verdict_through_the_one_route(trained_tiny_safe_llava):
+    model, processor = trained_tiny_safe_llava
+    inputs = inputs_with_images(processor)
+    with torch.no_grad():
+        forward = model(**inputs)
+    assessed = model.assess_safety(**inputs, safety_threshold=0.0)
+    generated = model.generate(**inputs, max_new_tokens=2, safety_threshold=0.0, return_dict_in_generate=True)
+    level_probs = forward.safety_level_logits.float().softmax(-1)
+    assert torch.allclose(assessed.level_probs, level_probs, atol=1e-5)
+    assert torch.allclose(generated.safety_assessment.level_probs, level_probs, atol=1e-5)
+
+
+# -- checkpoint names --------------------------------------------------------------------------------------------
+
+
+def safety_renamings(model) -> list:
+    return [
+        rule
+        for rule in get_model_conversion_mapping(model, add_legacy=False)
+        if isinstance(rule, WeightRenaming) and "safety" in "".join(rule.source_patterns)
+    ]
+
+
+@pytest.mark.parametrize("num_llm_safety_tokens", [0, 4])
+def test_every_safety_renaming_matches_a_saved_key_in_both_modes(num_llm_safety_tokens, tmp_path):
+    """transformers' `test_reverse_loading_mapping` rule: each renaming maps at least one key. In head-only mode
+    (no LLM safety tokens) the config has no `llm_tokens`, so the mapping has no rule for them."""
+    model, _ = build_tiny_safe_llava(num_llm_safety_tokens=num_llm_safety_tokens)
+    rules = safety_renamings(model)
+    has_llm_rule = any("llm_safety_tokens" in pattern for rule in rules for pattern in rule.source_patterns)
+    assert has_llm_rule == (num_llm_safety_tokens > 0)
+    model.save_pretrained(tmp_path)
+    saved = set(load_file(tmp_path / "model.safetensors"))
+    for rule in rules:
+        assert any(re.search(pattern, key) for pattern in rule.source_patterns for key in saved), rule.source_patterns
+
+
+@pytest.mark.parametrize("names", ["flat (as saved)", "in-memory"])
+def test_checkpoints_with_old_or_new_head_names_load_alike(tiny_safe_llava, tmp_path, names):
+    """Both directions: the on-disk names (`model.safety_head.q_proj.*`, as every SafeLlava checkpoint has them) and
+    the in-memory names (`model.safety_module.head.query_projection.*`) load into the same weights."""
+    model, _ = tiny_safe_llava
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    assert "model.safety_head.q_proj.weight" in weights and "model.safety_head.o_proj.bias" in weights
+    if names == "in-memory":
+        weights = {k: v for k, v in weights.items() if not k.startswith(("model.safety", "model.llm_safety"))}
+        weights.update({k: v for k, v in model.state_dict().items() if k.startswith("model.safety_module.")})
+        save_file(weights, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    reloaded, info = SafeLlavaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_the_usual_lora_targets_wrap_what_they_wrap_on_stock_and_none_of_the_head(tiny_llava, tiny_safe_llava):
+    """`LoraConfig(target_modules=["q_proj", "v_proj"])`, the usual LLaVA recipe: the same modules as on stock LLaVA
+    (the language model's and the vision tower's attention), none of the safety head's."""
+    stock, _ = tiny_llava
+    safe, _ = tiny_safe_llava
+
+    def wrapped(model):
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        return sorted(
+            name.removeprefix("base_model.model.") for name, module in peft_model.named_modules() if hasattr(module, "lora_A")
+        )
+
+    stock_wrapped, safe_wrapped = wrapped(stock), wrapped(safe)
+    assert len(stock_wrapped) == 8
+    assert safe_wrapped == stock_wrapped
+    assert not any("safety" in name for name in safe_wrapped)
