@@ -5,7 +5,7 @@ Importing the package registers `safe_llava` and `safe_gemma3` with transformers
 and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
 from .gemma3_safe_llava import (
@@ -58,6 +58,8 @@ AutoConfig.register(SafeGemma3Config.model_type, SafeGemma3Config, exist_ok=True
 AutoModel.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(SafeGemma3Config, SafeGemma3Processor, exist_ok=True)
+# As stock Gemma 3 (whose AutoModelForCausalLM is its ForConditionalGeneration class).
+AutoModelForCausalLM.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 AutoConfig.register(SafeLlavaNextConfig.model_type, SafeLlavaNextConfig, exist_ok=True)
 AutoModel.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)

@@ -58,8 +58,9 @@ class SafeGemma3Config(SafetyConfigMixin, Gemma3Config):
     Configuration of a [`SafeGemma3ForConditionalGeneration`]: every field of [`Gemma3Config`] plus the safety fields
     of [`SafetyConfigMixin`].
 
-    `mm_tokens_per_image` keeps its stock meaning (the pooled image tokens the language model reads); the
-    placeholder count per image, `image_seq_length`, is `num_llm_safety_tokens + mm_tokens_per_image`.
+    `mm_tokens_per_image` keeps its stock meaning (the pooled image tokens the language model reads, a square: Gemma
+    3's projector pools to `int(sqrt(mm_tokens_per_image))` squared); the placeholder count per image,
+    `image_seq_length`, is `num_llm_safety_tokens` plus that square.
     """
 
     model_type = "safe_gemma3"
@@ -69,7 +70,7 @@ class SafeGemma3Config(SafetyConfigMixin, Gemma3Config):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        self.image_seq_length = self.num_llm_safety_tokens + self.mm_tokens_per_image
+        self.image_seq_length = self.num_llm_safety_tokens + int(self.mm_tokens_per_image**0.5) ** 2
 
 
 class SafeGemma3Processor(SafetyProcessorMixin, Gemma3Processor):
