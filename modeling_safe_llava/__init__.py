@@ -1,8 +1,8 @@
-"""SafeLlava: safety projector, safety tokens and safety head for LLaVA-1.5, as a transformers model.
+"""SafeLlava: safety projector, safety tokens and safety head for vision-language models, as a transformers model.
 
-Importing the package registers `safe_llava` and `safe_gemma3` with transformers' Auto classes:
-`AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give `SafeLlavaForConditionalGeneration`)
-and `AutoProcessor`.
+Importing the package registers every base in `bases.BASES` (LLaVA-1.5: `safe_llava`, ...) with transformers' Auto
+classes: `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give the base's
+ForConditionalGeneration class) and `AutoProcessor`.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
@@ -46,35 +46,22 @@ from .safety_loading_safe_llava import SafetyPreTrainedMixin
 from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
 from .safety_processing_safe_llava import SafetyProcessorMixin
 from .presets import load_chat_template, load_safety_policy
+from .bases import BASES, Base
 
 
 __version__ = "0.1.0"
 
-AutoConfig.register(SafeLlavaConfig.model_type, SafeLlavaConfig, exist_ok=True)
-AutoModel.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(SafeLlavaConfig, SafeLlavaForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SafeLlavaConfig, SafeLlavaProcessor, exist_ok=True)
-AutoConfig.register(SafeGemma3Config.model_type, SafeGemma3Config, exist_ok=True)
-AutoModel.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SafeGemma3Config, SafeGemma3Processor, exist_ok=True)
-# As stock Gemma 3 (whose AutoModelForCausalLM is its ForConditionalGeneration class).
+for _base in BASES:
+    AutoConfig.register(_base.model_type, _base.config_class, exist_ok=True)
+    AutoModel.register(_base.config_class, _base.model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(_base.config_class, _base.model_class, exist_ok=True)
+    AutoProcessor.register(_base.config_class, _base.processor_class, exist_ok=True)
+    # Remote code: save_pretrained copies the model files (and their siblings) next to the weights, writes `auto_map`.
+    _base.config_class.register_for_auto_class()
+    _base.model_class.register_for_auto_class("AutoModelForImageTextToText")
+    _base.processor_class.register_for_auto_class("AutoProcessor")
+# As stock Gemma 3, whose AutoModelForCausalLM is its ForConditionalGeneration class.
 AutoModelForCausalLM.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
-AutoConfig.register(SafeLlavaNextConfig.model_type, SafeLlavaNextConfig, exist_ok=True)
-AutoModel.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, exist_ok=True)
-AutoProcessor.register(SafeLlavaNextConfig, SafeLlavaNextProcessor, exist_ok=True)
-
-# Remote code: save_pretrained copies the three model files next to the weights and writes `auto_map`.
-SafeLlavaConfig.register_for_auto_class()
-SafeLlavaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-SafeLlavaProcessor.register_for_auto_class("AutoProcessor")
-SafeGemma3Config.register_for_auto_class()
-SafeGemma3ForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-SafeGemma3Processor.register_for_auto_class("AutoProcessor")
-SafeLlavaNextConfig.register_for_auto_class()
-SafeLlavaNextForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
-SafeLlavaNextProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "SafeLlavaConfig",
@@ -88,13 +75,6 @@ __all__ = [
     "SafeLlavaSafetyAssessment",
     "SafetyPolicy",
     "SafeLlavaProcessor",
-    "SafeGemma3Config",
-    "SafeGemma3PreTrainedModel",
-    "SafeGemma3Model",
-    "SafeGemma3ForConditionalGeneration",
-    "SafeGemma3CausalLMOutputWithPast",
-    "SafeGemma3ModelOutputWithPast",
-    "SafeGemma3Processor",
     "SafeLlavaNextConfig",
     "SafeLlavaNextPreTrainedModel",
     "SafeLlavaNextModel",
@@ -102,9 +82,18 @@ __all__ = [
     "SafeLlavaNextCausalLMOutputWithPast",
     "SafeLlavaNextModelOutputWithPast",
     "SafeLlavaNextProcessor",
+    "SafeGemma3Config",
+    "SafeGemma3PreTrainedModel",
+    "SafeGemma3Model",
+    "SafeGemma3ForConditionalGeneration",
+    "SafeGemma3CausalLMOutputWithPast",
+    "SafeGemma3ModelOutputWithPast",
+    "SafeGemma3Processor",
     "decide_safety_actions",
     "load_chat_template",
     "load_safety_policy",
+    "BASES",
+    "Base",
     # The seam every base builds on (docs/bases.md).
     "SafetyConfigMixin",
     "SafetyPreTrainedMixin",

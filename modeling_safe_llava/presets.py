@@ -4,9 +4,7 @@ An installed wheel carries them under `modeling_safe_llava/presets/<kind>/`; a s
 install) reads them from the repository root.
 """
 
-import importlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 PRESET_KINDS = ("configuration", "processors", "hub_cards")
@@ -56,78 +54,3 @@ def load_safety_policy(name: str = "paper_safety_policy.json") -> dict:
 def load_chat_template(name: str = "chat_template_llava15.jinja") -> str:
     return preset_path("processors", name).read_text()
 
-
-@dataclass(frozen=True)
-class BasePreset:
-    """
-    One supported base model family: which SafeLlava classes wrap it and which presets describe it. The tools pick a
-    base by name from `BASES` (e.g. `safe-llava demo --base gemma3`); model code never branches on a base's name.
-
-    Args:
-        name: the name the CLI takes (`--base`).
-        model_class, processor_class: the SafeLlava classes of the base, exported by `modeling_safe_llava`.
-        stock_checkpoint: the stock checkpoint of the base's 7B-class preset.
-        large_preset: that preset, in `configuration/`.
-        head_reads: what the safety head judges, in a few words (README's table of bases).
-        demo_builder: `"module:function"` building the demo's model and processor, `(language_model, seed)`.
-        demo_language_models: the `--language-model` choices of the demo on this base (the first is the default).
-    """
-
-    name: str
-    model_class: str
-    processor_class: str
-    stock_checkpoint: str
-    large_preset: str
-    head_reads: str
-    demo_builder: str
-    demo_language_models: tuple = ("tiny",)
-
-    def build_demo_model(self, language_model: str | None = None, seed: int = 0):
-        """The demo's model (safety modules untrained) and processor, paper policy texts tokenized."""
-        language_model = language_model or self.demo_language_models[0]
-        if language_model not in self.demo_language_models:
-            raise ValueError(
-                f"--language-model {language_model!r} is not available with --base {self.name}; accepted: "
-                f"{', '.join(self.demo_language_models)}."
-            )
-        module_name, function_name = self.demo_builder.split(":")
-        return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed)
-
-
-BASES = {
-    "llava": BasePreset(
-        name="llava",
-        model_class="SafeLlavaForConditionalGeneration",
-        processor_class="SafeLlavaProcessor",
-        stock_checkpoint="llava-hf/llava-1.5-7b-hf",
-        large_preset="7b.json",
-        head_reads="CLIP's vision_feature_layer (-2), CLS dropped: the 24x24 grid the language model reads",
-        demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
-        demo_language_models=("smollm2", "tiny"),
-    ),
-    "llava-next": BasePreset(
-        name="llava-next",
-        model_class="SafeLlavaNextForConditionalGeneration",
-        processor_class="SafeLlavaNextProcessor",
-        stock_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
-        large_preset="llava-next-7b.json",
-        head_reads="CLIP's vision_feature_layer grid of the base image and of every anyres crop (riskiest unit)",
-        demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
-    ),
-    "gemma3": BasePreset(
-        name="gemma3",
-        model_class="SafeGemma3ForConditionalGeneration",
-        processor_class="SafeGemma3Processor",
-        stock_checkpoint="google/gemma-3-4b-it",
-        large_preset="gemma3-4b.json",
-        head_reads="SigLIP's last hidden state average-pooled as Gemma 3 pools it: the 16x16 grid the language model reads",
-        demo_builder="modeling_safe_llava.tiny_gemma3:build_demo_safe_gemma3",
-    ),
-}
-
-
-def base_preset(name: str) -> BasePreset:
-    """The `BasePreset` named `name`; a `ValueError` naming the accepted names otherwise."""
-    if name not in BASES:
-        raise ValueError(f"Unknown base {name!r}; accepted: {', '.join(BASES)}.")
-    return BASES[name]

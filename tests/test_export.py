@@ -15,6 +15,7 @@ from conftest import chat_prompt, random_image, run_without_the_package
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
+from modeling_safe_llava.bases import BASES
 from modeling_safe_llava.tools import hub as hub_module
 from modeling_safe_llava import load_safety_policy
 from modeling_safe_llava.fileio import MARKER_FILE
@@ -321,7 +322,7 @@ def test_export_writes_its_own_auto_map_whatever_the_loaded_config_said(trained_
         ["--model", str(checkpoint), "--output", str(tmp_path / "export")]
     )
     folder = hub_module.run_export(args)
-    config_map, processor_map = hub_module.own_auto_maps()
+    config_map, processor_map = BASES[0].auto_maps()
     assert json.loads((folder / "config.json").read_text())["auto_map"] == config_map
     assert config_map["AutoModel"] == "modeling_safe_llava.SafeLlavaForConditionalGeneration"
     for name in ("processor_config.json", "tokenizer_config.json"):

@@ -133,3 +133,38 @@ def test_the_usual_lora_targets_wrap_what_they_wrap_on_stock_and_none_of_the_hea
     assert len(stock_wrapped) == 8
     assert safe_wrapped == stock_wrapped
     assert not any("safety" in name for name in safe_wrapped)
+
+
+# -- the registry of bases ---------------------------------------------------------------------------------------
+
+
+def test_an_export_ships_exactly_the_remote_code_its_base_needs(trained_tiny_safe_llava, tmp_path):
+    from modeling_safe_llava.bases import BASES, base_for_model_type
+    from modeling_safe_llava.tools.hub import export_for_hub
+
+    model, processor = trained_tiny_safe_llava
+    folder = export_for_hub(model, processor, tmp_path / "export")
+    base = base_for_model_type(model.config.model_type)
+    assert base is BASES[0]
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(base.remote_code_files())
+    assert "safety_model_safe_llava.py" in base.remote_code_files()  # the shared seam files travel with each base
+
+
+def test_stock_and_safellava_model_types_resolve_through_the_registry_and_others_are_named():
+    from modeling_safe_llava.bases import base_for_model_type, base_for_stock_model_type
+
+    assert base_for_stock_model_type("llava").model_class is SafeLlavaForConditionalGeneration
+    assert base_for_stock_model_type("bert") is None
+    with pytest.raises(ValueError, match=r"model_type 'llava' is not a SafeLlava model; accepted: \['safe_llava'"):
+        base_for_model_type("llava")
+
+
+def test_bases_are_picked_by_name_for_the_command_line():
+    from modeling_safe_llava.bases import base_named
+
+    llava = base_named("llava")
+    assert llava.model_class is SafeLlavaForConditionalGeneration and llava.large_preset == "7b.json"
+    with pytest.raises(ValueError, match="Unknown base 'llava2'; accepted: llava"):
+        base_named("llava2")
+    with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
+        llava.build_demo_model("gpt")

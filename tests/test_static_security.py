@@ -238,8 +238,9 @@ def test_pickle_scanner_accepts_safetensors_loading():
 
 
 def test_every_remote_code_file_of_the_package_is_listed_and_scanned():
-    """A new `*_safe_llava.py` sibling must join `REMOTE_CODE_FILES`: exported, copied and scanned like the others."""
-    assert {path.name for path in PACKAGE_DIR.glob("*_safe_llava.py")} == set(REMOTE_CODE_FILES)
+    """A new `*_safe_*.py` sibling (a base's file, a shared one) must be reached from a base's classes
+    (`bases.Base.remote_code_files`, which make `REMOTE_CODE_FILES`): exported, copied and scanned like the others."""
+    assert {path.name for path in PACKAGE_DIR.glob("*_safe_*.py")} == set(REMOTE_CODE_FILES)
 
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..presets import BASES, base_preset
+from ..bases import BASES, base_named
 from .evaluation import evaluate_with_shift
 from .hub import export_for_hub
 from ..data.mini_benchmark import build_mini_benchmark
@@ -54,17 +54,17 @@ def run_demo(
     Args:
         output_dir: where everything goes (`stage1/`, `stage2/`, `evaluation/`, `export/`, reports).
         language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM);
-            `None`: the base's default (`BasePreset.demo_language_models`; LLaVA: `"smollm2"`).
+            `None`: the base's default (`Base.demo_language_models`; LLaVA: `"smollm2"`).
         seed: seed of the benchmark, the random vision tower and training.
         num_per_category: benchmark images per source (6 sources, 60/20/20 split).
         stage1_epochs, stage2_steps: override the demo recipes (e.g. smaller for CI).
         shown_per_source: held-out images per source judged with a generated answer.
         max_new_tokens: answer length for the judged images.
-        base: the base model family (`modeling_safe_llava.presets.BASES`): `"llava"` (the embedded default) or
+        base: the base model family (`modeling_safe_llava.bases.BASES`, by name): `"llava"` (the embedded default) or
             another base, built as a tiny random model of that family.
     """
-    preset = base_preset(base)
-    language_model = language_model or preset.demo_language_models[0]
+    chosen = base_named(base)
+    language_model = language_model or chosen.demo_language_models[0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clock = _StepClock(total=7)
@@ -73,7 +73,7 @@ def run_demo(
     data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
 
     clock.step(f"building the demo model: base {base}, {language_model} language model")
-    model, processor = preset.build_demo_model(language_model, seed=seed)
+    model, processor = chosen.build_demo_model(language_model, seed=seed)
 
     clock.step("stage 1: training the safety projector, safety tokens and safety head")
     stage1_overrides = {"seed": seed, **({"num_train_epochs": stage1_epochs} if stage1_epochs else {})}
@@ -220,7 +220,7 @@ def _rate(value) -> str:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where models, reports and metrics go")
-    parser.add_argument("--base", choices=tuple(BASES), default="llava",
+    parser.add_argument("--base", choices=tuple(base.name for base in BASES), default="llava",
                         help="the base model family; llava: the embedded default, others: a tiny random model of the family")
     parser.add_argument("--language-model", choices=("smollm2", "tiny"), default=None,
                         help="llava only: smollm2 (real SmolLM2-135M-Instruct, offline wheel, the default) or tiny (2-layer "

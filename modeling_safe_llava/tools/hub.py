@@ -26,7 +26,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 from huggingface_hub.utils import validate_repo_id
 from .. import pipeline_safe_llava
-from ..configuration_safe_llava import SafeLlavaConfig
+from ..bases import base_for_model_type, load_safe_model, load_safe_processor, remote_code_files
 from ..fileio import MARKER_FILE, check_replaceable, write_marker
 from ..policy_safe_llava import SafetyPolicy, generation_config_with_threshold
 from .calibration import check_calibration_applied, load_calibration
@@ -44,23 +44,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_COMMIT_MESSAGE = "Upload SafeLlava export (weights, remote code, processor, model card)"
 
 # The remote code: copied next to the weights, run by `trust_remote_code=True` (torch + transformers + each other).
-REMOTE_CODE_FILES = (
-    "configuration_safe_llava.py",
-    "modeling_safe_llava.py",
-    "safety_module_safe_llava.py",
-    "policy_safe_llava.py",
-    "processing_safe_llava.py",
-    "pipeline_safe_llava.py",
-    "safety_config_safe_llava.py",
-    "safety_loading_safe_llava.py",
-    "safety_model_safe_llava.py",
-    "safety_processing_safe_llava.py",
-    "gemma3_safe_llava.py",
-    "llava_next_safe_llava.py",
-)
+# Every base's files; an export carries its own base's (`Base.remote_code_files`).
+REMOTE_CODE_FILES = remote_code_files()
 REQUIRED_FILES = (
     "config.json", "generation_config.json", "processor_config.json", "tokenizer_config.json", "README.md",
-    *REMOTE_CODE_FILES,
 )
 # Weight or state files that unpickle (and can run code) when loaded: never part of an export.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib")
@@ -158,11 +145,10 @@ def check_exportable(model, processor, allow_untrained_safety: bool = False):
     """Refuses what must not reach the Hub: not a SafeLlava, unmerged LoRA, untrained safety modules, a processor
     that does not fit the model, or policy texts that are missing or tokenized with another tokenizer."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) != SafeLlavaConfig.model_type:
-        raise ValueError(
-            f"export_for_hub takes a SafeLlavaForConditionalGeneration, got {type(model).__name__} with model_type "
-            f"{getattr(config, 'model_type', None)!r}."
-        )
+    try:
+        base_for_model_type(getattr(config, "model_type", None))
+    except ValueError as error:
+        raise ValueError(f"export_for_hub takes a SafeLlava model, got {type(model).__name__}: {error}") from None
     if hasattr(model, "peft_config") or any("lora_" in name for name, _ in model.named_parameters()):
         raise ValueError(
             "This model carries LoRA/PEFT layers; merge them first (peft_model.merge_and_unload()) so that the export "
@@ -299,26 +285,13 @@ def write_export_folder(
     write_marker(folder, EXPORT_COMMAND)
 
 
-def own_auto_maps() -> tuple[dict, dict]:
-    """`(config auto_map, processor auto_map)`: SafeLlava's own classes in the export's remote-code files."""
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from ..processing_safe_llava import SafeLlavaProcessor
-
-    def reference(cls):
-        return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
-
-    model = reference(SafeLlavaForConditionalGeneration)
-    config_map = {"AutoConfig": reference(SafeLlavaConfig), "AutoModel": model, "AutoModelForImageTextToText": model}
-    return config_map, {"AutoProcessor": reference(SafeLlavaProcessor)}
-
-
 def pin_auto_map(folder: Path):
     """
     Rewrites the `auto_map` of `config.json` and of the processor's JSON files with SafeLlava's own entries, whatever
     the loaded config said: an `auto_map` inherited from a downloaded checkpoint (e.g. `"attacker/repo--evil.Evil"`)
     must never send `trust_remote_code` users of this export to other code.
     """
-    config_map, processor_map = own_auto_maps()
+    config_map, processor_map = _folder_base(folder).auto_maps()
     for name, auto_map in ((CONFIG_FILE, config_map), *((name, processor_map) for name in PROCESSOR_FILES)):
         path = folder / name
         if not path.is_file():
@@ -380,11 +353,13 @@ def verify_export_folder(folder) -> Path:
     if pickles:
         raise ValueError(f"{folder} holds pickle files {pickles}; an export carries .safetensors weights only.")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not missing:
+        missing = [name for name in _folder_base(folder).remote_code_files() if not (folder / name).is_file()]
     if missing:
         raise ValueError(f"{folder} is not a complete SafeLlava export: missing {missing}.")
     _check_weights(folder)
     config = json.loads((folder / "config.json").read_text())
-    if config.get("model_type") != SafeLlavaConfig.model_type or "AutoModel" not in (config.get("auto_map") or {}):
+    if "AutoModel" not in (config.get("auto_map") or {}):
         raise ValueError(f"{folder}/config.json is not a SafeLlava config with auto_map.")
     check_custom_pipelines(folder, config.get("custom_pipelines"))
     for name in (CONFIG_FILE, *PROCESSOR_FILES):
@@ -418,6 +393,15 @@ def check_auto_map(folder: Path, file_name: str, auto_map) -> None:
                     f"of this folder (accepted: 'module.Class' with module.py one of {list(REMOTE_CODE_FILES)} present; "
                     "never 'org/repo--module.Class', which would run another repository's code)."
                 )
+
+
+def _folder_base(folder: Path):
+    """The base of the SafeLlava checkpoint in `folder` (from its config.json's `model_type`)."""
+    model_type = json.loads((folder / CONFIG_FILE).read_text()).get("model_type")
+    try:
+        return base_for_model_type(model_type)
+    except ValueError as error:
+        raise ValueError(f"{folder}/config.json is not a SafeLlava config: {error}") from None
 
 
 def _is_local_class_reference(folder: Path, reference) -> bool:
@@ -507,14 +491,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_export(args: argparse.Namespace) -> Path:
     """Loads the checkpoint, exports it, and pushes it when `--push-to-hub` is given. Returns the export folder."""
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from ..processing_safe_llava import SafeLlavaProcessor
     from .loading import check_model_folder
 
     check_model_folder(args.model)
     check_model_folder(args.processor or args.model, "--processor")
-    model = SafeLlavaForConditionalGeneration.from_pretrained(args.model)
-    processor = SafeLlavaProcessor.from_pretrained(args.processor or args.model)
+    model = load_safe_model(args.model)
+    processor = load_safe_processor(args.processor or args.model, model.config.model_type)
     training = json.loads(Path(args.training).read_text()) if args.training else None
     folder = export_for_hub(
         model,

@@ -47,20 +47,20 @@ def processor_batch(processor, model, images: list, prompts: list[str]):
 
 def load_model_and_processor(model_dir, device: str | None = None):
     """
-    A saved SafeLlava and its processor, in eval mode on `device` (default: CUDA when available, else CPU).
+    A saved SafeLlava of any base and its processor, in eval mode on `device` (default: CUDA when available, else
+    CPU). The classes come from the registry of bases (`bases.BASES`), never from the folder's `auto_map`.
 
     Args:
         model_dir (`str` or `os.PathLike`): A folder written by `save_pretrained` (model and processor).
     """
     import torch
 
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
-    from ..processing_safe_llava import SafeLlavaProcessor
+    from ..bases import load_safe_model, load_safe_processor
 
     check_model_folder(model_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SafeLlavaForConditionalGeneration.from_pretrained(model_dir).to(device).eval()
-    processor = SafeLlavaProcessor.from_pretrained(model_dir)
+    model = load_safe_model(model_dir).to(device).eval()
+    processor = load_safe_processor(model_dir, model.config.model_type)
     return model, processor
 
 

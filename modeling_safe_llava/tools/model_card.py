@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import jinja2
 from huggingface_hub import ModelCardData
 
-from ..modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
+from ..bases import base_for_model_type
+from ..safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES
 from ..presets import preset_path
 
 TEMPLATE_NAME = "model_card_template.md"
@@ -144,10 +145,12 @@ def card_metadata(base_model: str, license: str, is_demo: bool) -> ModelCardData
 
 def detail_rows(config, facts: ModelFacts, base_model: str, threshold: float) -> list[tuple[str, str]]:
     """The "Model details" table: architecture, sizes and safety settings, read from the config."""
-    vision, text = config.vision_config, config.text_config
+    vision, text = config.vision_config, config.get_text_config()
+    base = base_for_model_type(config.model_type)
     demo_note = " (architecture family only: this demo's weights are random)" if facts.is_demo else ""
     return [
-        ("Architecture", "SafeLlavaForConditionalGeneration: LLaVA-1.5 + safety projector, safety tokens, safety head"),
+        ("Architecture", f"{base.model_class.__name__}: stock {base.model_class.stock_class.__name__} + safety "
+                         "projector, safety tokens, safety head"),
         ("Base model (metadata)", f"`{base_model}`{demo_note}"),
         ("Vision tower", f"{vision.model_type}, {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, "
                          f"{vision.image_size}px images, patch {vision.patch_size}"),

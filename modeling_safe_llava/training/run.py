@@ -261,15 +261,14 @@ def load_model_and_processor(model_args: ModelArguments, stage: int):
     The model and processor a stage starts from.
 
     - no `model_name_or_path` (stage 1 only): a tiny random SafeLlava built offline, for demos;
-    - a stock LLaVA-1.5 checkpoint (stage 1 only): converted with `from_llava`, safety modules freshly added,
-      policy texts from `model_args.safety_policy`;
-    - a SafeLlava folder or Hub id (for stage 2: the stage-1 output folder).
+    - a stock checkpoint of a base (stage 1 only; LLaVA-1.5, ...: `bases.BASES`): converted with `from_base`, safety
+      modules freshly added, policy texts from `model_args.safety_policy`;
+    - a SafeLlava folder or Hub id of any base (for stage 2: the stage-1 output folder).
     """
     from transformers import AutoConfig
 
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..bases import base_for_model_type, base_for_stock_model_type
     from ..presets import load_safety_policy
-    from ..processing_safe_llava import SafeLlavaProcessor
     from ..tiny import build_tiny_safe_llava
 
     path = model_args.model_name_or_path
@@ -283,16 +282,18 @@ def load_model_and_processor(model_args: ModelArguments, stage: int):
     if model_args.dtype not in _DTYPES:
         raise ValueError(f"dtype={model_args.dtype!r} is not supported; accepted: {sorted(_DTYPES)}.")
     dtype = _DTYPES[model_args.dtype]
-    if AutoConfig.from_pretrained(path).model_type == "llava":
+    model_type = AutoConfig.from_pretrained(path).model_type
+    stock_base = base_for_stock_model_type(model_type)
+    if stock_base is not None:
         if stage == 2:
-            raise ValueError(f"{path} is a stock LLaVA checkpoint; stage 2 starts from the stage-1 output folder.")
+            raise ValueError(f"{path} is a stock {model_type} checkpoint; stage 2 starts from the stage-1 output folder.")
         policy = load_safety_policy(model_args.safety_policy)
-        model = SafeLlavaForConditionalGeneration.from_llava(path, dtype=dtype, **policy)
-        processor = SafeLlavaProcessor.from_llava(path, num_llm_safety_tokens=model.config.num_llm_safety_tokens)
+        model = stock_base.model_class.from_base(path, dtype=dtype, **policy)
+        processor = stock_base.processor_class.from_base(path, num_llm_safety_tokens=model.config.num_llm_safety_tokens)
         model.tokenize_safety_texts(processor)
         return model, processor
-    model = SafeLlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
-    return model, SafeLlavaProcessor.from_pretrained(path)
+    base = base_for_model_type(model_type)
+    return base.model_class.from_pretrained(path, dtype=dtype), base.processor_class.from_pretrained(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -245,13 +245,13 @@ def load_stage2_model(base, adapter_dir: str | Path, merge: bool = False, **from
     Args:
         base: the stage-1 model, or its folder.
         adapter_dir: a folder written by `save_stage2`.
-        merge: return the merged `SafeLlavaForConditionalGeneration` instead of a `PeftModel`.
-        from_pretrained_kwargs: passed to `SafeLlavaForConditionalGeneration.from_pretrained` when `base` is a path.
+        merge: return the merged SafeLlava model instead of a `PeftModel`.
+        from_pretrained_kwargs: passed to the base's `from_pretrained` when `base` is a path (any base).
     """
-    from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+    from ..bases import load_safe_model
 
     if isinstance(base, (str, Path)):
-        base = SafeLlavaForConditionalGeneration.from_pretrained(base, **from_pretrained_kwargs)
+        base = load_safe_model(base, **from_pretrained_kwargs)
     safety_path = Path(adapter_dir) / SAFETY_MODULES_FILE
     if safety_path.is_file():
         state = load_file(str(safety_path))
