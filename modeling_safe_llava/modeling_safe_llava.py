@@ -152,8 +152,8 @@ class SafeLlavaForConditionalGeneration(
     SafetyForConditionalGenerationMixin, LlavaForConditionalGeneration, SafeLlavaPreTrainedModel
 ):
     """
-    LLaVA-1.5 with the safety module. `forward` is stock LLaVA's plus the safety logits; `generate` is stock's with the
-    verdict in front; `assess_safety` is the verdict alone (see [`SafetyForConditionalGenerationMixin`]).
+    LLaVA-1.5 with the safety module: `forward` is stock LLaVA's plus the safety logits, `generate` stock's with the
+    verdict in front, `assess_safety` the verdict alone ([`SafetyForConditionalGenerationMixin`]).
 
     Example:
 
@@ -177,6 +177,33 @@ class SafeLlavaForConditionalGeneration(
         self.model = SafeLlavaModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        safety_labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SafeLlavaCausalLMOutputWithPast:
+        r"""
+        Stock LLaVA's forward (stock's arguments by name, as `generate` reads them), plus the safety logits whenever
+        this call encodes `pixel_values`; `safety_labels` and `output_safety` as in the mixin's `forward`.
+        """
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
+            logits_to_keep=logits_to_keep, vision_feature_layer=vision_feature_layer, image_sizes=image_sizes,
+            vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
+        )
 
 
 __all__ = [

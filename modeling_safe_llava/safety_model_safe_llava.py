@@ -47,10 +47,14 @@ class SafetyModelMixin:
     Class attributes a base sets:
         safety_output_class: the headless output class (the stock one plus the safety fields).
         safety_image_kwargs: the names of the forward arguments its `get_image_features` takes besides pixel values.
+        safety_passes_output_flags: whether output flags reach `get_image_features` (default `True`).
     """
 
     safety_output_class = None
     safety_image_kwargs = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+    # Whether the caller's `output_hidden_states` / `output_attentions` reach `get_image_features` (stock LLaVA's
+    # forward passes them on since transformers 5.24; a base whose stock forward never does sets False).
+    safety_passes_output_flags = True
 
     # -- the seam: what a base supplies ----------------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class SafetyModelMixin:
     def encode_images(self, pixel_values, **image_kwargs):
         """The base's `get_image_features` (LLM safety tokens in front), keeping only the image arguments it takes
         (`safety_image_kwargs`) and the output flags that are set."""
-        flags = {k: True for k in _OUTPUT_FLAGS if image_kwargs.get(k)}
+        flags = {k: True for k in _OUTPUT_FLAGS if image_kwargs.get(k) and self.safety_passes_output_flags}
         image_kwargs = {k: v for k, v in image_kwargs.items() if k in self.safety_image_kwargs and v is not None}
         return self.get_image_features(pixel_values, return_dict=True, **image_kwargs, **flags)
 
@@ -177,9 +181,9 @@ class SafetyModelMixin:
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
+            **_cache_argument(past_key_values),
             **{**kwargs, "return_dict": True},
         )
         image_outputs = (mm_encoder_outputs or {}).get("image")
@@ -194,11 +198,8 @@ class SafetyForConditionalGenerationMixin:
     """
     Put in front of a base's stock ForConditionalGeneration class. `forward` is stock's plus the safety logits,
     `generate` is stock's with the verdict in front (`policy_safe_llava.generate_with_safety`), `assess_safety` is the
-    verdict alone. Each validates its inputs once and builds the policy once.
-
-    Class attributes a base sets:
-        stock_class: the stock ForConditionalGeneration class (`from_base` accepts its models and checkpoints).
-        safety_output_class: the causal-LM output class (the stock one plus the safety fields).
+    verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
+    class `from_base` converts) and `safety_output_class` (stock's causal-LM output plus the safety fields).
     """
 
     safety_output_class = None
@@ -208,15 +209,10 @@ class SafetyForConditionalGenerationMixin:
     @classmethod
     def from_base(cls, model_or_path, processor=None, **config_overrides):
         """
-        The SafeLlava of a stock model (`cls.stock_class`: instance, folder or Hub id): every stock weight kept bit
-        for bit, the safety module freshly initialised (and marked untrained), the paper's policy unless overridden,
-        and its texts tokenized with `processor` when one is given.
-
-        Args:
-            model_or_path: a `cls.stock_class` model, or anything `from_pretrained` accepts.
-            processor: optional SafeLlava processor whose tokenizer encodes the safety texts.
-            config_overrides: config fields (e.g. `num_llm_safety_tokens=0`, policy fields); `from_pretrained` kwargs
-                such as `dtype` are passed on when loading a path.
+        The SafeLlava of a stock `cls.stock_class` model (instance, folder or Hub id): every stock weight kept bit for
+        bit, the safety module freshly initialised (and marked untrained), the paper's policy unless overridden by
+        `config_overrides` (config fields; `from_pretrained` kwargs such as `dtype` are passed on when loading a path),
+        and its texts tokenized with `processor` (a SafeLlava processor) when one is given.
         """
         model = cls._from_stock(model_or_path, dict(config_overrides))
         if processor is not None:
@@ -258,20 +254,14 @@ class SafetyForConditionalGenerationMixin:
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_encoder_outputs=mm_encoder_outputs,
             output_safety=output_safety,
+            **_cache_argument(past_key_values),
             **{**kwargs, "return_dict": True},
         )
         logits = self.lm_head(_keep_logits(outputs.last_hidden_state, logits_to_keep))
-        lm_loss = safety = None
-        if labels is not None:
-            vocab_size = self.config.get_text_config().vocab_size
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
-        if safety_labels is not None:
-            level, kind = outputs.safety_level_logits, outputs.safety_type_logits
-            safety = safety_loss(level, kind, safety_labels, outputs.images_per_row)
+        lm_loss, safety = _losses(self, logits, labels, outputs, safety_labels, kwargs)
         # Stock's own fields, whatever this transformers version names them (`past_key_values` or `cache`, ...).
         stock_fields = {name: value for name, value in outputs.items() if name not in _BASE_ONLY_FIELDS}
         return self.safety_output_class(
@@ -354,6 +344,24 @@ def _check_direct_call(config, input_ids):
     IndexError inside torch (skipped under `torch.compile`, where it would be a host sync)."""
     if not torch.compiler.is_compiling():
         check_input_ids(config, input_ids)
+
+
+def _losses(model, logits, labels, outputs, safety_labels, kwargs):
+    """`(lm_loss, safety_loss)` of a forward, each `None` without its labels."""
+    lm_loss = safety = None
+    if labels is not None:
+        vocab_size = model.config.get_text_config().vocab_size
+        lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+    if safety_labels is not None:
+        level, kind = outputs.safety_level_logits, outputs.safety_type_logits
+        safety = safety_loss(level, kind, safety_labels, outputs.images_per_row)
+    return lm_loss, safety
+
+
+def _cache_argument(past_key_values) -> dict:
+    """`past_key_values` passed on only when given: transformers >= 5.25 names the cache `cache` and logs a
+    deprecation for every explicit `past_key_values=`, even `None`."""
+    return {} if past_key_values is None else {"past_key_values": past_key_values}
 
 
 def _keep_logits(hidden_states, logits_to_keep):

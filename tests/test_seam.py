@@ -168,3 +168,37 @@ def test_bases_are_picked_by_name_for_the_command_line():
         base_named("llava2")
     with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
         llava.build_demo_model("gpt")
+
+
+@pytest.mark.parametrize(
+    "extra", [{"vision_feature_layer": -2}, {"vision_feature_select_strategy": "default"}, {"logits_to_keep": 1}]
+)
+def test_generate_accepts_the_image_arguments_stock_llavas_forward_names(tiny_llava, trained_tiny_safe_llava, extra):
+    """`generate` accepts a model kwarg only when `forward` names it: SafeLlava's names stock LLaVA's arguments."""
+    stock, stock_processor = tiny_llava
+    model, processor = trained_tiny_safe_llava
+    for generator, batch in ((stock, inputs_with_images(stock_processor)), (model, inputs_with_images(processor))):
+        tokens = generator.generate(**batch, **extra, max_new_tokens=3, do_sample=False)
+        assert tokens.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_several_grids_per_image_are_judged_by_the_riskiest(trained_tiny_safe_llava, monkeypatch):
+    """`safety_units_per_image` (LLaVA-NeXT's crops): a row's verdict is its riskiest unit's. Each image given as two
+    units, as is and blanked, gives per row the riskier of the two one-unit verdicts."""
+    model, processor = trained_tiny_safe_llava
+    inputs = inputs_with_images(processor)
+    base = model.model
+    torch.manual_seed(0)
+    torch.nn.init.normal_(base.safety_module.head.level_classifier.weight, std=1.0)  # risks that differ per image
+    grids = base.safety_vision_states
+    as_is = model.assess_safety(**inputs, safety_threshold=0.0)
+    monkeypatch.setattr(base, "safety_vision_states", lambda outputs: 0 * grids(outputs))
+    blanked = model.assess_safety(**inputs, safety_threshold=0.0)
+    assert not torch.allclose(as_is.risk, blanked.risk)
+    two_units = lambda outputs: torch.stack([grids(outputs), 0 * grids(outputs)], dim=1).flatten(0, 1)  # noqa: E731
+    monkeypatch.setattr(base, "safety_vision_states", two_units)
+    monkeypatch.setattr(base, "safety_units_per_image", lambda outputs: torch.tensor([2, 2]))
+    both = model.assess_safety(**inputs, safety_threshold=0.0)
+    assert torch.allclose(both.risk, torch.maximum(as_is.risk, blanked.risk), atol=1e-6)
+    assert (blanked.risk > as_is.risk).any() and (as_is.risk > blanked.risk).any()  # each unit wins somewhere
+    assert both.images_per_row.tolist() == [1, 1]
