@@ -16,13 +16,14 @@ Run: `python -m benchmarks.llava_next_crops` (about a minute on 2 CPU cores). Nu
 
 import argparse
 import json
+import math
 import time
 
 import numpy as np
 import torch
 from PIL import Image
 
-from modeling_safe_llava import SafeLlavaConfig
+from modeling_safe_llava import SafeLlavaNextConfig
 from modeling_safe_llava.safety_module_safe_llava import SafeLlavaSafetyModule
 from modeling_safe_llava.tiny import build_tiny_llava_next, load_model_preset, safety_fields
 
@@ -41,22 +42,25 @@ def toy_image(rng: np.random.RandomState, risky: bool, size: int = 32) -> Image.
 
 
 def encode(stock, processor, images):
-    """Frozen vision tower on every crop: hidden states `(num_images, num_crops, 1 + patches, dim)` per layer."""
+    """Frozen vision tower on every crop, at the layer the head reads (CLS dropped), as the grid
+    `SafeLlavaNextModel.safety_vision_states` gives: `(num_images, num_crops, grid, grid, dim)`."""
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     num_images, num_crops = pixel_values.shape[:2]
     with torch.no_grad():
         out = stock.model.vision_tower(pixel_values.flatten(0, 1), output_hidden_states=True, return_dict=True)
-    return [h.view(num_images, num_crops, *h.shape[1:]) for h in out.hidden_states], num_crops
+    states = out.hidden_states[stock.config.vision_feature_layer][:, 1:]
+    side = int(states.shape[1] ** 0.5)
+    return states.reshape(num_images, num_crops, side, side, states.shape[-1]), num_crops
 
 
-def judge(module, hidden_states, query, strategy: str):
+def judge(module, states, query, strategy: str):
     """Level logits per image: the base crop alone, or every crop with the riskiest one per image."""
-    num_images, num_crops = hidden_states[0].shape[:2]
+    num_images, num_crops = states.shape[:2]
     if strategy == "base":
-        states, per_image = tuple(h[:, 0] for h in hidden_states), torch.ones(num_images, dtype=torch.long)
+        grids, per_image = states[:, 0], torch.ones(num_images, dtype=torch.long)
     else:
-        states, per_image = tuple(h.flatten(0, 1) for h in hidden_states), torch.full((num_images,), num_crops)
-    level_logits, _ = module(states, query.expand(num_images, -1), per_image)
+        grids, per_image = states.flatten(0, 1), torch.full((num_images,), num_crops)
+    level_logits, _ = module(grids, query.expand(num_images, -1), per_image)
     return level_logits
 
 
@@ -71,7 +75,7 @@ def train_and_score(config, hidden, labels, test_hidden, test_labels, strategy, 
     start = time.perf_counter()
     for step in range(steps):
         batch = torch.randint(0, len(labels), (32,), generator=torch.Generator().manual_seed(seed * 1000 + step))
-        logits = judge(module, [h[batch] for h in hidden], query, strategy)
+        logits = judge(module, hidden[batch], query, strategy)
         loss = torch.nn.functional.cross_entropy(logits, targets[batch])
         optimizer.zero_grad()
         loss.backward()
@@ -91,7 +95,8 @@ def auroc(scores, labels) -> float:
 
 def robustness(steps: int, seeds: list[int]):
     stock, processor = build_tiny_llava_next(seed=0)
-    config = SafeLlavaConfig(**_llava_fields(stock.config))
+    fields = {**safety_fields("llava-next-tiny.json"), "num_llm_safety_tokens": 0}
+    config = SafeLlavaNextConfig.from_base_config(stock.config, **fields)
     rng = np.random.RandomState(0)
     labels = torch.tensor([i % 2 for i in range(256)])
     test_labels = torch.tensor([i % 2 for i in range(200)])
@@ -104,26 +109,21 @@ def robustness(steps: int, seeds: list[int]):
     return results, num_crops
 
 
-def _llava_fields(next_config) -> dict:
-    fields = {key: getattr(next_config, key) for key in ("vision_feature_layer", "vision_feature_select_strategy")}
-    return {"vision_config": next_config.vision_config.to_dict(), "text_config": next_config.text_config.to_dict(),
-            **fields, **safety_fields("llava-next-tiny.json"), "num_llm_safety_tokens": 0}  # fmt: skip
-
-
 def cost_7b(repeats: int):
     """Seconds per image for the safety projector + head at the 7B shape, on 1 crop vs 5 crops (672x672 image)."""
     preset = load_model_preset("llava-next-7b.json")
-    config = SafeLlavaConfig(
-        vision_config=preset["vision_config"], text_config=preset["text_config"], num_llm_safety_tokens=0,
-        **{k: v for k, v in safety_fields("llava-next-7b.json").items() if k != "num_llm_safety_tokens"},
+    config = SafeLlavaNextConfig(
+        vision_config=preset["vision_config"], text_config=preset["text_config"],
+        **{**safety_fields("llava-next-7b.json"), "num_llm_safety_tokens": 0},
     )  # fmt: skip
     torch.manual_seed(0)
     module = SafeLlavaSafetyModule(config).eval()
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
     query = torch.randn(1, config.text_config.hidden_size)
     timings = {}
+    side = math.isqrt(patches)
     for crops in (1, 5):
-        states = (torch.randn(crops, 1 + patches, config.vision_config.hidden_size),) * (config.vision_config.num_hidden_layers + 1)
+        states = torch.randn(crops, side, side, config.vision_config.hidden_size)
         with torch.no_grad():
             module(states, query, torch.tensor([crops]))  # warm-up
             start = time.perf_counter()

@@ -111,7 +111,8 @@ BASES = (
         name="llava-next",
         stock_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
         large_preset="llava-next-7b.json",
-        head_reads="CLIP's vision_feature_layer grid of the base image and of every anyres crop (riskiest unit)",
+        head_reads="every anyres crop (the base image and each high-resolution crop: 24x24 grids at vision_feature_layer "
+        "-2, CLS dropped); a row's verdict is its riskiest crop",
         demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
     ),
     Base(

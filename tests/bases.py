@@ -30,11 +30,11 @@ class TestBase:
         model_class, processor_class: names of the SafeLlava classes in `modeling_safe_llava`.
         preset: the tiny configuration preset whose safety fields the SafeLlava gets.
         image_fields: the processor outputs that belong to images (one entry per image, in image order).
-        prompt_fields: processor outputs besides `input_ids` / `attention_mask` that follow the prompt's tokens
-            (Gemma 3: `token_type_ids`); they go wherever `input_ids` is replaced by `inputs_embeds`.
         image_shapes: `(width, height)` of the random images of rows 0, 1, 2, ... (cycled).
         units_per_image: `(inputs) -> list[int]`, how many vision units (crops) the safety head judges per image.
         compiles_fullgraph: whether stock's forward with images compiles under `torch.compile(fullgraph=True)`.
+        prompt_fields: processor outputs besides `input_ids` / `attention_mask` that follow the prompt's tokens
+            (Gemma 3: `token_type_ids`); they go wherever `input_ids` is replaced by `inputs_embeds`.
         generates_from_inputs_embeds: whether stock's `generate` takes `inputs_embeds` (stock Gemma 3 raises).
     """
 
@@ -44,10 +44,10 @@ class TestBase:
     processor_class: str
     preset: str
     image_fields: tuple = ("pixel_values",)
-    prompt_fields: tuple = ()
     image_shapes: tuple = ((20, 20),)
     units_per_image: Callable | None = None
     compiles_fullgraph: bool = True
+    prompt_fields: tuple = ()
     generates_from_inputs_embeds: bool = True
 
     __test__ = False  # not a pytest test class

@@ -204,6 +204,7 @@ def test_training_collators_carry_every_image_field(base):
     """The Trainer's batches hold what the base's processor returns for images (LLaVA-NeXT: `image_sizes` too), so
     that stage 1 and 2 train every base through the same collators."""
     from modeling_safe_llava.training import SafeLlavaPromptCollator, SafeLlavaTrainingCollator
+    from modeling_safe_llava.training.run import SafetyHeadObjective
 
     _, safe, processor = base.build_pair(num_llm_safety_tokens=4)
     rows = [
@@ -219,8 +220,28 @@ def test_training_collators_carry_every_image_field(base):
     assert set(base.image_fields) <= set(batch)
     out = safe(**batch)
     assert out.loss is not None and out.safety_loss is not None and torch.isfinite(out.loss)
+    head_only = SafetyHeadObjective(safe)(**batch)  # stage 1's "safety_head" objective: no language model
+    torch.testing.assert_close(head_only.safety_loss, out.safety_loss)
     prompts = SafeLlavaPromptCollator(processor)(rows)
     assert set(base.image_fields) <= set(prompts)
     prompts.pop("safety_labels")
     safe.config.safety_modules_trained = True
     assert len(safe.assess_safety(**prompts).actions) == 2
+
+
+def test_export_carries_the_bases_own_remote_code_and_reloads(base, tmp_path):
+    """`export_for_hub` takes any base: the folder holds exactly that base's remote-code files, and the Auto classes
+    reload it with the same outputs."""
+    from modeling_safe_llava.bases import base_for_model_type
+    from modeling_safe_llava.tools.hub import export_for_hub
+
+    _, safe, processor = base.build_pair(num_llm_safety_tokens=4)
+    safe.config.safety_modules_trained = True
+    folder = export_for_hub(safe, processor, tmp_path / "export")
+    own_files = base_for_model_type(safe.config.model_type).remote_code_files()
+    assert sorted(path.name for path in folder.glob("*.py")) == sorted(own_files)
+    reloaded = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert type(reloaded) is base.safe_model_class
+    inputs = batch(base, processor)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, safe(**inputs).logits)

@@ -127,3 +127,67 @@ def test_config_is_llava_next_plus_the_safety_fields():
     assert config.auto_map["AutoModel"] == "llava_next_safe_llava.SafeLlavaNextForConditionalGeneration"
     with pytest.raises(ValueError, match="num_safety_tokens"):
         SafeLlavaNextConfig(num_safety_tokens=0)
+
+
+def test_images_encoded_by_stock_get_a_clear_error(pair):
+    """Stock's image outputs lack the crop counts the head needs: a clear error, not a count mismatch."""
+    stock, safe, processor = pair
+    inputs = one_image_inputs(processor, 0)
+    with torch.no_grad():
+        features = stock.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], output_hidden_states=True)
+    with pytest.raises(ValueError, match="anyres crops"):
+        safe.generate(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            mm_encoder_outputs={"image": features},
+            safety_threshold=0.5,
+            max_new_tokens=1,
+        )
+
+
+def test_7b_preset_is_the_llava_v1_6_mistral_shape_with_the_papers_safety_modules():
+    from modeling_safe_llava.tiny import load_model_preset
+
+    preset = load_model_preset("llava-next-7b.json")
+    fields = {k: v for k, v in preset.items() if not k.startswith("_") and k not in ("base_checkpoint", "base_model_type")}
+    config = SafeLlavaNextConfig(**fields)
+    assert (config.text_config.model_type, config.text_config.num_key_value_heads) == ("mistral", 8)
+    assert config.image_grid_pinpoints[2] == [672, 672] and config.num_llm_safety_tokens == 64
+    assert config.safety_projector_hidden_size == 1024 + 64  # the paper's C-Abstractor width
+    with torch.device("meta"):
+        model = SafeLlavaNextForConditionalGeneration(config)
+    total = sum(p.numel() for p in model.parameters())
+    safety = sum(p.numel() for n, p in model.named_parameters() if n.startswith("model.safety_module."))
+    assert 7.4e9 < total < 7.8e9, total  # llava-v1.6-mistral-7b: 7.57B parameters
+    assert safety / total < 0.02, safety / total
+
+
+def test_registry_entry_builds_the_demo_model():
+    """`safe-llava demo --base llava-next` builds a tiny random LLaVA-NeXT (configuration/demo-llava-next.json)."""
+    from PIL import Image
+
+    from modeling_safe_llava.bases import base_named
+
+    entry = base_named("llava-next")
+    assert entry.model_class is SafeLlavaNextForConditionalGeneration and entry.large_preset == "llava-next-7b.json"
+    model, processor = entry.build_demo_model()
+    assert type(model) is SafeLlavaNextForConditionalGeneration and model.config.num_llm_safety_tokens == 8
+    inputs = processor(images=[Image.new("RGB", (48, 48), "red")], text=[chat_prompt(processor)], return_tensors="pt")
+    assert inputs["pixel_values"].shape[1] == 3  # the base image and two anyres crops
+    assert model(**inputs).safety_level_logits.shape == (1, 4)
+    with pytest.raises(ValueError, match="tiny"):
+        entry.build_demo_model("smollm2")
+
+
+def test_pixel_values_without_image_sizes_get_a_clear_error(pair):
+    """Stock raises a TypeError deep in its anyres code; SafeLlava-NeXT raises the same type, naming what is missing,
+    on every route (forward, the verdict alone)."""
+    stock, safe, processor = pair
+    inputs = one_image_inputs(processor, 0)
+    del inputs["image_sizes"]
+    with pytest.raises(TypeError):
+        stock(**inputs)
+    with pytest.raises(TypeError, match="image_sizes"):
+        safe(**inputs)
+    with pytest.raises(TypeError, match="image_sizes"):
+        safe.assess_safety(**inputs)

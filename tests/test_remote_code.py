@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
 from modeling_safe_llava.bases import base_for_model_type
+from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
 
 
 def save(model, processor, folder):
@@ -28,8 +29,12 @@ def test_auto_classes_in_process(trained_tiny_safe_llava, tmp_path):
 def test_saved_folder_carries_remote_code_and_auto_map(trained_tiny_safe_llava, tmp_path):
     model, processor = trained_tiny_safe_llava
     save(model, processor, tmp_path)
-    for name in base_for_model_type(model.config.model_type).remote_code_files():  # LLaVA's, not every base's
+    own_files = base_for_model_type(model.config.model_type).remote_code_files()
+    for name in own_files:
         assert (tmp_path / name).is_file(), name
+    assert set(own_files) <= set(REMOTE_CODE_FILES)
+    other_bases = set(REMOTE_CODE_FILES) - set(own_files)  # another base's file is not this checkpoint's code
+    assert not any((tmp_path / name).exists() for name in other_bases), sorted(other_bases)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert auto_map["AutoConfig"] == "configuration_safe_llava.SafeLlavaConfig"
     assert auto_map["AutoModel"] == "modeling_safe_llava.SafeLlavaForConditionalGeneration"

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from modeling_safe_llava import SafeLlavaForConditionalGeneration
 from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 from modeling_safe_llava.presets import load_json_preset
+from modeling_safe_llava.bases import base_for_model_type
 from modeling_safe_llava.tools.hub import REMOTE_CODE_FILES
 from modeling_safe_llava.tiny import build_tiny_llava, build_tiny_safe_llava
 from modeling_safe_llava.training import (
@@ -128,8 +129,8 @@ def test_stage1_saves_a_full_safe_llava_marked_trained(stage1_run):
     _, model, _, folder = stage1_run
     files = {path.name for path in folder.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json"} <= files
-    remote_code = set(REMOTE_CODE_FILES)
-    assert remote_code <= files
+    remote_code = set(base_for_model_type(model.config.model_type).remote_code_files())
+    assert remote_code <= files and remote_code <= set(REMOTE_CODE_FILES)
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["safety_modules_trained"] is True and "AutoModelForImageTextToText" in config["auto_map"]

@@ -120,10 +120,15 @@ class SafetyHeadObjective(nn.Module):
         self.model = model
         self.config = model.config
 
-    def forward(self, input_ids, pixel_values, attention_mask=None, safety_labels=None, labels=None):
-        # `labels` (LM targets) are accepted and unused: the collator is the same for both objectives.
+    def forward(self, input_ids, pixel_values, attention_mask=None, safety_labels=None, labels=None, **image_fields):
+        # `labels` (LM targets) are accepted and unused: the collator is the same for both objectives. The base's
+        # other image fields (LLaVA-NeXT: `image_sizes`) go to its image encoder.
         return self.model.safety_forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, safety_labels=safety_labels
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            safety_labels=safety_labels,
+            **image_fields,
         )
 
 
