@@ -53,4 +53,3 @@ def load_safety_policy(name: str = "paper_safety_policy.json") -> dict:
 
 def load_chat_template(name: str = "chat_template_llava15.jinja") -> str:
     return preset_path("processors", name).read_text()
-
