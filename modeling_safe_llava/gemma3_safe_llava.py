@@ -170,6 +170,7 @@ class SafeGemma3Model(SafetyModelMixin, Gemma3Model, SafeGemma3PreTrainedModel):
     config_class = SafeGemma3Config
     safety_output_class = SafeGemma3ModelOutputWithPast
     safety_image_kwargs = ()
+    safety_passes_output_flags = False  # stock Gemma 3 encodes images without the caller's output flags
 
     def __init__(self, config: SafeGemma3Config):
         # Gemma3Model's modules, then the safety module, then one post_init().
@@ -265,6 +266,7 @@ class SafeGemma3ForConditionalGeneration(
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values=None,
+        cache=None,
         token_type_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -277,7 +279,7 @@ class SafeGemma3ForConditionalGeneration(
     ) -> SafeGemma3CausalLMOutputWithPast:
         r"""
         [`SafetyForConditionalGenerationMixin.forward`] with Gemma 3's own arguments named, so that `generate` passes
-        them as it does to stock.
+        them as it does to stock (`cache` is transformers 5.24+'s name of `past_key_values`).
 
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 at image placeholders (the LLM safety tokens' included): bidirectional attention within each image.
@@ -296,6 +298,7 @@ class SafeGemma3ForConditionalGeneration(
             logits_to_keep=logits_to_keep,
             mm_encoder_outputs=mm_encoder_outputs,
             output_safety=output_safety,
+            **({} if cache is None else {"cache": cache}),
             **kwargs,
         )
 
