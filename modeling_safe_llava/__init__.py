@@ -5,9 +5,18 @@ classes: `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give 
 ForConditionalGeneration class) and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .gemma3_safe_llava import (
+    SafeGemma3CausalLMOutputWithPast,
+    SafeGemma3Config,
+    SafeGemma3ForConditionalGeneration,
+    SafeGemma3Model,
+    SafeGemma3ModelOutputWithPast,
+    SafeGemma3PreTrainedModel,
+    SafeGemma3Processor,
+)
 from .llava_next_safe_llava import (
     SafeLlavaNextCausalLMOutputWithPast,
     SafeLlavaNextConfig,
@@ -51,6 +60,8 @@ for _base in BASES:
     _base.config_class.register_for_auto_class()
     _base.model_class.register_for_auto_class("AutoModelForImageTextToText")
     _base.processor_class.register_for_auto_class("AutoProcessor")
+# As stock Gemma 3, whose AutoModelForCausalLM is its ForConditionalGeneration class.
+AutoModelForCausalLM.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "SafeLlavaConfig",
@@ -64,6 +75,13 @@ __all__ = [
     "SafeLlavaSafetyAssessment",
     "SafetyPolicy",
     "SafeLlavaProcessor",
+    "SafeGemma3Config",
+    "SafeGemma3PreTrainedModel",
+    "SafeGemma3Model",
+    "SafeGemma3ForConditionalGeneration",
+    "SafeGemma3CausalLMOutputWithPast",
+    "SafeGemma3ModelOutputWithPast",
+    "SafeGemma3Processor",
     "SafeLlavaNextConfig",
     "SafeLlavaNextPreTrainedModel",
     "SafeLlavaNextModel",

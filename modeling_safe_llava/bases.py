@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .configuration_safe_llava import SafeLlavaConfig
+from .gemma3_safe_llava import SafeGemma3Config, SafeGemma3ForConditionalGeneration, SafeGemma3Processor
 from .llava_next_safe_llava import SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, SafeLlavaNextProcessor
 from .modeling_safe_llava import SafeLlavaForConditionalGeneration
 from .processing_safe_llava import SafeLlavaProcessor
@@ -113,6 +114,16 @@ BASES = (
         head_reads="every anyres crop (the base image and each high-resolution crop: 24x24 grids at vision_feature_layer "
         "-2, CLS dropped); a row's verdict is its riskiest crop",
         demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
+    ),
+    Base(
+        SafeGemma3Config,
+        SafeGemma3ForConditionalGeneration,
+        SafeGemma3Processor,
+        name="gemma3",
+        stock_checkpoint="google/gemma-3-4b-it",
+        large_preset="gemma3-4b.json",
+        head_reads="SigLIP's last hidden state average-pooled as Gemma 3 pools it: the 16x16 grid the language model reads",
+        demo_builder="modeling_safe_llava.tiny_gemma3:build_demo_safe_gemma3",
     ),
 )
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 import modeling_safe_llava
 from modeling_safe_llava.presets import load_safety_policy
-from modeling_safe_llava import tiny
+from modeling_safe_llava import tiny, tiny_gemma3
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class TestBase:
         image_shapes: `(width, height)` of the random images of rows 0, 1, 2, ... (cycled).
         units_per_image: `(inputs) -> list[int]`, how many vision units (crops) the safety head judges per image.
         compiles_fullgraph: whether stock's forward with images compiles under `torch.compile(fullgraph=True)`.
+        prompt_fields: processor outputs besides `input_ids` / `attention_mask` that follow the prompt's tokens
+            (Gemma 3: `token_type_ids`); they go wherever `input_ids` is replaced by `inputs_embeds`.
+        generates_from_inputs_embeds: whether stock's `generate` takes `inputs_embeds` (stock Gemma 3 raises).
     """
 
     name: str
@@ -44,6 +47,8 @@ class TestBase:
     image_shapes: tuple = ((20, 20),)
     units_per_image: Callable | None = None
     compiles_fullgraph: bool = True
+    prompt_fields: tuple = ()
+    generates_from_inputs_embeds: bool = True
 
     __test__ = False  # not a pytest test class
 
@@ -115,6 +120,15 @@ BASES = {
         image_shapes=((40, 12), (20, 20), (12, 40)),
         units_per_image=_llava_next_crops,
         compiles_fullgraph=False,  # anyres: each image's crop grid is chosen from its size (data-dependent)
+    ),
+    "gemma3": TestBase(
+        name="gemma3",
+        build_stock=lambda seed: tiny_gemma3.build_tiny_gemma3(seed=seed),
+        model_class="SafeGemma3ForConditionalGeneration",
+        processor_class="SafeGemma3Processor",
+        preset="tiny-gemma3.json",
+        prompt_fields=("token_type_ids",),  # bidirectional attention within each image
+        generates_from_inputs_embeds=False,  # Gemma3ForConditionalGeneration: "doesn't have its forwarding implemented"
     ),
 }
 BASE_NAMES = tuple(BASES)

@@ -46,8 +46,9 @@ def image_inputs(processor, questions=("What is shown in this image?", "Describe
 
 
 def image_kwargs(inputs, base) -> dict:
-    """The image fields of processor outputs (`pixel_values`, and `image_sizes` where the base has them)."""
-    return {name: inputs[name] for name in base.image_fields if name in inputs}
+    """The image fields of processor outputs (`pixel_values`, and `image_sizes` where the base has them), and the
+    fields that follow the prompt's tokens (`token_type_ids` where the base has them)."""
+    return {name: inputs[name] for name in (*base.image_fields, *base.prompt_fields) if name in inputs}
 
 
 def text_only_prompt(processor, question="Describe the picture.") -> str:

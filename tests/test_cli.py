@@ -63,6 +63,11 @@ def training_run_folder(folder: Path) -> Path:
     return folder
 
 
+# `safe-llava demo --base gemma3` on a tiny random Gemma 3, cut to seconds: the mechanics end to end (train, export,
+# reload through the export's remote code, judge), not accuracy.
+SMALL_GEMMA3_DEMO = ["--num-per-category", "6", "--stage1-epochs", "1", "--stage2-steps", "1", "--max-new-tokens", "4"]
+
+
 def cli_cases(root: Path) -> dict:
     """name -> (argv, expected exit code, expected stderr fragment, or stdout fragment on success): one fast failure
     per subcommand and a success for the cheap ones (each process costs seconds of imports). More failures,
@@ -101,6 +106,16 @@ def cli_cases(root: Path) -> dict:
         "serve-public-bind-without-key": (
             ["serve", "--model", str(checkpoint), "--host", "0.0.0.0"], 2, "refusing to serve on 0.0.0.0 without an API key"
         ),
+        "demo-gemma3-succeeds": (
+            ["demo", "--base", "gemma3", "--output-dir", str(root / "demo_gemma3"), *SMALL_GEMMA3_DEMO],
+            0,
+            "gemma3_safe_llava.SafeGemma3ForConditionalGeneration",
+        ),
+        "demo-gemma3-without-smollm2": (
+            ["demo", "--base", "gemma3", "--language-model", "smollm2", "--output-dir", str(root / "demo_smollm2")],
+            2,
+            "'smollm2' is not available with --base gemma3",
+        ),
     }
 
 
@@ -125,6 +140,7 @@ def cli_runs(tmp_path_factory):
 CASE_NAMES = [
     "export-succeeds", "evaluate-missing-model", "audit-missing-model", "calibrate-missing-model", "push-not-an-export",
     "benchmark-data-succeeds", "data-convert-missing-input", "demo-output-under-a-file", "serve-public-bind-without-key",
+    "demo-gemma3-succeeds", "demo-gemma3-without-smollm2",
 ]  # fmt: skip
 
 

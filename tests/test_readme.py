@@ -37,3 +37,15 @@ def test_readme_cites_the_paper_as_the_model_card_does():
     citations = [re.findall(r"```bibtex\n(.*?)```", text, flags=re.S) for text in (readme, card)]
     assert citations[0] and citations[0] == citations[1]
     assert "author={Zhendong Liu and" in citations[0][0] and "2405.13581" in citations[0][0]
+
+
+def test_readme_table_of_bases_is_the_registry():
+    """One row per `bases.BASES` entry: its name, classes, 7B-class preset and stock checkpoint."""
+    from modeling_safe_llava.bases import BASES
+
+    rows = [line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| ") and "(`" in line]
+    for base in BASES:
+        row = next((line for line in rows if f"(`{base.name}`) |" in line), None)
+        assert row is not None, f"README's table of bases has no row for {base.name!r}"
+        for fact in (base.model_class.__name__, base.processor_class.__name__, base.large_preset, base.stock_checkpoint):
+            assert fact in row, (base.name, fact)

@@ -94,6 +94,7 @@ def test_image_placeholders_without_pixel_values_behave_as_stock(pair, inputs):
 def test_logits_to_keep_and_position_ids(pair, inputs):
     stock, safe, _ = pair
     position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-    for kwargs in ({"logits_to_keep": 1}, {"logits_to_keep": torch.tensor([0, 5, 35])}, {"position_ids": position_ids}):
+    last = inputs["input_ids"].shape[1] - 1
+    for kwargs in ({"logits_to_keep": 1}, {"logits_to_keep": torch.tensor([0, 5, last])}, {"position_ids": position_ids}):
         expected, actual = stock(**inputs, **kwargs), safe(**inputs, **kwargs)
         assert_same(expected.logits, actual.logits, f"logits with {sorted(kwargs)}")

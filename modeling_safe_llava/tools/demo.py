@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .embedded import LANGUAGE_MODELS, build_embedded_default
+from ..bases import BASES, base_named
 from .evaluation import evaluate_with_shift
 from .hub import export_for_hub
 from ..data.mini_benchmark import build_mini_benchmark
@@ -39,26 +39,32 @@ STAGE2_RECIPE = "recipe_stage2_demo.json"
 
 def run_demo(
     output_dir="outputs/demo",
-    language_model: str = "smollm2",
+    language_model: str | None = None,
     seed: int = 0,
     num_per_category: int = 24,
     stage1_epochs: float | None = None,
     stage2_steps: int | None = None,
     shown_per_source: int = 2,
     max_new_tokens: int = 24,
+    base: str = "llava",
 ) -> dict:
     """
     Runs the demo and returns its results (also written to `output_dir/demo_results.json`).
 
     Args:
         output_dir: where everything goes (`stage1/`, `stage2/`, `evaluation/`, `export/`, reports).
-        language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM).
+        language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM);
+            `None`: the base's default (`Base.demo_language_models`; LLaVA: `"smollm2"`).
         seed: seed of the benchmark, the random vision tower and training.
         num_per_category: benchmark images per source (6 sources, 60/20/20 split).
         stage1_epochs, stage2_steps: override the demo recipes (e.g. smaller for CI).
         shown_per_source: held-out images per source judged with a generated answer.
         max_new_tokens: answer length for the judged images.
+        base: the base model family (`modeling_safe_llava.bases.BASES`, by name): `"llava"` (the embedded default) or
+            another base, built as a tiny random model of that family.
     """
+    chosen = base_named(base)
+    language_model = language_model or chosen.demo_language_models[0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clock = _StepClock(total=7)
@@ -66,8 +72,8 @@ def run_demo(
     clock.step("building the mini safety benchmark")
     data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
 
-    clock.step(f"building the embedded default SafeLlava ({language_model} language model)")
-    model, processor = build_embedded_default(language_model, seed=seed)
+    clock.step(f"building the demo model: base {base}, {language_model} language model")
+    model, processor = chosen.build_demo_model(language_model, seed=seed)
 
     clock.step("stage 1: training the safety projector, safety tokens and safety head")
     stage1_overrides = {"seed": seed, **({"num_train_epochs": stage1_epochs} if stage1_epochs else {})}
@@ -87,7 +93,7 @@ def run_demo(
     metrics = evaluate_with_shift(model, processor, data, output_dir / "evaluation", split="test")
 
     clock.step("exporting a Hub-ready folder and reloading it through remote code")
-    training = _training_summary(output_dir, language_model, num_per_category, len(data["train"]))
+    training = _training_summary(output_dir, f"{base} base, {language_model}", num_per_category, len(data["train"]))
     export_dir = export_for_hub(model, processor, output_dir / "export", evaluation=metrics, training=training, overwrite=True)
     reloaded, reloaded_processor = _reload_with_remote_code(export_dir)
 
@@ -127,7 +133,7 @@ def _training_summary(output_dir: Path, language_model: str, num_per_category: i
     return {
         "stage1": {"recipe": load_recipe(STAGE1_RECIPE, 1), "data": data, "validation": eval_results("stage1")},
         "stage2": {"recipe": load_recipe(STAGE2_RECIPE, 2), "data": data},
-        "notes": f"embedded default: random vision tower + {language_model} language model (configuration/demo.json)",
+        "notes": f"demo model: random vision tower + {language_model} language model (configuration/demo*.json)",
     }
 
 
@@ -214,8 +220,11 @@ def _rate(value) -> str:
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="outputs/demo", help="where models, reports and metrics go")
-    parser.add_argument("--language-model", choices=LANGUAGE_MODELS, default="smollm2",
-                        help="smollm2: real SmolLM2-135M-Instruct (offline wheel); tiny: 2-layer random LM")
+    parser.add_argument("--base", choices=tuple(base.name for base in BASES), default="llava",
+                        help="the base model family; llava: the embedded default, others: a tiny random model of the family")
+    parser.add_argument("--language-model", choices=("smollm2", "tiny"), default=None,
+                        help="llava only: smollm2 (real SmolLM2-135M-Instruct, offline wheel, the default) or tiny (2-layer "
+                        "random LM); other bases have their tiny random language model only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the random vision tower and training")
     parser.add_argument("--num-per-category", type=int, default=24, help="benchmark images per source (6 sources)")
     parser.add_argument("--stage1-epochs", type=float, default=None, help="override the stage-1 demo recipe")
@@ -232,5 +241,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         stage1_epochs=args.stage1_epochs,
         stage2_steps=args.stage2_steps,
         max_new_tokens=args.max_new_tokens,
+        base=args.base,
     )
     return 0
