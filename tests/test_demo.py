@@ -30,3 +30,25 @@ def test_demo_runs_end_to_end_and_the_head_beats_chance(tmp_path, capsys):
     assert "<img src=\"data:image/png;base64," in (tmp_path / "report.html").read_text()
     card = (tmp_path / "export" / "README.md").read_text()
     assert f"{results['level_accuracy']:.3f}"[:4] in card
+
+
+def test_the_demo_fixes_torchs_thread_count_so_a_seed_prints_the_same_numbers(monkeypatch):
+    import argparse
+
+    import torch
+
+    from modeling_safe_llava.tools import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_cli_arguments(parser)
+    assert parser.parse_args([]).threads == demo.DEMO_THREADS == 2
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--threads", "0"])
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda **kwargs: calls.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        demo.run_from_args(parser.parse_args(["--threads", "1"]))
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [1]

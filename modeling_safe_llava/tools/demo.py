@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 STAGE1_RECIPE = "recipe_stage1_demo.json"
 STAGE2_RECIPE = "recipe_stage2_demo.json"
+# torch threads of the demo: its numbers depend on the summation order, so a fixed count makes a seed repeatable.
+DEMO_THREADS = 2
 
 
 def run_demo(
@@ -226,13 +228,23 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="llava only: smollm2 (real SmolLM2-135M-Instruct, offline wheel, the default) or tiny (2-layer "
                         "random LM); other bases have their tiny random language model only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data, the random vision tower and training")
+    parser.add_argument("--threads", type=_positive_int, default=DEMO_THREADS,
+                        help="torch threads (default 2): the printed numbers depend on floating-point summation order")
     parser.add_argument("--num-per-category", type=int, default=24, help="benchmark images per source (6 sources)")
     parser.add_argument("--stage1-epochs", type=float, default=None, help="override the stage-1 demo recipe")
     parser.add_argument("--stage2-steps", type=int, default=None, help="override the stage-2 demo recipe")
     parser.add_argument("--max-new-tokens", type=int, default=24, help="answer length of the judged images")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def run_from_args(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)  # the same seed prints the same numbers whatever the machine's core count
     run_demo(
         output_dir=args.output_dir,
         language_model=args.language_model,
