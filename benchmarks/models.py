@@ -1,16 +1,18 @@
-"""Stock LLaVA and SafeLlava models with identical weights, and the inputs both are given."""
+"""Stock models and SafeLlava models with identical weights, and the inputs both are given, for any base in
+`benchmarks/bases.py` (a config picks one with `"base"`; LLaVA-1.5 by default)."""
 
 import contextlib
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-from transformers import LlavaConfig, LlavaForConditionalGeneration
+from PIL import Image
 
-from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration, SafeLlavaProcessor
-from modeling_safe_llava.modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 from modeling_safe_llava.presets import load_json_preset, load_safety_policy
-from modeling_safe_llava.tiny import build_tiny_llava_processor, build_tiny_tokenizer
+from modeling_safe_llava.safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES
+
+from .bases import BenchmarkBase, benchmark_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETY_FIELD_PREFIXES = ("num_", "safety_")
@@ -23,18 +25,39 @@ class BenchmarkModels:
     a 7B shape needs the memory of one model, not three.
 
     Attributes:
-        stock: `LlavaForConditionalGeneration` with random weights.
-        safe: `SafeLlavaForConditionalGeneration.from_llava(stock)` with the configured LLM safety tokens (paper: 64).
+        base: the benchmarked base (`benchmarks.bases`): its stock class, SafeLlava classes, tokenizer and processor.
+        stock: the base's stock model (e.g. `LlavaForConditionalGeneration`) with random weights.
+        safe: its SafeLlava (`from_base(stock)`) with the configured LLM safety tokens (paper: 64).
         head_only: the same with `num_llm_safety_tokens=0` (safety projector, head tokens and head only).
-        tokenizer: the tiny offline tokenizer (prompt text only; image placeholders are inserted by id).
+        tokenizer: the tiny offline tokenizer of the base.
+        stock_processor: the base's stock processor for `stock`'s config.
         safety_fields: the SafeLlava config fields used for `safe` (`head_only` overrides the LLM token count).
+        prompt: the user's text; every row is this prompt with one image, in the base's chat template.
+        image_size: `(width, height)` of the random images (anyres bases tile them).
     """
 
-    stock: LlavaForConditionalGeneration
-    safe: SafeLlavaForConditionalGeneration
-    head_only: SafeLlavaForConditionalGeneration
+    base: BenchmarkBase
+    stock: torch.nn.Module
+    safe: torch.nn.Module
+    head_only: torch.nn.Module
     tokenizer: object
+    stock_processor: object
     safety_fields: dict
+    prompt: str
+    image_size: tuple
+    _processors: dict = field(default_factory=dict, repr=False)
+
+    def processor_for(self, model):
+        """The processor whose prompts `model` reads: stock's, or the SafeLlava processor with the model's number
+        of LLM safety tokens (placeholders in front of each image)."""
+        tokens = getattr(model.config, "num_llm_safety_tokens", None)
+        if tokens is None:
+            return self.stock_processor
+        if tokens not in self._processors:
+            self._processors[tokens] = self.base.registry.processor_class.from_base(
+                self.stock_processor, num_llm_safety_tokens=tokens
+            )
+        return self._processors[tokens]
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -49,34 +72,33 @@ def model_spec_dict(model_spec: dict) -> dict:
         spec = load_json_preset("configuration", model_spec["preset"])
     else:
         spec = copy.deepcopy(model_spec)
-    return {k: v for k, v in spec.items() if not k.startswith("_") and k != "base_checkpoint"}
+    return {k: v for k, v in spec.items() if not k.startswith("_") and k not in ("base_checkpoint", "base_model_type")}
 
 
-def split_model_spec(model_spec: dict, tokenizer=None) -> tuple[dict, dict]:
+def split_model_spec(model_spec: dict, tokenizer=None, base: BenchmarkBase | None = None) -> tuple[dict, dict]:
     """
-    `(llava_fields, safety_fields)` of a model spec. Token ids missing from the spec (pad/bos/eos, image token) are
-    taken from `tokenizer`; a spec that names them (the 7B preset) keeps its own.
+    `(stock_fields, safety_fields)` of a model spec. Text token ids missing from the spec (pad/bos/eos, vocabulary
+    size) are taken from `tokenizer`; a spec that names them (the 7B preset) keeps its own. The image token ids
+    always come from `tokenizer` (the processor writes those), in the fields `base` names.
     """
+    base = base or benchmark_base("llava")
     spec = model_spec_dict(model_spec)
     safety = {k: v for k, v in spec.items() if k.startswith(SAFETY_FIELD_PREFIXES)}
-    llava = {k: copy.deepcopy(v) for k, v in spec.items() if not k.startswith(SAFETY_FIELD_PREFIXES)}
-    vision = llava["vision_config"]
-    num_patches = (vision["image_size"] // vision["patch_size"]) ** 2
-    if llava.get("vision_feature_select_strategy") == "full":
-        num_patches += 1
-    llava.setdefault("image_seq_length", num_patches)  # stock LLaVA's <image> placeholders per image
-    text_config = llava["text_config"]
-    if tokenizer is not None:
-        text_config.setdefault("vocab_size", len(tokenizer))
-        text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
-        text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
-        text_config.setdefault("eos_token_id", tokenizer.eos_token_id)
-        llava.setdefault("image_token_id", tokenizer.convert_tokens_to_ids("<image>"))
-    if tokenizer is not None and text_config["vocab_size"] < len(tokenizer):
+    stock = {k: copy.deepcopy(v) for k, v in spec.items() if not k.startswith(SAFETY_FIELD_PREFIXES)}
+    stock.update(base.stock_defaults(stock))
+    if tokenizer is None:
+        return stock, safety
+    text_config = stock["text_config"]
+    text_config.setdefault("vocab_size", len(tokenizer))
+    text_config.setdefault("pad_token_id", tokenizer.pad_token_id)
+    text_config.setdefault("bos_token_id", tokenizer.bos_token_id)
+    text_config.setdefault("eos_token_id", tokenizer.eos_token_id)
+    stock.update(base.image_token_fields(tokenizer))
+    if text_config["vocab_size"] < len(tokenizer):
         raise ValueError(
             f"text_config.vocab_size={text_config['vocab_size']} is smaller than the tokenizer ({len(tokenizer)} ids)."
         )
-    return llava, safety
+    return stock, safety
 
 
 @contextlib.contextmanager
@@ -93,45 +115,54 @@ def build_context(device: str, dtype: torch.dtype):
 
 def build_models(config: dict) -> BenchmarkModels:
     """
-    Builds stock LLaVA with random weights (seeded), then SafeLlava (LLM safety tokens as configured) and a head-only
-    SafeLlava from it with `SafeLlavaForConditionalGeneration.from_llava`, both marked trained and in eval mode.
-    The SafeLlava models hold stock's own weight tensors; head-only SafeLlava also holds SafeLlava's safety modules.
+    Builds the base's stock model with random weights (seeded), then SafeLlava (LLM safety tokens as configured) and
+    a head-only SafeLlava from it with the base's `from_base`, both marked trained and in eval mode. The SafeLlava
+    models hold stock's own weight tensors; head-only SafeLlava also holds SafeLlava's safety modules.
     """
+    base = benchmark_base(config.get("base", "llava"))
     device, dtype = config["device"], resolve_dtype(config["dtype"])
-    tokenizer = build_tiny_tokenizer()
-    llava_fields, safety_fields = split_model_spec(config["model"], tokenizer)
-    llava_config = LlavaConfig(**llava_fields)
+    tokenizer = base.build_tokenizer()
+    stock_fields, safety_fields = split_model_spec(config["model"], tokenizer, base)
+    stock_config = base.stock_config(stock_fields)
+    stock_processor = base.build_processor(tokenizer, stock_config)
     policy = load_safety_policy()
     torch.manual_seed(config["seed"])
     with build_context(device, dtype):
-        stock = LlavaForConditionalGeneration(llava_config).eval()
-        safety_modules = _safe_from_stock(_shallow_stock(llava_fields), tokenizer, safety_fields, policy)
+        stock = base.stock_class(stock_config).eval()
+        shallow = base.stock_class(base.stock_config(_shallow_fields(stock_fields)))
+        safety_modules = _safe_from_stock(base, shallow, stock_processor, safety_fields, policy)
     with build_context("meta", dtype):
-        safe = _safe_from_stock(LlavaForConditionalGeneration(llava_config), tokenizer, safety_fields, policy)
+        safe = _safe_from_stock(base, base.stock_class(stock_config), stock_processor, safety_fields, policy)
         head_only_fields = {**safety_fields, "num_llm_safety_tokens": 0}
-        head_only = _safe_from_stock(LlavaForConditionalGeneration(llava_config), tokenizer, head_only_fields, policy)
+        head_only = _safe_from_stock(base, base.stock_class(stock_config), stock_processor, head_only_fields, policy)
     share_tensors(safe, stock_weights=stock, safety_weights=safety_modules)
     share_tensors(head_only, stock_weights=stock, safety_weights=safe)
     for model in (stock, safe, head_only):
         _pin_generation_config(model, config["new_tokens"])
-    return BenchmarkModels(stock, safe, head_only, tokenizer, safety_fields)
+    image_size = tuple(config.get("image_size") or base.default_image_size(stock_config))
+    return BenchmarkModels(
+        base, stock, safe, head_only, tokenizer, stock_processor, safety_fields, config["prompt"], image_size
+    )
 
 
-def _shallow_stock(llava_fields: dict) -> LlavaForConditionalGeneration:
-    """Stock LLaVA of the same widths with one layer per tower: enough to initialise safety modules of the right
-    shapes (they depend on widths and token counts only) without a second full-size model."""
-    fields = copy.deepcopy(llava_fields)
+def _shallow_fields(stock_fields: dict) -> dict:
+    """The same widths with one layer per tower: enough to initialise safety modules of the right shapes (they depend
+    on widths and token counts only) without a second full-size model."""
+    fields = copy.deepcopy(stock_fields)
     fields["vision_config"]["num_hidden_layers"] = 1
     fields["text_config"]["num_hidden_layers"] = 1
-    return LlavaForConditionalGeneration(LlavaConfig(**fields))
+    fields["text_config"].pop("layer_types", None)
+    return fields
 
 
 def share_tensors(model, stock_weights, safety_weights):
     """
     Points every parameter and buffer of `model` (built on the meta device) at the tensor of the same name in
-    `safety_weights` (safety modules) or `stock_weights` (everything else): no copy, no new memory.
+    `safety_weights` (safety modules) or `stock_weights` (everything else): no copy, no new memory. Tied weights
+    (Gemma 3's `lm_head` and input embeddings) are visited under each of their names, so they stay tied.
     """
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
         source = safety_weights if name.startswith(SAFETY_PARAMETER_PREFIXES) else stock_weights
         owner_name, _, leaf = name.rpartition(".")
         owner, source_owner = model.get_submodule(owner_name), source.get_submodule(owner_name)
@@ -142,10 +173,12 @@ def share_tensors(model, stock_weights, safety_weights):
         getattr(owner, slot)[leaf] = shared
 
 
-def _safe_from_stock(stock, tokenizer, safety_fields, policy):
-    llava_processor = build_tiny_llava_processor(tokenizer, stock.config)
-    processor = SafeLlavaProcessor.from_llava(llava_processor, num_llm_safety_tokens=safety_fields["num_llm_safety_tokens"])
-    model = SafeLlavaForConditionalGeneration.from_llava(stock, processor=processor, **safety_fields, **policy).eval()
+def _safe_from_stock(base, stock, stock_processor, safety_fields, policy):
+    classes = base.registry
+    processor = classes.processor_class.from_base(
+        stock_processor, num_llm_safety_tokens=safety_fields["num_llm_safety_tokens"]
+    )
+    model = classes.model_class.from_base(stock, processor=processor, **safety_fields, **policy).eval()
     model.config.safety_modules_trained = True  # random head stands in for a trained one: timings only
     return model
 
@@ -160,64 +193,59 @@ def _pin_generation_config(model, new_tokens: int):
         generation_config.pad_token_id = model.config.text_config.pad_token_id
 
 
-def build_meta_pair(model_spec: dict) -> tuple[LlavaForConditionalGeneration, SafeLlavaForConditionalGeneration]:
-    """Stock LLaVA and SafeLlava of a model spec on the meta device (no memory, for parameter and FLOP counts)."""
-    llava_fields, safety_fields = split_model_spec(model_spec, build_tiny_tokenizer())  # same id filling as build_models
+def build_meta_pair(model_spec: dict, base_name: str = "llava"):
+    """`(stock, safe)` of a model spec on the meta device (no memory, for parameter and FLOP counts)."""
+    base = benchmark_base(base_name)
+    stock_fields, safety_fields = split_model_spec(model_spec, base.build_tokenizer(), base)  # as build_models
     with torch.device("meta"):
-        stock = LlavaForConditionalGeneration(LlavaConfig(**llava_fields))
-        safe = SafeLlavaForConditionalGeneration(SafeLlavaConfig(**llava_fields, **safety_fields))
+        stock = base.stock_class(base.stock_config(stock_fields))
+        safe = base.registry.model_class(base.registry.config_class(**stock_fields, **safety_fields))
     return stock, safe
 
 
-def prompt_token_ids(tokenizer, config, prompt: str) -> list[int]:
+def random_images(image_size: tuple, batch_size: int, seed: int) -> list[Image.Image]:
+    """`batch_size` RGB noise images of `image_size` (width, height), row `i` from seed `seed + i`."""
+    width, height = image_size
+    return [
+        Image.fromarray((np.random.RandomState(seed + row).rand(height, width, 3) * 255).astype("uint8"))
+        for row in range(batch_size)
+    ]
+
+
+def make_inputs(bm: BenchmarkModels, model, batch_size: int, seed: int = 0) -> dict:
     """
-    `"USER: <image>\\n{prompt} ASSISTANT:"` as token ids with `config.image_seq_length` image placeholders
-    (`config.image_token_id`): 576 for stock LLaVA-1.5, 576 + LLM safety tokens for SafeLlava.
+    What `model`'s processor makes of `batch_size` rows, each the prompt with one image in the base's chat template:
+    `input_ids`, `attention_mask` and the image fields (`pixel_values`, and `image_sizes` or `token_type_ids` where
+    the base has them), on the model's device, floating fields in its dtype.
     """
-    ids = tokenizer(f"USER: <image>\n{prompt} ASSISTANT:")["input_ids"]
-    placeholder = tokenizer.convert_tokens_to_ids("<image>")
-    if ids.count(placeholder) != 1:
-        raise ValueError(f"The prompt {prompt!r} must not contain '<image>' itself.")
-    at = ids.index(placeholder)
-    return ids[:at] + [config.image_token_id] * config.image_seq_length + ids[at + 1 :]
-
-
-def make_pixel_values(config, batch_size: int, seed: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """Normalised-looking random images `(batch_size, 3, image_size, image_size)` (one image per row)."""
-    size = config.vision_config.image_size
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch_size, 3, size, size, generator=generator).to(device=device, dtype=dtype)
-
-
-def make_inputs(model, tokenizer, prompt: str, batch_size: int, seed: int = 0) -> dict:
-    """`input_ids`, `attention_mask`, `pixel_values` for `model`: the same prompt and images in every row."""
-    config = model.config
-    ids = torch.tensor([prompt_token_ids(tokenizer, config, prompt)] * batch_size, device=model.device)
+    processor = bm.processor_for(model)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": bm.prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    images = [[image] for image in random_images(bm.image_size, batch_size, seed)]
+    inputs = processor(text=[text] * batch_size, images=images, return_tensors="pt", padding=True)
     return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": make_pixel_values(config, batch_size, seed, model.device, model.dtype),
+        name: value.to(model.device, model.dtype if value.is_floating_point() else value.dtype)
+        for name, value in inputs.items()
     }
 
 
-def make_training_batch(model, tokenizer, prompt: str, batch_size: int, answer_tokens: int, seed: int = 0) -> dict:
+def make_training_batch(bm: BenchmarkModels, model, batch_size: int, answer_tokens: int, seed: int = 0) -> dict:
     """
-    A supervised batch: prompt (labels -100) followed by `answer_tokens` answer tokens (labelled); for SafeLlava also
-    one `(level, type)` safety label per row.
+    A supervised batch: prompt (labels -100) followed by `answer_tokens` answer tokens (labelled, never a special or
+    image token); for SafeLlava also one `(level, type)` safety label per row.
     """
-    inputs = make_inputs(model, tokenizer, prompt, batch_size, seed)
+    inputs = make_inputs(bm, model, batch_size, seed)
     generator = torch.Generator().manual_seed(seed + 1)
-    low = max(tokenizer.convert_tokens_to_ids("<image>") + 1, 5)
-    answers = torch.randint(low, len(tokenizer), (batch_size, answer_tokens), generator=generator).to(model.device)
-    input_ids = torch.cat([inputs["input_ids"], answers], dim=1)
-    labels = torch.cat([torch.full_like(inputs["input_ids"], -100), answers], dim=1)
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "pixel_values": inputs["pixel_values"],
-        "labels": labels,
-    }
-    if isinstance(model.config, SafeLlavaConfig):
+    low = max(bm.tokenizer.all_special_ids) + 1
+    answers = torch.randint(low, len(bm.tokenizer), (batch_size, answer_tokens), generator=generator)
+    answers = answers.to(model.device)
+    batch = dict(inputs)
+    batch["input_ids"] = torch.cat([inputs["input_ids"], answers], dim=1)
+    batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answers)], dim=1)
+    if "token_type_ids" in inputs:  # answer tokens are text
+        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(answers)], dim=1)
+    batch["labels"] = torch.cat([torch.full_like(inputs["input_ids"], -100), answers], dim=1)
+    if getattr(model.config, "num_llm_safety_tokens", None) is not None:
         rows = torch.arange(batch_size)
         levels, types = len(model.config.safety_level_labels), len(model.config.safety_type_labels)
         batch["safety_labels"] = torch.stack([rows % levels, rows % types], dim=1).to(model.device)

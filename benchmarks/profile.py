@@ -106,7 +106,7 @@ def profile_generate(config: dict, batch_size: int, repeats: int) -> dict:
     models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
     calls, prefills = {}, {}
     for name, model in models.items():
-        inputs = make_inputs(model, bm.tokenizer, config["prompt"], batch_size)
+        inputs = make_inputs(bm, model, batch_size)
         extra = {} if name == "stock" else NOTHING_FLAGGED
         calls[name] = lambda model=model, inputs=inputs, extra=extra: model.generate(**inputs, **extra)
         prefills[name] = lambda model=model, inputs=inputs, extra=extra: model.generate(

@@ -20,11 +20,11 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
     """One row per (target, batch size): what was measured, the limit, PASS/FAIL, and the FLOP-count prediction."""
     targets = config["targets"]
     tokens = config["model_llm_safety_tokens"]
-    flops_config = results["flops"]["config"]["ratios"]
-    flops_7b = results["flops"]["reference_7b"]["ratios"]
+    counted = results.get("flops", {})  # bases without a FLOP model: no predictions (n/a)
+    flops_config = _default_none(counted.get("config", {}).get("ratios", {}))
+    flops_7b = _default_none(counted.get("reference_7b", {}).get("ratios", {}))
+    memory_7b = counted.get("reference_7b", {}).get("memory_estimate_bf16", {}).get("by_batch", {})
     rows = []
-
-    memory_7b = results["flops"]["reference_7b"]["memory_estimate_bf16"]["by_batch"]
 
     def add(item, name, measured, limit_text, passed, flop_config=None, flop_7b=None, spread=None):
         limit = float(limit_text.split()[1].rstrip("%")) / (100 if limit_text.split()[1].endswith("%") else 1)
@@ -69,10 +69,13 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
                 predicted = memory_7b.get(key, {}).get(f"{variant}_vs_stock")
                 add(1, f"generate peak memory, {label} / stock, batch {entry['batch_size']}", value, f"<= {limit:.2f}",
                     value <= limit, None, predicted)
-    if "flops" in results:
-        share = results["flops"]["reference_7b"]["parameters"]["safety_share_of_stock"]
+    parameters = _parameters(results)
+    if parameters is not None:
+        share = parameters["reference_7b"]["parameters"]["safety_share_of_stock"]
         limit = targets["safety_parameter_share_7b_max"]
-        add(1, "safety parameters / LLaVA-1.5-7B parameters (meta device)", share, f"<= {limit:.0%}", share <= limit)
+        preset = config.get("reference_preset", "the 7B preset")
+        add(1, f"safety parameters / stock parameters at `{preset}` (meta device)", share, f"<= {limit:.0%}",
+            share <= limit)
     for key, entry in results.get("paper_way", {}).items():
         value = entry["ratios"]["paper_way_vs_ours"]
         add(2, f"paper's way (assess_safety + generate) / ours, time, batch {entry['batch_size']}", value,
@@ -95,10 +98,26 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
     return rows
 
 
+def _default_none(ratios: dict) -> dict:
+    """`ratios` where a missing key reads as None (no FLOP prediction)."""
+    return {key: ratios.get(key) for key in _FLOP_RATIO_KEYS} | ratios
+
+
+_FLOP_RATIO_KEYS = (
+    "generate_safe_vs_stock", "generate_head_only_vs_stock", "paper_way_vs_ours", "refused_vs_full_generate",
+    "full_forward_vs_assess",
+)  # fmt: skip
+
+
+def _parameters(results: dict) -> dict | None:
+    """The parameter counts: in the FLOP section, or on their own for bases without a FLOP model."""
+    return results.get("flops") or results.get("parameters")
+
+
 def explain_misses(results: dict) -> list[str]:
     """For every missed target: the measured value, what the FLOP count predicts, and the numbers behind it."""
     notes = []
-    components = results["flops"]["config"]["components"]
+    lengths = results["metadata"].get("prompt_length", {})
     for row in results["targets"]:
         if row["passed"]:
             continue
@@ -119,13 +138,15 @@ def explain_misses(results: dict) -> list[str]:
                 f"+{(other['resident_bytes'] - stock['resident_bytes']) / mib:.1f} MiB (safety modules) + transient "
                 f"+{(other['transient_peak_bytes'] - stock['transient_peak_bytes']) / mib:.1f} MiB "
                 f"({entry['ratios'][f'transient_memory_{variant}_vs_stock']:.3f}x; the prompt positions grow "
-                f"{components['sequence_length_stock']} -> "
-                f"{components['sequence_length_safe'] if variant == 'safe' else components['sequence_length_stock']}, "
+                f"{lengths.get('stock', 'n/a')} -> {lengths.get('safe' if variant == 'safe' else 'stock', 'n/a')}, "
                 "and KV cache and activations with them). Weights are "
-                f"{stock['resident_bytes'] / stock['peak_bytes']:.0%} of stock's peak here; the analytic bf16 estimate "
-                f"at the 7B shape, where weights dominate, is {row['flops_7b']:.3f}; `--config cpu-7b-memory` measures "
-                "the 7B shape itself (results/cpu-7b-memory.md)."
+                f"{stock['resident_bytes'] / stock['peak_bytes']:.0%} of stock's peak here."
             )
+            if row["flops_7b"] is not None:
+                note += (
+                    f" The analytic bf16 estimate at the 7B shape, where weights dominate, is {row['flops_7b']:.3f}; "
+                    "`--config cpu-7b-memory` measures the 7B shape itself (results/cpu-7b-memory.md)."
+                )
         if row["item"] == 2:
             batch = row["name"].rsplit(" ", 1)[-1]
             entry = results["paper_way"][f"batch_{batch}"]
@@ -171,7 +192,8 @@ def write_results(results: dict, output_dir: Path, name: str) -> dict:
 def render_markdown(results: dict) -> str:
     meta = results["metadata"]
     lines = [
-        f"# SafeLlava vs stock LLaVA: `{meta['config']}` benchmark",
+        f"# {meta.get('safe_class', 'SafeLlava')} vs stock {meta.get('stock_class', 'LLaVA')}: `{meta['config']}` "
+        "benchmark",
         "",
         f"- **Date (UTC):** {meta['date_utc']}  **Wall time:** {meta['wall_time_s']:.0f} s",
         f"- **Device:** {meta['device']} ({meta['dtype']}, {meta['torch_threads']} torch thread(s)); "
@@ -210,6 +232,7 @@ def _sections():
         ("training", _training_section),
         ("audit_scaling", _audit_section),
         ("flops", _flops_section),
+        ("parameters", _parameters_section),
     )
 
 
@@ -488,15 +511,16 @@ def _flops_section(results):
 
 
 def _method_section(meta):
-    seq = meta["image_seq_length"]
+    lengths = meta.get("prompt_length", {})
     return [
         "## Method",
         "",
         "- Stock and SafeLlava models hold identical weights: SafeLlava is built with "
-        "`SafeLlavaForConditionalGeneration.from_llava(stock, ...)` on the meta device and then given stock's own "
-        "tensors (one copy of the weights in memory); the safety modules are random and marked trained. Inputs: one prompt "
-        "`USER: <image>\\n... ASSISTANT:` with `config.image_seq_length` placeholders (stock "
-        f"{seq['stock']}, SafeLlava {seq['safe']}: patches + LLM safety tokens) and the same random images.",
+        f"`{meta.get('safe_class', 'SafeLlavaForConditionalGeneration')}.from_base(stock, ...)` on the meta device "
+        "and then given stock's own tensors (one copy of the weights in memory); the safety modules are random and "
+        "marked trained. Inputs: what each model's processor makes of the prompt with one random image per row, in the "
+        f"base's chat template ({lengths.get('stock', 'n/a')} prompt positions for stock, {lengths.get('safe', 'n/a')} "
+        "for SafeLlava: image tokens + LLM safety tokens + text).",
         "- Both sides decode greedily exactly the configured number of tokens (`min_new_tokens = max_new_tokens`). "
         "\"Nothing flagged\" is `safety_threshold=1.0`; \"all refused\" is `safety_threshold=0.0` with every risky type's "
         "action set to `refuse`.",
@@ -514,6 +538,22 @@ def _method_section(meta):
         "attention kernel has no FLOP formula of its own, so it is given the flash-attention one.",
         "",
     ]
+
+
+def _parameters_section(results):
+    """Parameter counts for bases without a FLOP model."""
+    lines = ["## Parameters (counted on the meta device)", "", "| | reference 7B-class preset | this config |", "|---|---|---|"]
+    ref, own = results["parameters"]["reference_7b"]["parameters"], results["parameters"]["config"]["parameters"]
+    for key, label in (("stock_total", "stock"), ("safe_total", "SafeLlava"), ("safety_total", "safety modules")):
+        lines.append(f"| {label} | {ref[key]:,} | {own[key]:,} |")
+    lines.append(f"| safety share of stock | {ref['safety_share_of_stock']:.2%} | {own['safety_share_of_stock']:.2%} |")
+    lines += [
+        "",
+        "This base has no FLOP model in `benchmarks/flops.py` (it counts LLaVA-1.5's one-crop layout), so the targets "
+        "table shows no FLOP predictions (n/a); every ratio above is measured.",
+        "",
+    ]
+    return lines
 
 
 def main(argv=None) -> int:

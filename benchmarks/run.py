@@ -88,8 +88,8 @@ def check_device(config: dict):
 
 def run_benchmark(config: dict, config_path: Path, items=None, command: str = "") -> dict:
     """Builds the models, runs the selected measurements and returns the results dict (nothing written)."""
-    from . import audit_scaling, flops, scenarios
-    from .models import build_meta_pair, build_models, prompt_token_ids
+    from . import audit_scaling, scenarios
+    from .models import build_models
     from .report import evaluate_targets, explain_misses
 
     check_device(config)
@@ -109,7 +109,10 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
     config = {**config, "model_llm_safety_tokens": bm.safe.config.num_llm_safety_tokens}
     results = {"metadata": _metadata(config, config_path, bm, command, load_before), "config": config}
     results["metadata"]["host_allocator"] = allocator
-    results["flops"] = _flop_section(config, bm, flops, build_meta_pair, prompt_token_ids)
+    if bm.base.counts_flops:
+        results["flops"] = _flop_section(config, bm)
+    else:
+        results["parameters"] = _parameter_section(config, bm)
 
     steps = {
         "generate_overhead": (scenarios.generate_overhead, scenarios.generate_steps),
@@ -141,49 +144,65 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
     return results
 
 
-def _flop_section(config, bm, flops, build_meta_pair, prompt_token_ids) -> dict:
+def _flop_section(config, bm) -> dict:
+    """Parameter and FLOP counts of the config's shape and of its reference 7B preset (meta device), checked on
+    real tensors."""
+    from . import flops
+    from .models import build_meta_pair, make_inputs
+
     new_tokens = config["new_tokens"]
-    num_text = len(prompt_token_ids(bm.tokenizer, bm.stock.config, config["prompt"])) - _num_patches(bm.stock.config)
-    stock_7b, safe_7b = build_meta_pair({"preset": config["reference_preset"]})
+    stock_inputs = make_inputs(bm, bm.stock, 1)
+    num_text = int((stock_inputs["input_ids"] != bm.stock.config.image_token_id).sum())
+    stock_7b, safe_7b = build_meta_pair({"preset": config["reference_preset"]}, bm.base.name)
     reference = {"parameters": flops.count_parameters(stock_7b, safe_7b)}
     reference.update(flops.flop_report(stock_7b, safe_7b, num_text, new_tokens, "meta"))
     reference["memory_estimate_bf16"] = flops.analytic_generate_memory(
         stock_7b, safe_7b, num_text, new_tokens, config["generate_batch_sizes"], bytes_per_value=2
     )
-    stock_meta, safe_meta = build_meta_pair(config["model"])
+    stock_meta, safe_meta = build_meta_pair(config["model"], bm.base.name)
     own = {"parameters": flops.count_parameters(bm.stock, bm.safe)}
     own.update(flops.flop_report(stock_meta, safe_meta, num_text, new_tokens, "meta"))
-    from .models import make_inputs
-
     verification = flops.verify_flop_counts(
-        bm.stock,
-        bm.safe,
-        make_inputs(bm.stock, bm.tokenizer, config["prompt"], 1),
-        make_inputs(bm.safe, bm.tokenizer, config["prompt"], 1),
-        own,
-        new_tokens,
+        bm.stock, bm.safe, stock_inputs, make_inputs(bm, bm.safe, 1), own, new_tokens
     )
     return {"reference_7b": reference, "config": own, "verification": verification}
 
 
-def _num_patches(config) -> int:
-    return (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+def _parameter_section(config, bm) -> dict:
+    """Parameter counts of the config's shape and of its reference 7B-class preset (meta device), for bases without
+    a FLOP model (`BenchmarkBase.counts_flops`)."""
+    from .flops import count_parameters
+    from .models import build_meta_pair
+
+    stock_7b, safe_7b = build_meta_pair({"preset": config["reference_preset"]}, bm.base.name)
+    return {
+        "reference_7b": {"parameters": count_parameters(stock_7b, safe_7b)},
+        "config": {"parameters": count_parameters(bm.stock, bm.safe)},
+    }
 
 
 def _metadata(config, config_path, bm, command, load_before) -> dict:
     import peft
     import transformers
 
+    from .models import make_inputs
+
     text, vision = bm.stock.config.text_config, bm.stock.config.vision_config
     stock_params = sum(p.numel() for p in bm.stock.parameters())
+    width, height = bm.image_size
     summary = (
-        f"CLIP-style vision tower {vision.num_hidden_layers} layers x {vision.hidden_size} "
-        f"({_num_patches(bm.stock.config)} patches of {vision.patch_size} px); Llama {text.num_hidden_layers} layers x "
-        f"{text.hidden_size} (MLP {text.intermediate_size}, vocab {text.vocab_size}); C-Abstractor "
+        f"{bm.base.stock_class.__name__} with random weights: {vision.model_type} {vision.num_hidden_layers} layers x "
+        f"{vision.hidden_size} ({vision.image_size} px input, {vision.patch_size} px patches; {width}x{height} px "
+        f"images); {text.model_type} {text.num_hidden_layers} layers x {text.hidden_size} (MLP "
+        f"{text.intermediate_size}, vocab {text.vocab_size}); C-Abstractor "
         f"{bm.safe.config.safety_projector_hidden_size} channels x depth {bm.safe.config.safety_projector_depth}; "
         f"{bm.safe.config.num_safety_tokens} head + {bm.safe.config.num_llm_safety_tokens} LLM safety tokens; "
         f"{stock_params / 1e6:,.1f} M stock parameters"
     )
+    prompt_length = {
+        name: int(make_inputs(bm, model, 1)["input_ids"].shape[1])
+        for name, model in (("stock", bm.stock), ("safe", bm.safe))
+    }
     return {
         "config": config["name"],
         "config_path": _relative(config_path),
@@ -202,7 +221,10 @@ def _metadata(config, config_path, bm, command, load_before) -> dict:
         "load_average_before": load_before,
         "model_summary": summary,
         "llm_safety_tokens": bm.safe.config.num_llm_safety_tokens,
-        "image_seq_length": {"stock": bm.stock.config.image_seq_length, "safe": bm.safe.config.image_seq_length},
+        "base": bm.base.name,
+        "stock_class": bm.base.stock_class.__name__,
+        "safe_class": bm.base.registry.model_class.__name__,
+        "prompt_length": prompt_length,
         "new_tokens": config["new_tokens"],
     }
 

@@ -1,4 +1,5 @@
-"""The six measurements, each comparing SafeLlava with stock LLaVA (same weights, same prompt and images).
+"""The six measurements, each comparing SafeLlava with its stock model (same weights, same prompt and images), on
+any base of `benchmarks/bases.py`.
 
 Every function takes the built models, the benchmark config and a tqdm bar, and returns a JSON-ready dict with the
 raw timings, medians, ratios and the sanity checks that prove the compared calls did what they claim (token counts,
@@ -67,11 +68,11 @@ def generate_overhead(bm, config: dict, bar) -> dict:
     prefill) of stock LLaVA, SafeLlava with LLM safety tokens and head-only SafeLlava, nothing flagged
     (`safety_threshold=1.0`); peak memory of the end-to-end call.
     """
-    device, prompt, new_tokens = config["device"], config["prompt"], config["new_tokens"]
+    device, new_tokens = config["device"], config["new_tokens"]
     models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
     results = {}
     for batch_size in config["generate_batch_sizes"]:
-        inputs = {name: make_inputs(model, bm.tokenizer, prompt, batch_size) for name, model in models.items()}
+        inputs = {name: make_inputs(bm, model, batch_size) for name, model in models.items()}
         outputs = {}
 
         def call(name, **overrides):
@@ -157,11 +158,11 @@ def generate_memory(bm, config: dict, bar) -> dict:
     The wall time of each measured call is recorded for information (memory tracking adds some Python work per
     operator).
     """
-    device, prompt, new_tokens = config["device"], config["prompt"], config["new_tokens"]
+    device, new_tokens = config["device"], config["new_tokens"]
     models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
     results = {}
     for batch_size in config["generate_batch_sizes"]:
-        inputs = {name: make_inputs(model, bm.tokenizer, prompt, batch_size) for name, model in models.items()}
+        inputs = {name: make_inputs(bm, model, batch_size) for name, model in models.items()}
         memory, new, wall = {}, {}, {}
         for name, model in models.items():
             extra = {} if name == "stock" else NOTHING_FLAGGED
@@ -203,7 +204,7 @@ def paper_way(bm, config: dict, bar) -> dict:
     plain_generate = functools.partial(GenerationMixin.generate, model)  # stock generate, no verdict
     results = {}
     for batch_size in config["paper_way_batch_sizes"]:
-        inputs = make_inputs(model, bm.tokenizer, config["prompt"], batch_size)
+        inputs = make_inputs(bm, model, batch_size)
         outputs = {}
 
         def ours(**overrides):
@@ -272,7 +273,7 @@ def refusal(bm, config: dict, bar) -> dict:
     """Same batch twice: nothing flagged (full `new_tokens` generation) vs every row refused (threshold 0.0)."""
     device, model = config["device"], bm.safe
     batch_size = config["refusal_batch_size"]
-    inputs = make_inputs(model, bm.tokenizer, config["prompt"], batch_size)
+    inputs = make_inputs(bm, model, batch_size)
     refuse = {"safety_threshold": 0.0, "safety_actions": _all_refuse(model)}
     timing = time_interleaved(
         {
@@ -314,8 +315,8 @@ def assess_throughput(bm, config: dict, bar) -> dict:
     device = config["device"]
     results = {}
     for batch_size in config["throughput_batch_sizes"]:
-        stock_inputs = make_inputs(bm.stock, bm.tokenizer, config["prompt"], batch_size)
-        safe_inputs = make_inputs(bm.safe, bm.tokenizer, config["prompt"], batch_size)
+        stock_inputs = make_inputs(bm, bm.stock, batch_size)
+        safe_inputs = make_inputs(bm, bm.safe, batch_size)
 
         def full_forward():
             with torch.no_grad():
@@ -370,7 +371,7 @@ def calibration_overhead(bm, config: dict, bar) -> dict:
     variants = {"uncalibrated": {"level": 1.0, "type": 1.0}, "calibrated": fitted}
     results = {}
     for batch_size in config["generate_batch_sizes"]:
-        inputs = make_inputs(model, bm.tokenizer, config["prompt"], batch_size)
+        inputs = make_inputs(bm, model, batch_size)
         outputs, level_probs = {}, {}
 
         def call(name):
@@ -437,9 +438,7 @@ def training_steps(bm, config: dict, bar) -> dict:
     steps, step_flops = {}, {}
     for name, setup in setups.items():
         base = setup.base_model
-        batch = make_training_batch(
-            base, bm.tokenizer, config["prompt"], config["train_batch_size"], config["train_answer_tokens"]
-        )
+        batch = make_training_batch(bm, base, config["train_batch_size"], config["train_answer_tokens"])
         steps[name] = _optimizer_step(setup.model, setup.optimizer, batch)
         # the first step creates the AdamW state (every timed and measured step is a steady-state one); its forward
         # and backward FLOPs are counted on the way

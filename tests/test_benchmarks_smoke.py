@@ -202,3 +202,52 @@ def test_calibration_item_compares_the_same_generation(micro_results):
         assert set(entry["timing"]) == {"uncalibrated", "calibrated"}
         assert entry["ratios"]["calibrated_vs_uncalibrated"] > 0
     assert any(row["item"] == 6 for row in results["targets"])
+
+
+# -- every base ---------------------------------------------------------------------------------------------------
+
+OTHER_BASES = {"micro-llava-next": "LlavaNextForConditionalGeneration", "micro-gemma3": "Gemma3ForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=sorted(OTHER_BASES))
+def base_results(request, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp(request.param)
+    exit_code = benchmark_run.main(["--config", request.param, "--output-dir", str(output_dir)])
+    results = json.loads((output_dir / f"{request.param}.json").read_text())
+    return request.param, exit_code, results, (output_dir / f"{request.param}.md").read_text()
+
+
+def test_every_base_runs_every_item_against_its_own_stock_class(base_results):
+    """`cpu-small` per base: the same measurements and checks as LLaVA-1.5's, against the base's stock class with
+    the same weights; FLOP predictions are n/a (no FLOP model) and the parameter counts come from the base's preset."""
+    name, exit_code, results, markdown = base_results
+    assert exit_code == 0
+    meta = results["metadata"]
+    assert meta["stock_class"] == OTHER_BASES[name] and meta["stock_class"] in markdown.splitlines()[0]
+    assert meta["prompt_length"]["safe"] == meta["prompt_length"]["stock"] + results["config"]["model"]["num_llm_safety_tokens"]
+    for entry in results["generate_overhead"].values():
+        assert entry["checks"]["head_only_tokens_equal_stock"] is True
+    for entry in results["paper_way"].values():
+        assert entry["checks"]["vision_tower_calls"] == {"ours": 1, "paper_way": 2}
+        assert entry["checks"]["same_tokens"] is True
+    assert results["refusal"]["checks"]["all_rows_refused"] is True
+    assert results["refusal"]["checks"]["language_model_calls_when_refused"] == 0
+    for entry in results["calibration"].values():
+        assert entry["checks"]["same_tokens"] and entry["checks"]["level_probs_changed"]
+    parameters = results["parameters"]
+    assert results["training"]["trainable_parameters"]["stage1"] == parameters["config"]["parameters"]["safety_total"]
+    assert parameters["reference_7b"]["parameters"]["non_safety_params_match_stock"] is True
+    assert "flops" not in results and "## Parameters (counted on the meta device)" in markdown
+    rows = results["targets"]
+    assert {row["item"] for row in rows} == {1, 2, 3, 4, 6}
+    assert all(row["flops_config"] is None for row in rows)
+
+
+def test_tied_weights_stay_tied_when_the_models_share_stock_tensors():
+    """Gemma 3 ties `lm_head` to the input embeddings: SafeLlava built on meta must get stock's tensor under both
+    names (a forgotten tied copy would compute logits with an empty weight)."""
+    config, _ = benchmark_run.load_config("micro-gemma3")
+    bm = build_models(config)
+    embeddings = bm.stock.model.language_model.embed_tokens.weight
+    for model in (bm.safe, bm.head_only):
+        assert model.lm_head.weight is model.model.language_model.embed_tokens.weight is embeddings
