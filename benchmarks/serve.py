@@ -214,6 +214,7 @@ def run_serve_benchmark(config: dict, command: str = "") -> dict:
             results["process_memory"] = {name: process_memory(server.process.pid) for name, server in servers.items()}
         finally:
             exit_codes = {name: server.stop() for name, server in servers.items()}
+        results["batching_ceiling"] = batching_ceiling(safe_folder, config)  # after the servers: an idle machine
     results["metadata"] = _metadata(config, command, time.perf_counter() - started, exit_codes)
     results["memory_7b"] = gate_memory_7b(config.get("reference_preset", "7b.json"))
     results["verdict_flop_share"] = {"config": verdict_flop_share(config["model"], config["new_tokens"])}
@@ -256,6 +257,7 @@ async def _measure_all(servers: dict, stock_model: str, config: dict) -> dict:
                 runs = chat[name].setdefault(str(concurrency), [])
                 runs.append(await measure_chat(servers[name], names[name], images, config, concurrency, extra[name]))
     results = {"chat": {name: {c: _median_run(runs) for c, runs in per.items()} for name, per in chat.items()}}
+    results["long_answers"] = await _measure_long_answers(servers["safe"], images, config, extra["safe"])
     results["refusal"] = await _measure_refusal(servers["safe"], images, config, type_names)
     results["moderation"] = await _measure_moderation(servers["safe"], images, config)
     return results
@@ -267,6 +269,78 @@ def _median_run(runs: list[dict]) -> dict:
     merged["failed"] = sum(r["failed"] for r in runs)
     merged["runs"] = runs
     return merged
+
+
+def _scaling_lengths(config: dict) -> list[int]:
+    """Answer lengths (new tokens) of the scaling measurements: the chat load's, then `long_new_tokens` if set."""
+    return [config["new_tokens"], *([config["long_new_tokens"]] if config.get("long_new_tokens") else [])]
+
+
+async def _measure_long_answers(server, images, config, extra) -> dict:
+    """`safe` at concurrency 1 and `scaling_concurrency` with `long_new_tokens`-token answers (interleaved repeats):
+    how the batching's gain grows as decoding, which batching shares, outweighs prefill, which it cannot."""
+    if not config.get("long_new_tokens"):
+        return {}
+    long_config = {**config, "new_tokens": config["long_new_tokens"], "requests": config["long_requests"]}
+    runs = {}
+    for _ in range(config["repeats"]):
+        for concurrency in (1, config["scaling_concurrency"]):
+            run = await measure_chat(server, "safe", images, long_config, concurrency, extra)
+            runs.setdefault(str(concurrency), []).append(run)
+    return {"new_tokens": config["long_new_tokens"], **{c: _median_run(r) for c, r in runs.items()}}
+
+
+def batching_ceiling(safe_folder: Path, config: dict) -> dict:
+    """
+    The most any server could gain from batching on this machine: in-process `generate` of the served head-only
+    SafeLlava (same settings as the chat load, every action `allow`), batch 1 against batch `scaling_concurrency`, on
+    the servers' torch thread count, CPU time of this process. Rows per second at batch B over rows per second at
+    batch 1, for each answer length of `_scaling_lengths`. Prefill is compute-bound (linear in the batch); only
+    decoding is shared, so the ceiling rises with the answer's length.
+    """
+    from modeling_safe_llava.bases import load_safe_model, load_safe_processor
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(config.get("server_threads", 1))
+    try:
+        model = load_safe_model(str(safe_folder)).eval()
+        processor = load_safe_processor(str(safe_folder), model.config.model_type)
+        allow = _allow_all(model.config.risky_type_labels)
+        images = [_decode_data_url(url) for url in _images(config["model"]["vision_config"]["image_size"], 8, config["seed"])]
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config["prompt"]}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+        batch = config["scaling_concurrency"]
+        out = {"batch_size": batch, "threads": torch.get_num_threads(), "clock": "process_cpu"}
+        for new_tokens in _scaling_lengths(config):
+            seconds = {}
+            for size in (1, batch):
+                inputs = processor(
+                    text=[text] * size, images=[[images[i % len(images)]] for i in range(size)], return_tensors="pt"
+                )
+                seconds[size] = _best_generate_seconds(model, inputs, new_tokens, allow, config["repeats"])
+            out[str(new_tokens)] = {
+                "batch_1_s": seconds[1], f"batch_{batch}_s": seconds[batch],
+                "gain": batch * seconds[1] / seconds[batch],
+            }  # fmt: skip
+        return out
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _best_generate_seconds(model, inputs, new_tokens: int, allow: dict, repeats: int) -> float:
+    """Fastest of `repeats` greedy `generate` calls (after one warm-up), CPU time of this process."""
+    kwargs = {**inputs, **allow, "max_new_tokens": new_tokens, "do_sample": False}
+    model.generate(**kwargs)
+    times = []
+    for _ in range(repeats):
+        started = time.process_time()
+        model.generate(**kwargs)
+        times.append(time.process_time() - started)
+    return min(times)
+
+
+def _decode_data_url(url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB")
 
 
 async def _measure_refusal(server, images, config, type_names) -> dict:
@@ -300,12 +374,36 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
     for name in ("safe", "stock"):
         scaling = chat[name][c_hi]["requests_per_s"] / chat[name][c_lo]["requests_per_s"]
         rows.append(_row(f"{name}: requests/s at concurrency {c_hi} / at 1", scaling, targets["scaling_min"], True))
+    rows += _long_answer_rows(results, config)
     for c in config["concurrency"]:
         c = str(c)
         overhead = chat["gate"][c]["latency_p50_s"] / chat["stock"][c]["latency_p50_s"]
         rows.append(_row(f"gate / upstream alone p50 latency at concurrency {c}", overhead, targets["gate_latency_ratio_max"], False))
     rows.append(_row("refused / allowed p50 latency", results["refusal"]["ratio_p50"], targets["refusal_ratio_max"], False))
     return rows
+
+
+def _long_answer_rows(results: dict, config: dict) -> list[dict]:
+    """The scaling target again with `long_new_tokens`-token answers, and, for each answer length, the server's gain
+    over the in-process ceiling (`batching_ceiling`): what share of what batching can give on this machine the server
+    delivers (`targets.ceiling_share_min`)."""
+    rows, long, ceiling = [], results.get("long_answers") or {}, results.get("batching_ceiling") or {}
+    c_hi, targets = str(config["scaling_concurrency"]), config["targets"]
+    gains = {config["new_tokens"]: _gain(results["chat"]["safe"], c_hi)}
+    if long:
+        gains[long["new_tokens"]] = _gain(long, c_hi)
+        rows.append(_row(f"safe: requests/s at concurrency {c_hi} / at 1, {long['new_tokens']}-token answers",
+                         gains[long["new_tokens"]], targets["scaling_min"], True))  # fmt: skip
+    for new_tokens, gain in gains.items() if "ceiling_share_min" in targets else ():
+        if str(new_tokens) in ceiling:
+            share = gain / ceiling[str(new_tokens)]["gain"]
+            rows.append(_row(f"safe's gain at concurrency {c_hi} / in-process generate's at batch {c_hi}, "
+                             f"{new_tokens}-token answers", share, targets["ceiling_share_min"], True))  # fmt: skip
+    return rows
+
+
+def _gain(per_concurrency: dict, c_hi: str) -> float:
+    return per_concurrency[c_hi]["requests_per_s"] / per_concurrency["1"]["requests_per_s"]
 
 
 def _row(name, measured, target, at_least) -> dict:
@@ -338,6 +436,40 @@ def write_results(results: dict, output_dir: Path, name: str) -> dict:
     return {k: str(v) for k, v in paths.items()}
 
 
+def _batching_lines(results: dict, config: dict) -> list[str]:
+    """The batching section: `safe`'s gain from concurrency 1 to `scaling_concurrency` per answer length, next to the
+    in-process ceiling (`batching_ceiling`)."""
+    ceiling, long = results.get("batching_ceiling") or {}, results.get("long_answers") or {}
+    if not ceiling:
+        return []
+    c_hi = str(config["scaling_concurrency"])
+    served = {config["new_tokens"]: results["chat"]["safe"]}
+    if long:
+        served[long["new_tokens"]] = long
+    lines = [
+        "",
+        f"## Batching: the gain from concurrency 1 to {c_hi}, and its ceiling",
+        "",
+        f"The ceiling is in-process `generate` of the served model, batch {c_hi} against batch 1 (rows/s over rows/s; "
+        f"{ceiling['threads']} torch thread(s), CPU time of the benchmark process, fastest of {config['repeats']}, run "
+        "after the servers stopped). No server can batch better than the model computes.",
+        "",
+        f"| answer tokens | `safe` requests/s at 1 | at {c_hi} | served gain | in-process batch 1 (s) | batch {c_hi} (s) "
+        "| ceiling gain | served / ceiling |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for new_tokens, rows in served.items():
+        bound = ceiling.get(str(new_tokens))
+        if bound is None:
+            continue
+        gain = _gain(rows, c_hi)
+        lines.append(
+            f"| {new_tokens} | {rows['1']['requests_per_s']:.2f} | {rows[c_hi]['requests_per_s']:.2f} | {gain:.2f} | "
+            f"{bound['batch_1_s']:.3f} | {bound[f'batch_{c_hi}_s']:.3f} | {bound['gain']:.2f} | {gain / bound['gain']:.2f} |"
+        )
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     meta, config = results["metadata"], results["config"]
     lines = [
@@ -366,6 +498,7 @@ def render_markdown(results: dict) -> str:
                 f"| {name} | {c} | {row['requests_per_s']:.2f} | {row['latency_p50_s']:.3f} | {row['latency_p95_s']:.3f} "
                 f"| {row.get('ttft_p50_s', float('nan')):.3f} | {row['failed']} |"
             )
+    lines += _batching_lines(results, config)
     refusal, moderation, memory = results["refusal"], results["moderation"], results["memory_7b"]
     lines += [
         "",

@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
     config, _ = benchmark_run.load_config("cpu-serve")
     config.update(
         name="serve-smoke", new_tokens=4, concurrency=[1, 2], scaling_concurrency=2, requests={"1": 2, "2": 2},
-        repeats=1, refusal_new_tokens=8, refusal_requests=2, moderation_requests=4, moderation_concurrency=2,
+        long_new_tokens=6, long_requests={"1": 1, "2": 2}, repeats=1, refusal_new_tokens=8, refusal_requests=2, moderation_requests=4, moderation_concurrency=2,
         reference_flops=False,
     )  # fmt: skip
     config["model"] = json.loads((REPO_ROOT / "configuration" / "tiny.json").read_text())
@@ -51,8 +51,17 @@ def test_serve_benchmark_writes_every_measurement(smoke):
     assert results["memory_7b"]["gate_bytes"] < results["memory_7b"]["full_bytes"]
     assert all(results["process_memory"][name]["peak_rss_mib"] > 0 for name in SERVERS)
     assert 0 < results["verdict_flop_share"]["config"]["share"] < 1
+    long = results["long_answers"]
+    assert long["new_tokens"] == 6 and long["1"]["failed"] == long["2"]["failed"] == 0 and long["2"]["requests"] == 2
+    ceiling = results["batching_ceiling"]
+    for new_tokens in ("4", "6"):  # in-process generate of the served model, batch 2 against batch 1
+        assert ceiling[new_tokens]["gain"] == pytest.approx(
+            2 * ceiling[new_tokens]["batch_1_s"] / ceiling[new_tokens]["batch_2_s"]
+        )
     markdown = (results_dir / "serve-smoke.md").read_text()
-    assert markdown.count("**PASS**") + markdown.count("**FAIL**") == len(results["targets"]) == 2 + 2 + 2 + 1
+    # throughput x2, scaling x2 (+ long answers), served / ceiling per answer length, gate x2, refusal
+    assert markdown.count("**PASS**") + markdown.count("**FAIL**") == len(results["targets"]) == 2 + 3 + 2 + 2 + 1
+    assert "its ceiling" in markdown
     assert "What these numbers do and do not prove" in markdown
 
 
