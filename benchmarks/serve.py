@@ -43,6 +43,25 @@ SERVERS = ("stock", "safe", "gate")
 # -- memory of one gate at the 7B shape --------------------------------------------------------------------------
 
 
+def gate_memory(base_name: str, bytes_per_value: int = 2) -> dict:
+    """Weights of one gate (the judge's verdict modules: vision tower, safety module, input embeddings) against the
+    whole head-only SafeLlava at the base's 7B-class preset (`Base.large_preset`), in bytes at `bytes_per_value`
+    (bf16: 2), counted on the meta device. Any base of the registry (`safe-llava demo --base` names)."""
+    from modeling_safe_llava.bases import base_named
+    from modeling_safe_llava.presets import load_json_preset
+    from modeling_safe_llava.safety_loading_safe_llava import VERDICT_PATH_PREFIXES
+
+    base = base_named(base_name)
+    preset = load_json_preset("configuration", base.large_preset)
+    fields = {k: v for k, v in preset.items() if not k.startswith("_") and k not in ("base_checkpoint", "base_model_type")}
+    with torch.device("meta"):
+        model = base.model_class(base.config_class(**{**fields, "num_llm_safety_tokens": 0}))
+    size = lambda module: sum(p.numel() for p in module.parameters()) * bytes_per_value  # noqa: E731
+    parts = {prefix.rstrip(".").rsplit(".", 1)[-1]: size(model.get_submodule(prefix.rstrip("."))) for prefix in VERDICT_PATH_PREFIXES}
+    return {"base": base_name, "preset": base.large_preset, "bytes_per_value": bytes_per_value, **parts,
+            "gate_bytes": sum(parts.values()), "full_bytes": size(model)}  # fmt: skip
+
+
 def gate_memory_7b(preset: str = "7b.json", bytes_per_value: int = 2) -> dict:
     """Weights of one gate (vision tower, safety module, input embeddings) against the whole head-only SafeLlava at
     `preset`'s shape, in bytes at `bytes_per_value` (bf16: 2), counted on the meta device."""

@@ -58,6 +58,11 @@ class Base:
         """The `model_type` of the stock checkpoints `from_base` converts (e.g. `"llava"`)."""
         return self.model_class.stock_class.config_class.model_type
 
+    @property
+    def stock_class_name(self) -> str:
+        """The stock model class this base wraps (e.g. `"LlavaForConditionalGeneration"`), for messages."""
+        return self.model_class.stock_class.__name__
+
     def auto_maps(self) -> tuple[dict, dict]:
         """`(config auto_map, processor auto_map)`: this base's classes in its remote-code files."""
         model = _reference(self.model_class)
@@ -164,9 +169,9 @@ def load_safe_model(path, **from_pretrained_kwargs):
     return base.model_class.from_pretrained(path, **from_pretrained_kwargs)
 
 
-def load_safe_processor(path, model_type: str):
-    """The processor saved with a SafeLlava of `model_type`."""
-    return base_for_model_type(model_type).processor_class.from_pretrained(path)
+def load_safe_processor(path, model_type: str, **from_pretrained_kwargs):
+    """The processor saved with a SafeLlava of `model_type` (`from_pretrained_kwargs`: e.g. `revision`)."""
+    return base_for_model_type(model_type).processor_class.from_pretrained(path, **from_pretrained_kwargs)
 
 
 def _reference(cls) -> str:

@@ -149,12 +149,18 @@ class SafeLlavaNextImageOutputs(BaseModelOutputWithPooling):
 
     crops_per_image (`torch.LongTensor` of shape `(num_images,)`, *optional*):
         Crops of each image in `hidden_states` (the base image plus its anyres crops), images in order.
+    tokens_per_image (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+        Language-model positions of each image (LLM safety tokens included): its placeholders in `input_ids`.
     """
 
     crops_per_image: torch.LongTensor | None = None
+    tokens_per_image: torch.LongTensor | None = None
 
     def to_tuple(self) -> tuple:
-        return tuple(value for name, value in self.items() if name != "crops_per_image")
+        return tuple(value for name, value in self.items() if name not in _SAFETY_ONLY_IMAGE_FIELDS)
+
+
+_SAFETY_ONLY_IMAGE_FIELDS = ("crops_per_image", "tokens_per_image")
 
 
 @dataclass
@@ -247,10 +253,45 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
             vision_feature_select_strategy=vision_feature_select_strategy,
             **{**kwargs, "return_dict": True},
         )
+        features = self.add_llm_safety_tokens(image_outputs.pooler_output)
+        device = features[0].device
         return SafeLlavaNextImageOutputs(
-            **{**image_outputs, "pooler_output": self.add_llm_safety_tokens(image_outputs.pooler_output)},
-            crops_per_image=self.crops_per_image(image_sizes, image_outputs.pooler_output[0].device),
+            **{**image_outputs, "pooler_output": features},
+            crops_per_image=self.crops_per_image(image_sizes, device),
+            tokens_per_image=torch.tensor([len(f) for f in features], dtype=torch.long, device=device),
         )
+
+    def encode_images_for_safety(self, pixel_values, image_sizes=None, **image_kwargs):
+        """
+        The vision tower alone, on every crop that stock encodes: what the verdict reads (each crop's hidden states,
+        the crops and placeholder count of each image), without the projector and packing only the language model
+        needs. The hidden states are the very ones `get_image_features` computes.
+        """
+        if image_sizes is None:
+            raise TypeError(
+                "LLaVA-NeXT images need `image_sizes` next to `pixel_values`: each image's (height, width) before anyres "
+                "tiling, as the processor returns them (pass `**processor(images=..., text=...)`)."
+            )
+        crops = self.crops_per_image(image_sizes, pixel_values.device)
+        if pixel_values.dim() == 5:  # (images, max crops, ...) padded: keep each image's own crops, as stock does
+            pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, crops.tolist())])
+        image_outputs = self.vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+        return SafeLlavaNextImageOutputs(
+            last_hidden_state=image_outputs.last_hidden_state,
+            hidden_states=image_outputs.hidden_states,
+            crops_per_image=crops,
+            tokens_per_image=self.tokens_per_image(image_sizes, crops, pixel_values.device),
+        )
+
+    def tokens_per_image(self, image_sizes, crops_per_image, device=None) -> torch.LongTensor:
+        """Language-model positions of each image, `(num_images,)`: stock's packing (base image, unpadded crops,
+        `image_newline`s) counted on one-channel features, plus the LLM safety tokens."""
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size
+        strategy = self.config.vision_feature_select_strategy
+        tokens = side * side + (strategy != "default")  # CLS dropped for "default", as stock selects the features
+        features = [torch.zeros(count, tokens, 1) for count in crops_per_image.tolist()]
+        _, lengths = self.pack_image_features(features, image_sizes, strategy, image_newline=torch.zeros(1))
+        return torch.as_tensor(lengths, dtype=torch.long).to(device) + self.config.num_llm_safety_tokens
 
     def crops_per_image(self, image_sizes, device=None) -> torch.LongTensor:
         """Crops of each image (the base image plus its anyres crops), `(num_images,)`, as stock counts them."""
@@ -288,7 +329,10 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
         """Images in each row, `(batch_size,)`: each image takes its own number of placeholders (anyres), so rows are
         matched to images by running totals of placeholders and of per-image feature lengths."""
         placeholders = self.image_placeholders_per_row(input_ids, inputs_embeds)
-        tokens = torch.tensor([len(f) for f in image_outputs.pooler_output], device=placeholders.device)
+        tokens = getattr(image_outputs, "tokens_per_image", None)
+        if tokens is None:  # pre-encoded elsewhere: the packed features' lengths
+            tokens = torch.tensor([len(f) for f in image_outputs.pooler_output])
+        tokens = tokens.to(placeholders.device)
         ends = torch.searchsorted(tokens.cumsum(0), placeholders.cumsum(0), right=True)
         return torch.diff(ends, prepend=ends.new_zeros(1))
 

@@ -208,13 +208,17 @@ class SafetyPolicy:
         return SafetyCallRule(self, self.resolve_thresholds(safety_threshold, default), self.resolve_actions(safety_actions))
 
     def tokenize(self, processor_or_tokenizer) -> dict:
-        """The hints, refusals and the assistant-turn marker as token ids of `processor_or_tokenizer` (anything with
-        a `chat_template` and a tokenizer); stored in `text_token_ids` and returned."""
+        """The hints, refusals and the hint's marker as token ids of `processor_or_tokenizer` (anything with a
+        `chat_template` and a tokenizer); stored in `text_token_ids` and returned. `"assistant_prefix"` is what the
+        chat template puts after the user message's text (`hint_marker_ids`), and each hint is tokenized as the
+        template renders it there (`rendered_hint`), so that a hinted prompt is the one a chat client gets by
+        appending the hint to the user's message."""
         tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False) if text else []  # noqa: E731
+        render = lambda text: rendered_hint(processor_or_tokenizer, text) if text else text  # noqa: E731
         self.text_token_ids = {
-            "assistant_prefix": assistant_prefix_ids(processor_or_tokenizer),
-            "hints": {name: [encode(text) for text in texts] for name, texts in self.hints.items()},
+            "assistant_prefix": hint_marker_ids(processor_or_tokenizer),
+            "hints": {name: [encode(render(text)) for text in texts] for name, texts in self.hints.items()},
             "refusals": {name: encode(text) for name, text in self.refusals.items()},
         }
         return self.text_token_ids
@@ -258,7 +262,48 @@ def check_safety_ready(config, allow_untrained_safety: bool = False):
         )
 
 
-_PROBE_CONVERSATION = [{"role": "user", "content": [{"type": "text", "text": "probe"}]}]
+_PROBE_TEXT = "probe"
+_PROBE_CONVERSATION = [{"role": "user", "content": [{"type": "text", "text": _PROBE_TEXT}]}]
+
+
+def _render_probe(processor_or_tokenizer, appended: str = "") -> tuple[str, int]:
+    """The probe conversation with `appended` after the user's text, rendered with the generation prompt, and where
+    the probe text ends in it."""
+    if getattr(processor_or_tokenizer, "chat_template", None) is None:
+        raise ValueError("This processor/tokenizer has no chat template, so the assistant-turn marker is unknown.")
+    conversation = [{"role": "user", "content": [{"type": "text", "text": _PROBE_TEXT + appended}]}]
+    rendered = processor_or_tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return rendered, rendered.rindex(_PROBE_TEXT) + len(_PROBE_TEXT)
+
+
+def hint_marker_ids(processor_or_tokenizer) -> list[int]:
+    """
+    Token ids the chat template puts after the user message's text, the generation prompt included: a safe hint goes
+    right before them, at the end of the user's turn, where a chat client appending it to the message puts it.
+    LLaVA-1.5: ` ASSISTANT:` (the generation prompt itself); Gemma 3: `<end_of_turn>` `\n<start_of_turn>model\n`
+    (the user turn's end, then the generation prompt), so that the hint stays inside the user's turn.
+    """
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    rendered, end = _render_probe(processor_or_tokenizer)
+    full = tokenizer.encode(rendered, add_special_tokens=False)
+    head = tokenizer.encode(rendered[:end], add_special_tokens=False)
+    common = 0
+    while common < min(len(full), len(head)) and full[common] == head[common]:
+        common += 1
+    if common == len(full):
+        raise ValueError("The chat template adds nothing after the user's message; hints cannot be placed.")
+    return full[common:]
+
+
+def rendered_hint(processor_or_tokenizer, hint: str) -> str:
+    """`hint` as the chat template renders it at the end of the user's message (Gemma 3's template trims message
+    texts, so a hint's trailing newline is dropped); `hint` itself when the template does not keep it in one piece."""
+    plain, end = _render_probe(processor_or_tokenizer)
+    with_hint, _ = _render_probe(processor_or_tokenizer, hint)
+    after = len(plain) - end
+    if with_hint[:end] == plain[:end] and with_hint[len(with_hint) - after :] == plain[end:]:
+        return with_hint[end : len(with_hint) - after]
+    return hint
 
 
 def assistant_prefix_ids(processor_or_tokenizer) -> list[int]:

@@ -289,6 +289,23 @@ def test_mixed_batch_rows_get_what_they_would_get_alone():
             torch.testing.assert_close(batched[row], alone_scores[0], atol=1e-5, rtol=1e-5, msg=f"row {row} step {step}")
 
 
+def test_the_safe_hint_goes_at_the_end_of_the_users_turn():
+    """Gemma 3's template closes the user's turn (`<end_of_turn>`) before the model's: `generate` puts the hint inside
+    the user's turn, as the template renders a hint appended to the user's message (trimmed), so that a chat client
+    (the gate in front of an engine) sends exactly `generate`'s prompt."""
+    _, safe, processor = build_pair(0)
+    texts, tokenizer = safe.config.safety_text_token_ids, processor.tokenizer
+    marker, hint_ids = texts["assistant_prefix"], texts["hints"]["Privacy"][1]
+    assert tokenizer.decode(marker) == "<end_of_turn>\n<start_of_turn>model\n"
+    hint = safe.config.safety_hints["Privacy"][1]
+    assert hint.endswith("\n") and tokenizer.decode(hint_ids) == hint.strip()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+    prompt = tokenizer.encode(processor.apply_chat_template(messages, add_generation_prompt=True))
+    messages[0]["content"][1]["text"] += hint
+    hinted = tokenizer.encode(processor.apply_chat_template(messages, add_generation_prompt=True))
+    assert hinted == prompt[: -len(marker)] + hint_ids + marker
+
+
 def test_processor_takes_a_flat_image_list_in_prompt_order_as_llava_does():
     _, _, processor = build_pair(2)
     texts = [chat_prompt(processor, QUESTIONS[0], images=2), chat_prompt(processor, QUESTIONS[1])]

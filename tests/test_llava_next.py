@@ -63,6 +63,30 @@ def test_llm_safety_tokens_sit_in_front_of_each_images_packed_features(pair):
     assert out.safety_level_logits.shape == (2, 4)
 
 
+def test_the_verdict_encodes_with_the_vision_tower_alone(pair):
+    """`assess_safety` (and the gate's judge, which holds no projector) encodes with the vision tower alone: the same
+    crops' hidden states, crop counts and placeholder counts as `get_image_features`, so the same safety logits, and
+    the projector never runs."""
+    _, safe, processor = pair
+    images = [NEXT.random_image(i) for i in range(3)]
+    inputs = processor(
+        images=images, text=[chat_prompt(processor, images=2), chat_prompt(processor)], return_tensors="pt", padding=True
+    )
+    calls = []
+    handle = safe.model.multi_modal_projector.register_forward_hook(lambda *args: calls.append(1))
+    with torch.no_grad():
+        alone = safe.model.encode_images_for_safety(inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        handle.remove()
+        full = safe.model.encode_images(inputs["pixel_values"], image_sizes=inputs["image_sizes"])
+        assert calls == []
+        assert alone.tokens_per_image.tolist() == full.tokens_per_image.tolist() == [len(f) for f in full.pooler_output]
+        assert alone.crops_per_image.tolist() == full.crops_per_image.tolist() == NEXT.judged_units(inputs)
+        verdicts = [safe.model.judge(o, inputs["input_ids"], None, inputs["attention_mask"]) for o in (alone, full)]
+    for ours, theirs in zip(*verdicts):
+        assert torch.equal(ours, theirs)
+    assert verdicts[0][2].tolist() == [2, 1]
+
+
 @pytest.mark.parametrize("risky_crop", [0, 1, 4], ids=["base_image", "first_crop", "last_crop"])
 def test_a_risk_seen_in_one_crop_flags_its_row(pair, risky_crop):
     """The head judges every crop: the row's verdict is its riskiest crop, wherever the crop is."""

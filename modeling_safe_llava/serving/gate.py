@@ -1,14 +1,18 @@
-"""Gate mode: `safe-llava serve --model HEAD_ONLY_SAFELLAVA --upstream URL --upstream-model NAME`.
+"""Gate mode: `safe-llava serve --model HEAD_ONLY_SAFELLAVA --upstream URL --upstream-model NAME`, for every base.
 
-A head-only SafeLlava (`num_llm_safety_tokens=0`) generates with stock LLaVA's language model, unchanged. So generation
-can run on any OpenAI-compatible engine that serves the stock LLaVA weights (vLLM, SGLang, `transformers serve`), with
-this process in front of it as a gate that loads only the verdict's parts (`serving/judge.py`). For each request the
+A head-only SafeLlava (`num_llm_safety_tokens=0`) of any base (LLaVA-1.5, LLaVA-NeXT, Gemma 3: `bases.BASES`) generates
+with its stock base's language model, unchanged. So generation can run on any OpenAI-compatible engine that serves the
+stock weights (vLLM, SGLang, `transformers serve`), with this process in front of it as a gate that loads only the
+verdict's parts (`serving/judge.py`). Nothing here depends on the base: the checkpoint's `model_type` picks its classes
+in the registry. For each request the
 gate judges the images (requests that arrive together share one vision-tower and safety-head call), then does what
 `model.generate(..., safety_threshold=..., safety_actions=...)` would:
 
 - `refuse`: answers the configured refusal itself (`finish_reason: "content_filter"`); the upstream is never contacted;
 - `hint`: forwards the request with the policy's safe hint appended to the text of the last message, which puts it
-  right before the assistant-turn marker, where `generate` inserts it (`policy_safe_llava._insert_hint`). Before
+  at the end of the user's turn, where `generate` inserts it (right before the tokens the chat template puts after
+  the user's text: `policy_safe_llava.hint_marker_ids`; LLaVA's ` ASSISTANT:`, Gemma 3's `<end_of_turn>` and model
+  turn). Before
   forwarding, the gate checks with the model's own chat template and tokenizer that the edited conversation gives
   exactly `generate`'s token sequence (prompt, hint ids, marker); `hint_placement` says how it was placed;
 - `allow` (or nothing judged): forwards the request unchanged (less the SafeLlava-only fields `safety_threshold` and
@@ -64,7 +68,7 @@ class GateBackend(ServingBackend):
 
     Args:
         judge (`SafetyJudge`): the verdict's parts of a head-only SafeLlava.
-        upstream (`UpstreamClient`): the engine serving the stock LLaVA weights.
+        upstream (`UpstreamClient`): the engine serving the stock base's weights.
         settings (`BackendSettings`): batching flags and names.
     """
 
@@ -176,7 +180,7 @@ class GateBackend(ServingBackend):
 
     def hint_placement(self, messages: list[dict], safety: dict) -> str:
         """How to add the hint to the last message so that the chat template renders `generate`'s exact token
-        sequence: appended to its last text part, or as a new text part; the first that matches, checked with the
+        sequence (prompt up to the hint's marker, hint ids, marker): appended to its last text part, or as a new text part; the first that matches, checked with the
         model's tokenizer (if none does, the first, with a warning: the answer may differ by the seam's tokens)."""
         hint = self.policy.hints[safety["category_name"]][safety["level"]]
         hint_ids = self.policy.text_token_ids["hints"][safety["category_name"]][safety["level"]]
@@ -360,24 +364,36 @@ def _usage(upstream_usage, prompt_tokens: int, choices: list[Choice], tokenizer)
 
 
 def build_gate_backend(settings: BackendSettings) -> GateBackend:
-    """The gate for `settings` (`--model`, `--upstream`, `--upstream-model`, ...). Raises a one-line `ValueError` for a
-    model whose language model is not stock LLaVA's (`num_llm_safety_tokens` > 0)."""
-    from ..configuration_safe_llava import SafeLlavaConfig
+    """The gate for `settings` (`--model`, `--upstream`, `--upstream-model`, ...), for a head-only SafeLlava of any base
+    (`bases.BASES`). Raises a one-line `ValueError` for a stock checkpoint, and for a model whose language model is
+    not its stock base's (`num_llm_safety_tokens` > 0)."""
+    from transformers import PretrainedConfig
+
+    from ..bases import BASES, base_for_model_type, base_for_stock_model_type
+    from .judge import load_safe_config
 
     if not settings.upstream or not settings.upstream_model:
         raise ValueError("Gate mode needs both --upstream URL and --upstream-model NAME.")
-    model_type = SafeLlavaConfig.get_config_dict(settings.model)[0].get("model_type")
-    if model_type != SafeLlavaConfig.model_type:
-        raise ValueError(
-            f"Gate mode serves a head-only SafeLlava checkpoint (model_type {SafeLlavaConfig.model_type!r}); "
-            f"{settings.model!r} has model_type {model_type!r}. Point --upstream-model at the stock LLaVA instead."
+    model_type = PretrainedConfig.get_config_dict(settings.model)[0].get("model_type")
+    if model_type not in [base.model_type for base in BASES]:
+        stock = base_for_stock_model_type(model_type)
+        hint = (
+            f"it is a stock {stock.stock_class_name} checkpoint: serve it on the engine (--upstream-model) and give "
+            f"--model the head-only SafeLlava ({stock.model_type}) trained on it"
+            if stock is not None
+            else "give --model a head-only SafeLlava checkpoint"
         )
-    config = SafeLlavaConfig.from_pretrained(settings.model)
+        raise ValueError(
+            f"Gate mode serves a head-only SafeLlava checkpoint (model_type one of "
+            f"{[base.model_type for base in BASES]}); {settings.model!r} has model_type {model_type!r}: {hint}."
+        )
+    config = load_safe_config(settings.model)
     if config.num_llm_safety_tokens != 0:
+        stock_name = base_for_model_type(model_type).stock_class_name
         raise ValueError(
             f"Gate mode needs a head-only SafeLlava (num_llm_safety_tokens=0), but {settings.model!r} has "
             f"num_llm_safety_tokens={config.num_llm_safety_tokens}: its language model reads safety tokens that an "
-            "upstream serving stock LLaVA lacks. Serve it without --upstream."
+            f"upstream serving the stock {stock_name} lacks. Serve it without --upstream."
         )
     import torch
 

@@ -1,16 +1,21 @@
 """A judge: the part of a SafeLlava that makes the safety verdict, and nothing else.
 
-`SafetyJudge.from_pretrained(folder)` builds the model on the `meta` device, then gives real weights to the three
-parts a verdict reads (`safety_loading_safe_llava.VERDICT_PATH_PREFIXES`):
+`SafetyJudge.from_pretrained(folder)` builds the checkpoint's model class (any base: its `model_type` picks the class in
+`bases.py`) on the `meta` device, then gives real weights to the parts a verdict reads
+(`safety_loading_safe_llava.VERDICT_PATH_PREFIXES`), the same for every base:
 
-- the vision tower (the safety head reads its hidden states);
+- the vision tower (the safety head reads its hidden states: LLaVA-1.5's and LLaVA-NeXT's CLIP layer, every anyres
+  crop for LLaVA-NeXT; SigLIP's last state for Gemma 3, average-pooled as Gemma 3 pools it, which needs no weights);
 - the safety module (projector, head safety tokens, head);
-- the language model's input embedding table (the head's query is the embedding of each row's first real token).
+- the language model's input embedding table (the head's query is the embedding of each row's first real token; the
+  base's own embedding class, e.g. Gemma 3's scaled one).
 
-Those tensors alone are read from the safetensors files (a Hub id downloads only the shards that hold them). The
-language model's layers, its head and LLaVA's multi-modal projector stay on `meta`: they hold no memory, and calling
-them fails loudly. That is what a gate in front of an engine that already runs the language model needs, and what the
-audit's path (`assess_safety`) uses. `judge_memory_bytes` measures it; see README "Serving" for the 7B numbers.
+Those tensors alone are read from the safetensors files (a Hub id downloads only the shards that hold them), renamed
+by the base's checkpoint conversion mapping as `from_pretrained` renames them. The language model's layers, its head
+and the multi-modal projector stay on `meta`: they hold no memory, and calling them fails loudly. The verdict goes
+through `assess_safety`, whose image encoding (`encode_images_for_safety`) reads only those parts. That is what a gate
+in front of an engine that already runs the language model needs. `judge_memory_bytes` measures it; see README
+"Serving" for the 7B-class numbers of each base.
 """
 
 from __future__ import annotations
@@ -22,17 +27,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..configuration_safe_llava import SafeLlavaConfig
-from ..modeling_safe_llava import SafeLlavaForConditionalGeneration
+from ..bases import base_for_model_type, load_safe_processor
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF
 from ..policy_safe_llava import check_safety_ready, decide_safety_actions
-from ..processing_safe_llava import SafeLlavaProcessor
 from ..safety_loading_safe_llava import VERDICT_PATH_PREFIXES
-from ..safety_module_safe_llava import SafeLlavaSafetyModule
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_STOCK_LEGACY_PREFIX = ("model.language_model.model.", "model.language_model.")  # llava-hf's original key layout
 
 
 @dataclass
@@ -60,9 +61,9 @@ class SafetyJudge:
     The verdict of a SafeLlava without its language model.
 
     Args:
-        model (`SafeLlavaForConditionalGeneration`): a model whose vision tower, safety module and input embeddings
-            hold weights (the rest may sit on `meta`).
-        processor (`SafeLlavaProcessor`): its processor (chat template, tokenizer, image processor).
+        model: a SafeLlava of any base (`bases.BASES`) whose vision tower, safety module and input embeddings hold
+            weights (the rest may sit on `meta`).
+        processor: its processor (chat template, tokenizer, image processor).
         allow_untrained_safety (`bool`): judge with untrained safety modules (tests only; fails closed otherwise).
     """
 
@@ -77,8 +78,8 @@ class SafetyJudge:
     def from_pretrained(cls, path: str, device=None, dtype=None, revision=None, allow_untrained_safety=False):
         """The judge of a SafeLlava folder or Hub id: see the module docstring. `dtype`: a torch dtype, one of
         `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`/None (the checkpoint's)."""
-        config = SafeLlavaConfig.from_pretrained(path, revision=revision)
-        processor = SafeLlavaProcessor.from_pretrained(path, revision=revision)
+        config = load_safe_config(path, revision=revision)
+        processor = load_safe_processor(path, config.model_type, revision=revision)
         model = build_judge_model(config, path, revision=revision, device=device, dtype=dtype)
         return cls(model, processor, allow_untrained_safety=allow_untrained_safety)
 
@@ -152,28 +153,33 @@ class SafetyJudge:
         tokenizer.padding_side = "left"
         prompts = [self.prompt(messages) for messages in conversations]
         inputs = self.processor(images=images, text=prompts, padding=True, return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.model.vision_tower.dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.model.vision_tower.dtype)  # the base's image
+        # fields (LLaVA-NeXT's `image_sizes`, Gemma 3's `token_type_ids`, ...) go along: each base takes what it reads
         assessment = self.model.assess_safety(
             **inputs, safety_threshold=0.5, allow_untrained_safety=self.allow_untrained_safety
         )
         return assessment, inputs["attention_mask"].sum(dim=1).tolist()
 
 
-def build_judge_model(config: SafeLlavaConfig, path: str, revision=None, device=None, dtype=None):
-    """A `SafeLlavaForConditionalGeneration` on `meta` with real vision tower, safety module and input embeddings,
-    loaded from `path`'s safetensors. Raises `ValueError` naming any of those weights the checkpoint lacks."""
+def load_safe_config(path: str, revision=None):
+    """The config of a SafeLlava folder or Hub id of any base; a `ValueError` naming the accepted model types
+    otherwise."""
+    from transformers import PretrainedConfig
+
+    model_type = PretrainedConfig.get_config_dict(path, revision=revision)[0].get("model_type")
+    return base_for_model_type(model_type).config_class.from_pretrained(path, revision=revision)
+
+
+def build_judge_model(config, path: str, revision=None, device=None, dtype=None):
+    """The model class of `config`'s base on `meta`, with real vision tower, safety module and input embeddings
+    (`VERDICT_PATH_PREFIXES`) loaded from `path`'s safetensors. Raises `ValueError` naming any of those weights the
+    checkpoint lacks."""
     device = torch.device(device or "cpu")
     dtype = _resolve_dtype(dtype, config)
     with torch.device("meta"):
-        model = SafeLlavaForConditionalGeneration(config)
-    inner = model.model
-    with torch.device(device):
-        inner.vision_tower = type(inner.vision_tower)(config.vision_config)
-        inner.safety_module = SafeLlavaSafetyModule(config)
-        embed = inner.language_model.embed_tokens
-        inner.language_model.embed_tokens = nn.Embedding(embed.num_embeddings, embed.embedding_dim, embed.padding_idx)
-    wanted = {name for name, _ in model.named_parameters() if name.startswith(VERDICT_PATH_PREFIXES)}
-    state = read_verdict_weights(path, wanted, revision=revision)
+        model = base_for_model_type(config.model_type).model_class(config)
+    wanted = {name for name in model.state_dict() if name.startswith(VERDICT_PATH_PREFIXES)}
+    state = read_verdict_weights(path, wanted, model, revision=revision)
     missing = sorted(wanted - set(state))
     if missing:
         raise ValueError(
@@ -181,9 +187,33 @@ def build_judge_model(config: SafeLlavaConfig, path: str, revision=None, device=
             f"{' ...' if len(missing) > 5 else ''}. Serve a SafeLlava folder written by save_pretrained or export."
         )
     model.load_state_dict(state, strict=False, assign=True)
-    for module in (inner.vision_tower, inner.safety_module, inner.language_model.embed_tokens):
+    _materialize_verdict_buffers(model, device)
+    for module in verdict_modules(model):
         module.to(device=device, dtype=dtype)
+    # Placed by module, as a dispatched model is: `model.device` (its first parameter) may be one left on `meta`.
+    model.hf_device_map = {prefix.rstrip("."): str(device) for prefix in VERDICT_PATH_PREFIXES}
     return model.eval()
+
+
+def verdict_modules(model) -> list[nn.Module]:
+    """The modules a verdict reads (`VERDICT_PATH_PREFIXES`): vision tower, safety module, input embeddings."""
+    return [model.get_submodule(prefix.rstrip(".")) for prefix in VERDICT_PATH_PREFIXES]
+
+
+def _materialize_verdict_buffers(model, device):
+    """The verdict modules' non-persistent buffers (position ids, Gemma 3's embedding scale, ...), which no checkpoint
+    holds, computed as `from_pretrained` computes them: by the model's own weight initialisation, which skips the
+    loaded tensors (flagged initialised) and is a no-op on `meta`."""
+    for module in verdict_modules(model):
+        for parameter in module.parameters():
+            parameter._is_hf_initialized = True
+        for name, buffer in module.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if buffer.device.type == "meta":  # not in the checkpoint: non-persistent
+                module.get_submodule(owner).register_buffer(leaf, torch.empty_like(buffer, device=device), persistent=False)
+            else:
+                buffer._is_hf_initialized = True
+    model.initialize_weights()
 
 
 def _resolve_dtype(dtype, config) -> torch.dtype:
@@ -199,28 +229,33 @@ def _resolve_dtype(dtype, config) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def checkpoint_key_to_model_key(key: str) -> str:
-    """The model's name for a checkpoint key: the renamings `from_pretrained` applies (SafeLlava's registered
-    conversion mapping, which includes LLaVA's legacy layout)."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    from transformers.core_model_loading import WeightRenaming, apply_renamings
+def checkpoint_key_renamer(model):
+    """`checkpoint key -> model key` for `model`: the renamings `from_pretrained` applies to it (its base's registered
+    conversion mapping, with the stock base's legacy layouts, and its sub-models' scoped ones)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, rename_source_key
 
-    mapping = get_checkpoint_conversion_mapping("SafeLlavaForConditionalGeneration")
-    renamings = [r for r in mapping if isinstance(r, WeightRenaming)]
-    renamed = apply_renamings(key, renamings)
-    old, new = _STOCK_LEGACY_PREFIX
-    return new + renamed[len(old) :] if renamed.startswith(old) else renamed
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta_state = model.state_dict()
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)[0]
+
+    return rename
 
 
-def read_verdict_weights(path: str, wanted: set[str], revision=None) -> dict[str, torch.Tensor]:
-    """The tensors named `wanted` (model keys) from `path`'s safetensors, reading no other tensor and, for a Hub id,
-    downloading only the shards that hold them."""
+def read_verdict_weights(path: str, wanted: set[str], model, revision=None) -> dict[str, torch.Tensor]:
+    """The tensors named `wanted` (keys of `model`) from `path`'s safetensors, reading no other tensor and, for a Hub
+    id, downloading only the shards that hold them."""
     from safetensors import safe_open
 
     shards = _shards_by_key(path, revision)
+    rename = checkpoint_key_renamer(model)
     by_file: dict[str, list[tuple[str, str]]] = {}
     for checkpoint_key, shard in shards.items():
-        model_key = checkpoint_key_to_model_key(checkpoint_key)
+        model_key = rename(checkpoint_key)
         if model_key in wanted:
             by_file.setdefault(shard, []).append((checkpoint_key, model_key))
     state = {}
