@@ -62,26 +62,6 @@ def gate_memory(base_name: str, bytes_per_value: int = 2) -> dict:
             "gate_bytes": sum(parts.values()), "full_bytes": size(model)}  # fmt: skip
 
 
-def gate_memory_7b(preset: str = "7b.json", bytes_per_value: int = 2) -> dict:
-    """Weights of one gate (vision tower, safety module, input embeddings) against the whole head-only SafeLlava at
-    `preset`'s shape, in bytes at `bytes_per_value` (bf16: 2), counted on the meta device."""
-    from modeling_safe_llava.safety_loading_safe_llava import VERDICT_PATH_PREFIXES
-
-    from .models import build_meta_pair, model_spec_dict
-
-    spec = {**model_spec_dict({"preset": preset}), "num_llm_safety_tokens": 0}
-    _, safe = build_meta_pair(spec)
-    parts = {"vision_tower": 0, "safety_module": 0, "embed_tokens": 0}
-    full = 0
-    for name, parameter in safe.named_parameters():
-        size = parameter.numel() * bytes_per_value
-        full += size
-        if name.startswith(VERDICT_PATH_PREFIXES):
-            parts[next(p for p in parts if f".{p}." in f".{name}")] += size
-    return {"preset": preset, "bytes_per_value": bytes_per_value, **parts, "gate_bytes": sum(parts.values()),
-            "full_bytes": full}  # fmt: skip
-
-
 def verdict_flop_share(model_spec: dict, new_tokens: int, text_tokens: int = 20) -> dict:
     """FLOPs of the gate's verdict (vision tower, safety projector and head) over those of stock generation of
     `new_tokens` (one image, `text_tokens` of text), at a model spec's shape (meta device): the compute a gate adds
@@ -235,7 +215,9 @@ def run_serve_benchmark(config: dict, command: str = "") -> dict:
             exit_codes = {name: server.stop() for name, server in servers.items()}
         results["batching_ceiling"] = batching_ceiling(safe_folder, config)  # after the servers: an idle machine
     results["metadata"] = _metadata(config, command, time.perf_counter() - started, exit_codes)
-    results["memory_7b"] = gate_memory_7b(config.get("reference_preset", "7b.json"))
+    from modeling_safe_llava.bases import BASES
+
+    results["gate_memory"] = {base.name: gate_memory(base.name) for base in BASES}
     results["verdict_flop_share"] = {"config": verdict_flop_share(config["model"], config["new_tokens"])}
     if config.get("reference_flops", True):  # about half a minute of meta-device counting at the 7B shape
         reference = verdict_flop_share({"preset": config.get("reference_preset", "7b.json")}, 64)
@@ -518,7 +500,7 @@ def render_markdown(results: dict) -> str:
                 f"| {row.get('ttft_p50_s', float('nan')):.3f} | {row['failed']} |"
             )
     lines += _batching_lines(results, config)
-    refusal, moderation, memory = results["refusal"], results["moderation"], results["memory_7b"]
+    refusal, moderation = results["refusal"], results["moderation"]
     lines += [
         "",
         "## Refusals and moderation (`safe`)",
@@ -529,11 +511,15 @@ def render_markdown(results: dict) -> str:
         f"- Moderation: {moderation['requests_per_s']:.1f} requests/s at concurrency {config['moderation_concurrency']} "
         f"(p50 {moderation['latency_p50_s']:.3f} s).",
         "",
-        "## Memory of one gate at the 7B shape (bf16, counted on the meta device)",
+        "## Memory of one gate at each base's 7B-class preset (bf16, counted on the meta device)",
         "",
-        f"- vision tower {memory['vision_tower'] / 2**30:.2f} GiB + safety module {memory['safety_module'] / 2**30:.2f} GiB "
-        f"+ input embeddings {memory['embed_tokens'] / 2**30:.2f} GiB = **{memory['gate_bytes'] / 2**30:.2f} GiB** of "
-        f"weights, against {memory['full_bytes'] / 2**30:.2f} GiB for the whole head-only SafeLlava.",
+        "| base (preset) | vision tower GiB | safety module GiB | input embeddings GiB | gate GiB | whole head-only model GiB |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {m['base']} (`{m['preset']}`) | {m['vision_tower'] / 2**30:.2f} | {m['safety_module'] / 2**30:.2f} | "
+            f"{m['embed_tokens'] / 2**30:.2f} | **{m['gate_bytes'] / 2**30:.2f}** | {m['full_bytes'] / 2**30:.2f} |"
+            for m in results["gate_memory"].values()
+        ),
         "",
         "Measured here, each server process's resident memory at its peak (MiB; Python, torch and the web stack "
         "included): " + ", ".join(f"{name} {m.get('peak_rss_mib', float('nan')):.0f}" for name, m in results.get("process_memory", {}).items())

@@ -48,7 +48,8 @@ def test_serve_benchmark_writes_every_measurement(smoke):
     assert results["refusal"]["refuse"]["failed"] == results["refusal"]["allow"]["failed"] == 0
     assert results["moderation"]["failed"] == 0 and results["moderation"]["requests"] == 4
     assert results["metadata"]["server_exit_codes"]["safe"] == 0 and results["metadata"]["server_exit_codes"]["gate"] == 0
-    assert results["memory_7b"]["gate_bytes"] < results["memory_7b"]["full_bytes"]
+    assert set(results["gate_memory"]) == {"llava", "llava-next", "gemma3"}
+    assert all(memory["gate_bytes"] < memory["full_bytes"] for memory in results["gate_memory"].values())
     assert all(results["process_memory"][name]["peak_rss_mib"] > 0 for name in SERVERS)
     assert 0 < results["verdict_flop_share"]["config"]["share"] < 1
     long = results["long_answers"]

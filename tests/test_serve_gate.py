@@ -424,9 +424,9 @@ def test_judge_loads_no_language_model_and_judges_like_the_full_model(folders, r
 def test_judge_at_the_7b_shape_holds_about_a_tenth_of_the_model():
     """The README's number: at LLaVA-1.5-7B's shape (bf16), the gate's weights are the vision tower, the safety
     module and the embedding table, computed on the meta device."""
-    from benchmarks.serve import gate_memory_7b
+    from benchmarks.serve import gate_memory
 
-    memory = gate_memory_7b()
+    memory = gate_memory("llava")
     assert 0.5e9 < memory["gate_bytes"] < 2.5e9
     assert memory["gate_bytes"] < 0.2 * memory["full_bytes"]
 
