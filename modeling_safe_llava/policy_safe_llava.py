@@ -287,12 +287,7 @@ def hint_marker_ids(processor_or_tokenizer) -> list[int]:
     rendered, end = _render_probe(processor_or_tokenizer)
     full = tokenizer.encode(rendered, add_special_tokens=False)
     head = tokenizer.encode(rendered[:end], add_special_tokens=False)
-    common = 0
-    while common < min(len(full), len(head)) and full[common] == head[common]:
-        common += 1
-    if common == len(full):
-        raise ValueError("The chat template adds nothing after the user's message; hints cannot be placed.")
-    return full[common:]
+    return _ids_after_common_prefix(full, head, "after the user's message")
 
 
 def rendered_hint(processor_or_tokenizer, hint: str) -> str:
@@ -317,12 +312,17 @@ def assistant_prefix_ids(processor_or_tokenizer) -> list[int]:
     )
     with_prompt = tokenizer.encode(render(True), add_special_tokens=False)
     without = tokenizer.encode(render(False), add_special_tokens=False)
+    return _ids_after_common_prefix(with_prompt, without, "for add_generation_prompt=True")
+
+
+def _ids_after_common_prefix(full: list[int], head: list[int], where: str) -> list[int]:
+    """The ids of `full` after the longest prefix it shares with `head`: what a chat template adds `where`."""
     common = 0
-    while common < min(len(with_prompt), len(without)) and with_prompt[common] == without[common]:
+    while common < min(len(full), len(head)) and full[common] == head[common]:
         common += 1
-    if common == len(with_prompt):
-        raise ValueError("The chat template adds nothing for add_generation_prompt=True; hints cannot be placed.")
-    return with_prompt[common:]
+    if common == len(full):
+        raise ValueError(f"The chat template adds nothing {where}; hints cannot be placed.")
+    return full[common:]
 
 
 THRESHOLD_FORMS = "None, a number in [0, 1], or a dict {risky type name: number in [0, 1]}"

@@ -4,8 +4,6 @@ from the same weights as the head-only SafeLlava: allowed, hinted and safety-off
 and the judge holds no language model. The last tests drive `safe-llava serve --upstream` with the `openai` client."""
 
 import asyncio
-import base64
-import io
 import json
 import re
 import subprocess
@@ -32,6 +30,7 @@ from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  
 from modeling_safe_llava.serving.judge import SafetyJudge, judge_memory_bytes  # noqa: E402
 
 from conftest import random_image  # noqa: E402
+from serving_live import data_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -88,18 +87,12 @@ def _messages(image_part=None):
     return [{"role": "user", "content": [image_part or {"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
-def _data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _every(model, action):
     return {name: action for name in model.config.safety_type_labels[:-1]}
 
 
 def _request(image, safety_threshold=0.0, safety_actions=None, **fields):
-    body_messages = _messages({"type": "image_url", "image_url": {"url": _data_url(image)}})
+    body_messages = _messages({"type": "image_url", "image_url": {"url": data_url(image)}})
     body = {"model": "safe", "messages": body_messages, "max_tokens": NEW_TOKENS, "temperature": 0}
     body.update(safety_threshold=safety_threshold, safety_actions=safety_actions)
     return ChatRequest(
@@ -466,7 +459,7 @@ def test_readme_gate_snippet_runs(live_gate, reference, capsys):
     snippet = re.findall(r"```python\n(.*?)```", _readme_gate_section(), flags=re.S)[0]
     image = random_image(11)
     snippet = snippet.replace("http://127.0.0.1:9000/v1", live_gate.v1).replace(README_SAFE, "safe")
-    snippet = snippet.replace("data:image/png;base64,...", _data_url(image)).replace("max_tokens=64", f"max_tokens={NEW_TOKENS}")
+    snippet = snippet.replace("data:image/png;base64,...", data_url(image)).replace("max_tokens=64", f"max_tokens={NEW_TOKENS}")
     exec(compile(snippet, "README.md", "exec"), {})  # noqa: S102 - our own documentation
     action, finish_reason, content = capsys.readouterr().out.rstrip("\n").split(" ", 2)
     expected, verdict = generate(image, 0.5)
@@ -481,7 +474,7 @@ def test_live_gate_chat_stream_and_moderation(live_gate, upstream, reference):
     model, generate = reference
     client = openai.OpenAI(base_url=live_gate.v1, api_key="unused", max_retries=0)
     image = random_image(9)
-    messages = _messages({"type": "image_url", "image_url": {"url": _data_url(image)}})
+    messages = _messages({"type": "image_url", "image_url": {"url": data_url(image)}})
     before = upstream.count_requests()
     for action in ("allow", "hint", "refuse"):
         extra = {"safety_threshold": 0.0, "safety_actions": _every(model, action)}
@@ -500,7 +493,7 @@ def test_live_gate_chat_stream_and_moderation(live_gate, upstream, reference):
     assert chunks[0].model_extra["safety"]["action"] == "allow" and not chunks[0].choices[0].delta.content
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == generate(image, 0.0, _every(model, "allow"))[0]
     moderation = client.moderations.create(
-        model="safe", input=[{"type": "image_url", "image_url": {"url": _data_url(image)}}]
+        model="safe", input=[{"type": "image_url", "image_url": {"url": data_url(image)}}]
     )
     assert set(moderation.results[0].category_scores.model_dump()) >= set(model.config.safety_type_labels[:-1])
 

@@ -6,8 +6,6 @@ errors name the base's stock model, and one gate's weights at each base's 7B-cla
 LLaVA-1.5's gate is tested in `tests/test_serve_gate.py`."""
 
 import asyncio
-import base64
-import io
 import sys
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from modeling_safe_llava.bases import load_safe_model  # noqa: E402
 from modeling_safe_llava.policy_safe_llava import rendered_hint  # noqa: E402
 from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest, ModerationInput  # noqa: E402
 from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  # noqa: E402
+from serving_live import data_url  # noqa: E402
 from modeling_safe_llava.serving.judge import JudgeRow  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -62,18 +61,12 @@ def _messages(image_part=None):
     return [{"role": "user", "content": [image_part or {"type": "image"}, {"type": "text", "text": QUESTION}]}]
 
 
-def _data_url(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-
-
 def _every(model, action):
     return {name: action for name in model.config.safety_type_labels[:-1]}
 
 
 def _request(image, safety_actions, **fields):
-    body = {"model": "safe", "messages": _messages({"type": "image_url", "image_url": {"url": _data_url(image)}}),
+    body = {"model": "safe", "messages": _messages({"type": "image_url", "image_url": {"url": data_url(image)}}),
             "max_tokens": NEW_TOKENS, "temperature": 0, "safety_threshold": 0.0, "safety_actions": safety_actions}  # fmt: skip
     return ChatRequest(
         model="safe", messages=_messages(), images=[image], max_new_tokens=NEW_TOKENS, temperature=0.0,
