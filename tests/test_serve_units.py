@@ -533,3 +533,32 @@ def test_the_local_backend_serves_every_base_through_the_registry(base_name, tmp
     (result,) = backend.engine.complete_batch([request])
     assert result.safety["judged"] and result.safety["action"] in ("allow", "hint", "refuse")
     asyncio.run(backend.close())
+
+
+def test_accepted_connections_send_without_nagle_delay_and_the_openai_client_keeps_them_alive():
+    """Each accepted connection has TCP_NODELAY (else every response after the first on a kept-alive connection waits
+    for the client's delayed ACK, about 40 ms), and the official client's requests reuse one connection."""
+    import socket
+
+    import openai
+    import uvicorn
+
+    from modeling_safe_llava.serving.app import ServerConfig, create_app
+    from modeling_safe_llava.serving.server import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(_FakeBackend, ServerConfig()), log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused", max_retries=50)
+        for _ in range(3):
+            assert [model.id for model in client.models.list()] == ["fake"]
+        connections = list(server.server_state.connections)
+        assert len(connections) == 1, "the openai client's kept-alive requests should share one connection"
+        accepted = connections[0].transport.get_extra_info("socket")
+        assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        client.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -155,9 +155,16 @@ def backend_loader(settings: BackendSettings):
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening TCP socket, bound now so that a busy port fails at once.
+
+    It is created with protocol `IPPROTO_TCP`: asyncio sets `TCP_NODELAY` on accepted connections only for such a
+    socket. Without it, Nagle's algorithm holds each response's body until the client's delayed ACK (about 40 ms on
+    every response after the first on a kept-alive connection, which is how the `openai` client connects).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as error:
