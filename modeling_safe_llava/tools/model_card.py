@@ -147,13 +147,12 @@ def detail_rows(config, facts: ModelFacts, base_model: str, threshold: float) ->
     """The "Model details" table: architecture, sizes and safety settings, read from the config."""
     vision, text = config.vision_config, config.get_text_config()
     base = base_for_model_type(config.model_type)
-    demo_note = " (architecture family only: this demo's weights are random)" if facts.is_demo else ""
+    demo_note = " (architecture family only: this demo is not built from its weights)" if facts.is_demo else ""
     return [
         ("Architecture", f"{base.model_class.__name__}: stock {base.model_class.stock_class.__name__} + safety "
                          "projector, safety tokens, safety head"),
         ("Base model (metadata)", f"`{base_model}`{demo_note}"),
-        ("Vision tower", f"{vision.model_type}, {vision.num_hidden_layers} layers, hidden {vision.hidden_size}, "
-                         f"{vision.image_size}px images, patch {vision.patch_size}"),
+        ("Vision tower", vision_tower_description(vision)),
         ("Language model", f"{text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
                            f"{format_count(facts.language_model_parameters)} parameters"),
         ("Safety projector", f"{config.safety_projector_type}, hidden {config.safety_projector_hidden_size}, "
@@ -168,6 +167,15 @@ def detail_rows(config, facts: ModelFacts, base_model: str, threshold: float) ->
         ("Safety modules trained", "yes" if config.safety_modules_trained else "**NO (random safety verdicts)**"),
         ("Default `safety_threshold`", format_value(float(threshold))),
     ]
+
+
+def vision_tower_description(vision) -> str:
+    """The vision tower's family and sizes, and where its pretrained weights come from when its config says so."""
+    layers = getattr(vision, "num_hidden_layers", None)
+    parts = [vision.model_type, *([f"{layers} layers"] if layers is not None else []), f"hidden {vision.hidden_size}",
+             f"{vision.image_size}px images", f"patch {vision.patch_size}"]  # fmt: skip
+    source = getattr(vision, "pretrained_weights", None)
+    return ", ".join(parts) + (f"; weights: {source}" if source else "")
 
 
 def taxonomy_rows(config) -> tuple[list[tuple[int, str]], list[tuple[int, str, str]]]:
