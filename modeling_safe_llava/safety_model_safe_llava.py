@@ -28,7 +28,8 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 import torch
 from transformers.utils.generic import can_return_tuple
 
-from .policy_safe_llava import SafetyPolicy, check_safety_ready, generate_with_safety
+from .generation_safe_llava import generate_with_safety
+from .policy_safe_llava import SafetyPolicy, check_safety_ready
 from .safety_module_safe_llava import check_images_match, check_input_ids, check_model_inputs, safety_loss
 
 
@@ -197,8 +198,8 @@ class SafetyModelMixin:
 class SafetyForConditionalGenerationMixin:
     """
     Put in front of a base's stock ForConditionalGeneration class. `forward` is stock's plus the safety logits,
-    `generate` is stock's with the verdict in front (`policy_safe_llava.generate_with_safety`), `assess_safety` is the
-    verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
+    `generate` is stock's with the verdict in front (`generation_safe_llava.generate_with_safety`), `assess_safety` is
+    the verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
     class `from_base` converts) and `safety_output_class` (stock's causal-LM output plus the safety fields).
     """
 
@@ -295,7 +296,8 @@ class SafetyForConditionalGenerationMixin:
         rule = SafetyPolicy.from_config(self.config).for_call(
             safety_threshold, safety_actions, kwargs.get("generation_config") or self.generation_config
         )
-        return generate_with_safety(self, super().generate, args, kwargs, rule, allow_untrained_safety)
+        plan_view = SafetyGenerationView(self)
+        return generate_with_safety(plan_view, super().generate, args, kwargs, rule, allow_untrained_safety)
 
     @torch.no_grad()
     def assess_safety(
@@ -337,6 +339,46 @@ class SafetyForConditionalGenerationMixin:
         check_model_inputs(self, input_ids, pixel_values, attention_mask)
         image_outputs = self.model.encode_images_for_safety(pixel_values, **image_kwargs)
         return self.model.judge(image_outputs, input_ids, None, attention_mask)
+
+
+class SafetyGenerationView:
+    """
+    A SafeLlava ForConditionalGeneration model as the generation plan sees it: the plan's one interface to the model
+    (`generation_safe_llava.SafetyGenerationModel`), so that the plan reads nothing else of it.
+
+    Args:
+        model (`SafetyForConditionalGenerationMixin`): the model generating.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.config, self.generation_config = model.config, model.generation_config
+
+    def judge_for_generation(
+        self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **image_kwargs
+    ) -> tuple:
+        """
+        The images of a `generate` call judged once: the safety modules checked ready and the inputs validated, then
+        `pixel_values` encoded for the language model and the head at once (or the pre-encoded `image_outputs` taken
+        as they are), then `judge`.
+
+        Returns:
+            `(image_outputs, level_logits (batch_size, num_levels), type_logits (batch_size, num_types),
+            images_per_row (batch_size,))`.
+        """
+        check_safety_ready(self.config, allow_untrained_safety)
+        if pixel_values is not None and input_ids is not None:
+            check_model_inputs(self.model, input_ids, pixel_values, attention_mask)
+        elif input_ids is not None:
+            check_input_ids(self.config, input_ids)
+        headless = self.model.model
+        if pixel_values is not None:
+            image_outputs = headless.encode_images(pixel_values, **image_kwargs)
+        return (image_outputs, *headless.judge(image_outputs, input_ids, inputs_embeds, attention_mask))
+
+    def prompt_inputs(self, input_ids, attention_mask) -> dict:
+        """The headless model's `prompt_inputs`: inputs that follow from a rebuilt prompt's token ids."""
+        return self.model.model.prompt_inputs(input_ids, attention_mask)
 
 
 def _check_direct_call(config, input_ids):
