@@ -226,34 +226,28 @@ class SafetyCallRule:
         policy (`SafetyPolicy`): the model's policy (texts and their token ids).
         thresholds (`torch.FloatTensor` of shape `(num_risky_types,)`): the call's threshold per risky type.
         actions (`dict[str, list[str]]`): the call's action per risky type and level.
+
+    `safety_off` (`bool`) is set from `thresholds`: `risk <= 1` is never `> 1`, so with every threshold at 1 nothing
+    can be flagged.
     """
 
     policy: SafetyPolicy
     thresholds: torch.Tensor
     actions: dict
+    safety_off: bool = field(init=False)
 
-    @property
-    def safety_off(self) -> bool:
-        """`risk <= 1` is never `> 1`: with every threshold at 1 nothing can be flagged."""
-        return bool((self.thresholds >= 1.0).all())
+    def __post_init__(self):
+        self.safety_off = bool((self.thresholds >= 1.0).all())
+
+    @classmethod
+    def from_config(cls, config, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":
+        """The rule of one `generate` / `assess_safety` call of a model with `config`: the policy saved in `config`,
+        validated, then resolved with the call's arguments (`SafetyPolicy.for_call`)."""
+        return SafetyPolicy.from_config(config).for_call(safety_threshold, safety_actions, generation_config)
 
     def assess(self, config, level_logits, type_logits, images_per_row) -> "SafeLlavaSafetyAssessment":
         """The verdict of the safety head's logits under this rule (see [`assess_logits`])."""
         return assess_logits(config, level_logits, type_logits, self.thresholds, self.actions, images_per_row)
-
-
-def check_safety_ready(config, allow_untrained_safety: bool = False):
-    """Fails closed: a verdict from untrained safety modules raises unless explicitly allowed (only `True` counts: a
-    string such as `"False"` is truthy and must not unlock anything)."""
-    if not isinstance(allow_untrained_safety, bool):
-        raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
-    if config.safety_modules_trained is not True and not allow_untrained_safety:
-        raise ValueError(
-            "The safety modules of this model are untrained (config.safety_modules_trained is "
-            f"{config.safety_modules_trained!r}), so its safety verdicts are random. Train them (stage 1) or load a "
-            "trained checkpoint; pass allow_untrained_safety=True only for tests and debugging, or "
-            "safety_threshold=1.0 to turn safety off."
-        )
 
 
 _PROBE_TEXT = "probe"

@@ -29,8 +29,8 @@ import torch
 from transformers.utils.generic import can_return_tuple
 
 from .generation_safe_llava import generate_with_safety
-from .policy_safe_llava import SafetyPolicy, check_safety_ready
-from .safety_module_safe_llava import check_images_match, check_input_ids, check_model_inputs, safety_loss
+from .policy_safe_llava import SafetyCallRule
+from .safety_module_safe_llava import check_input_ids, check_model_inputs, safety_loss
 
 
 # Fields of the headless model's output that the causal-LM output does not carry.
@@ -293,10 +293,9 @@ class SafetyForConditionalGenerationMixin:
             Stock's result for every allowed row; a refused row holds the refusal, a hinted row's hint stays internal.
             With `return_dict_in_generate=True`, stock's output class with `safety_assessment` added.
         """
-        rule = SafetyPolicy.from_config(self.config).for_call(
-            safety_threshold, safety_actions, kwargs.get("generation_config") or self.generation_config
-        )
         plan_view = SafetyGenerationView(self)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, generation_config)
         return generate_with_safety(plan_view, super().generate, args, kwargs, rule, allow_untrained_safety)
 
     @torch.no_grad()
@@ -316,7 +315,7 @@ class SafetyForConditionalGenerationMixin:
         same `safety_threshold` / `safety_actions` as `generate`.
         """
         check_safety_ready(self.config, allow_untrained_safety)
-        rule = SafetyPolicy.from_config(self.config).for_call(safety_threshold, safety_actions, self.generation_config)
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config)
         level_logits, type_logits, images_per_row = self._judge_pixels(input_ids, pixel_values, attention_mask, image_kwargs)
         return rule.assess(self.config, level_logits, type_logits, images_per_row)
 
@@ -381,6 +380,35 @@ class SafetyGenerationView:
         return self.model.model.prompt_inputs(input_ids, attention_mask)
 
 
+def check_safety_ready(config, allow_untrained_safety: bool = False):
+    """Fails closed: a verdict from untrained safety modules raises unless explicitly allowed (only `True` counts: a
+    string such as `"False"` is truthy and must not unlock anything)."""
+    if not isinstance(allow_untrained_safety, bool):
+        raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
+    if config.safety_modules_trained is not True and not allow_untrained_safety:
+        raise ValueError(
+            "The safety modules of this model are untrained (config.safety_modules_trained is "
+            f"{config.safety_modules_trained!r}), so its safety verdicts are random. Train them (stage 1) or load a "
+            "trained checkpoint; pass allow_untrained_safety=True only for tests and debugging, or "
+            "safety_threshold=1.0 to turn safety off."
+        )
+
+
+def check_images_match(images_per_row, num_images, config):
+    """Every image has its image placeholders and every placeholder its image (`images_per_row` counts them)."""
+    if int(images_per_row.sum()) != num_images:
+        per_image = getattr(config, "image_seq_length", None)
+        if per_image:
+            need, hold = f"{num_images * per_image} <image> placeholders ({per_image} each: ", images_per_row * per_image
+        else:
+            need, hold = "their placeholders (", images_per_row
+        raise ValueError(
+            f"Image features and image tokens do not match: {num_images} image(s) need {need}"
+            f"{config.num_llm_safety_tokens} LLM safety tokens + patches), the rows hold {hold.tolist()}. Build inputs "
+            "with this model's processor for its config."
+        )
+
+
 def _check_direct_call(config, input_ids):
     """A call without a cache is no generation step: out-of-vocabulary ids get a clear error instead of an
     IndexError inside torch (skipped under `torch.compile`, where it would be a host sync)."""
@@ -419,4 +447,4 @@ def _total_loss(lm_loss, safety_loss_value, weight):
     return weighted if lm_loss is None else lm_loss + weighted
 
 
-__all__ = ["SafetyModelMixin", "SafetyForConditionalGenerationMixin"]
+__all__ = ["SafetyModelMixin", "SafetyForConditionalGenerationMixin", "SafetyGenerationView", "check_safety_ready"]
