@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from transformers import GenerationConfig, PretrainedConfig
+from transformers import GenerationConfig, PreTrainedConfig
 from transformers.generation.utils import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
 
@@ -68,11 +68,11 @@ class SafetyGenerationModel(Protocol):
     ForConditionalGeneration class of every base.
 
     Attributes:
-        config (`PretrainedConfig`): the model's config (safety labels and temperatures, `get_text_config()`).
+        config (`PreTrainedConfig`): the model's config (safety labels and temperatures, `get_text_config()`).
         generation_config (`GenerationConfig`): the model's default generation config.
     """
 
-    config: PretrainedConfig
+    config: PreTrainedConfig
     generation_config: GenerationConfig
 
     def judge_for_generation(
