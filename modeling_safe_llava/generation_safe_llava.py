@@ -76,11 +76,13 @@ class SafetyGenerationModel(Protocol):
     generation_config: GenerationConfig
 
     def judge_for_generation(
-        self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **image_kwargs
+        self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **kwargs
     ) -> tuple:
         """
         The images judged once: the safety modules checked ready and the inputs validated, `pixel_values` encoded for
         the language model and the head at once (or pre-encoded `image_outputs` taken as they are), then the head.
+        `allow_untrained_safety` is `generate`'s; `kwargs` are the call's other arguments, of which the image encoder
+        keeps those it takes (e.g. `image_sizes`).
 
         Returns:
             `(image_outputs, level_logits (batch_size, num_levels), type_logits (batch_size, num_types),
@@ -130,13 +132,14 @@ class SafetyGenerationPlan:
     def run(self, stock_generate, args, allow_untrained_safety):
         input_ids, inputs_embeds = self.kwargs.get("input_ids"), self.kwargs.get("inputs_embeds")
         pixel_values, attention_mask = self.kwargs.get("pixel_values"), self.kwargs.get("attention_mask")
-        if pixel_values is None and (self.kwargs.get("mm_encoder_outputs") or {}).get("image") is None:
-            return self._run_text_only(stock_generate, args, input_ids, inputs_embeds)
         pre_encoded = (self.kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if pixel_values is None and pre_encoded is None:
+            return self._run_text_only(stock_generate, args, input_ids, inputs_embeds)
+        image_kwargs = self._image_kwargs()
         image_outputs, *logits = self.model.judge_for_generation(
-            input_ids, inputs_embeds, attention_mask, pixel_values, pre_encoded, allow_untrained_safety, **self._image_kwargs()
+            input_ids, inputs_embeds, attention_mask, pixel_values, pre_encoded, allow_untrained_safety, **image_kwargs
         )
-        assessment = self._assess(*logits)
+        assessment = self.rule.assess(self.model.config, *logits)
         streamer = self.kwargs.get("streamer")
         if hasattr(streamer, "on_safety_assessment"):
             streamer.on_safety_assessment(assessment)
@@ -154,15 +157,13 @@ class SafetyGenerationPlan:
         if not isinstance(output, ModelOutput):
             return output
         batch_size = output.sequences.shape[0] // (self.config.num_return_sequences or 1)
-        return self._with_assessment(output, self._assess(*no_image_logits(self.model.config, batch_size), None))
+        no_image = no_image_logits(self.model.config, batch_size)
+        return self._with_assessment(output, self.rule.assess(self.model.config, *no_image, None))
 
     def _image_kwargs(self) -> dict:
         """The call's arguments besides the verdict's named inputs; the model keeps those its image encoder takes.
         Output flags are left out: they are for the language model, not for the images encoded for both."""
         return {k: v for k, v in self.kwargs.items() if k not in _NOT_IMAGE_KWARGS}
-
-    def _assess(self, level_logits, type_logits, images_per_row):
-        return self.rule.assess(self.model.config, level_logits, type_logits, images_per_row)
 
     def _with_assessment(self, output, assessment):
         if not isinstance(output, ModelOutput):

@@ -354,17 +354,18 @@ class SafetyGenerationView:
         self.config, self.generation_config = model.config, model.generation_config
 
     def judge_for_generation(
-        self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **image_kwargs
+        self,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        pixel_values,
+        image_outputs,
+        allow_untrained_safety: bool,
+        **image_kwargs,
     ) -> tuple:
-        """
-        The images of a `generate` call judged once: the safety modules checked ready and the inputs validated, then
-        `pixel_values` encoded for the language model and the head at once (or the pre-encoded `image_outputs` taken
-        as they are), then `judge`.
-
-        Returns:
-            `(image_outputs, level_logits (batch_size, num_levels), type_logits (batch_size, num_types),
-            images_per_row (batch_size,))`.
-        """
+        """`SafetyGenerationModel.judge_for_generation`: readiness and inputs checked once, `pixel_values` encoded once
+        for the language model and the head (`encode_images`), then `judge`; `(image_outputs, level_logits,
+        type_logits, images_per_row)`."""
         check_safety_ready(self.config, allow_untrained_safety)
         if pixel_values is not None and input_ids is not None:
             check_model_inputs(self.model, input_ids, pixel_values, attention_mask)
