@@ -17,6 +17,7 @@ from .gemma3_safe_llava import (
     SafeGemma3PreTrainedModel,
     SafeGemma3Processor,
 )
+from .generation_safe_llava import SafeLlavaGenerateBeamDecoderOnlyOutput, SafeLlavaGenerateDecoderOnlyOutput
 from .llava_next_safe_llava import (
     SafeLlavaNextCausalLMOutputWithPast,
     SafeLlavaNextConfig,
@@ -33,13 +34,7 @@ from .modeling_safe_llava import (
     SafeLlavaModelOutputWithPast,
     SafeLlavaPreTrainedModel,
 )
-from .policy_safe_llava import (
-    SafeLlavaGenerateBeamDecoderOnlyOutput,
-    SafeLlavaGenerateDecoderOnlyOutput,
-    SafeLlavaSafetyAssessment,
-    SafetyPolicy,
-    decide_safety_actions,
-)
+from .policy_safe_llava import SafeLlavaSafetyAssessment, SafetyPolicy, decide_safety_actions
 from .processing_safe_llava import SafeLlavaProcessor
 from .safety_config_safe_llava import SafetyConfigMixin
 from .safety_loading_safe_llava import SafetyPreTrainedMixin

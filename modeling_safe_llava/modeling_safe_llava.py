@@ -3,7 +3,7 @@
 
 This file is LLaVA-1.5's side of the seam (`safety_model_safe_llava.py`, `docs/bases.md`): where the head's vision
 states come from, and where the LLM safety tokens enter. Loading and construction live in
-`safety_loading_safe_llava.py`, the policy and generation plan in `policy_safe_llava.py`.
+`safety_loading_safe_llava.py`, the policy in `policy_safe_llava.py`, the generation plan in `generation_safe_llava.py`.
 
 This file is remote code: it is copied next to the weights on the Hub and imports only torch, transformers and its
 sibling files (flat, relative imports).

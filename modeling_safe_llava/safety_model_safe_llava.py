@@ -28,8 +28,9 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 import torch
 from transformers.utils.generic import can_return_tuple
 
-from .policy_safe_llava import SafetyPolicy, check_safety_ready, generate_with_safety
-from .safety_module_safe_llava import check_images_match, check_input_ids, check_model_inputs, safety_loss
+from .generation_safe_llava import generate_with_safety
+from .policy_safe_llava import SafetyCallRule
+from .safety_module_safe_llava import check_input_ids, check_model_inputs, safety_loss
 
 
 # Fields of the headless model's output that the causal-LM output does not carry.
@@ -197,8 +198,8 @@ class SafetyModelMixin:
 class SafetyForConditionalGenerationMixin:
     """
     Put in front of a base's stock ForConditionalGeneration class. `forward` is stock's plus the safety logits,
-    `generate` is stock's with the verdict in front (`policy_safe_llava.generate_with_safety`), `assess_safety` is the
-    verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
+    `generate` is stock's with the verdict in front (`generation_safe_llava.generate_with_safety`), `assess_safety` is
+    the verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
     class `from_base` converts) and `safety_output_class` (stock's causal-LM output plus the safety fields).
     """
 
@@ -292,10 +293,10 @@ class SafetyForConditionalGenerationMixin:
             Stock's result for every allowed row; a refused row holds the refusal, a hinted row's hint stays internal.
             With `return_dict_in_generate=True`, stock's output class with `safety_assessment` added.
         """
-        rule = SafetyPolicy.from_config(self.config).for_call(
-            safety_threshold, safety_actions, kwargs.get("generation_config") or self.generation_config
-        )
-        return generate_with_safety(self, super().generate, args, kwargs, rule, allow_untrained_safety)
+        plan_view = SafetyGenerationView(self)
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, generation_config)
+        return generate_with_safety(plan_view, super().generate, args, kwargs, rule, allow_untrained_safety)
 
     @torch.no_grad()
     def assess_safety(
@@ -314,7 +315,7 @@ class SafetyForConditionalGenerationMixin:
         same `safety_threshold` / `safety_actions` as `generate`.
         """
         check_safety_ready(self.config, allow_untrained_safety)
-        rule = SafetyPolicy.from_config(self.config).for_call(safety_threshold, safety_actions, self.generation_config)
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config)
         level_logits, type_logits, images_per_row = self._judge_pixels(input_ids, pixel_values, attention_mask, image_kwargs)
         return rule.assess(self.config, level_logits, type_logits, images_per_row)
 
@@ -337,6 +338,76 @@ class SafetyForConditionalGenerationMixin:
         check_model_inputs(self, input_ids, pixel_values, attention_mask)
         image_outputs = self.model.encode_images_for_safety(pixel_values, **image_kwargs)
         return self.model.judge(image_outputs, input_ids, None, attention_mask)
+
+
+class SafetyGenerationView:
+    """
+    A SafeLlava ForConditionalGeneration model as the generation plan sees it: the plan's one interface to the model
+    (`generation_safe_llava.SafetyGenerationModel`), so that the plan reads nothing else of it.
+
+    Args:
+        model (`SafetyForConditionalGenerationMixin`): the model generating.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.config, self.generation_config = model.config, model.generation_config
+
+    def judge_for_generation(
+        self,
+        input_ids,
+        inputs_embeds,
+        attention_mask,
+        pixel_values,
+        image_outputs,
+        allow_untrained_safety: bool,
+        **image_kwargs,
+    ) -> tuple:
+        """`SafetyGenerationModel.judge_for_generation`: readiness and inputs checked once, `pixel_values` encoded once
+        for the language model and the head (`encode_images`), then `judge`; `(image_outputs, level_logits,
+        type_logits, images_per_row)`."""
+        check_safety_ready(self.config, allow_untrained_safety)
+        if pixel_values is not None and input_ids is not None:
+            check_model_inputs(self.model, input_ids, pixel_values, attention_mask)
+        elif input_ids is not None:
+            check_input_ids(self.config, input_ids)
+        headless = self.model.model
+        if pixel_values is not None:
+            image_outputs = headless.encode_images(pixel_values, **image_kwargs)
+        return (image_outputs, *headless.judge(image_outputs, input_ids, inputs_embeds, attention_mask))
+
+    def prompt_inputs(self, input_ids, attention_mask) -> dict:
+        """The headless model's `prompt_inputs`: inputs that follow from a rebuilt prompt's token ids."""
+        return self.model.model.prompt_inputs(input_ids, attention_mask)
+
+
+def check_safety_ready(config, allow_untrained_safety: bool = False):
+    """Fails closed: a verdict from untrained safety modules raises unless explicitly allowed (only `True` counts: a
+    string such as `"False"` is truthy and must not unlock anything)."""
+    if not isinstance(allow_untrained_safety, bool):
+        raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
+    if config.safety_modules_trained is not True and not allow_untrained_safety:
+        raise ValueError(
+            "The safety modules of this model are untrained (config.safety_modules_trained is "
+            f"{config.safety_modules_trained!r}), so its safety verdicts are random. Train them (stage 1) or load a "
+            "trained checkpoint; pass allow_untrained_safety=True only for tests and debugging, or "
+            "safety_threshold=1.0 to turn safety off."
+        )
+
+
+def check_images_match(images_per_row, num_images, config):
+    """Every image has its image placeholders and every placeholder its image (`images_per_row` counts them)."""
+    if int(images_per_row.sum()) != num_images:
+        per_image = getattr(config, "image_seq_length", None)
+        if per_image:
+            need, hold = f"{num_images * per_image} <image> placeholders ({per_image} each: ", images_per_row * per_image
+        else:
+            need, hold = "their placeholders (", images_per_row
+        raise ValueError(
+            f"Image features and image tokens do not match: {num_images} image(s) need {need}"
+            f"{config.num_llm_safety_tokens} LLM safety tokens + patches), the rows hold {hold.tolist()}. Build inputs "
+            "with this model's processor for its config."
+        )
 
 
 def _check_direct_call(config, input_ids):
@@ -377,4 +448,4 @@ def _total_loss(lm_loss, safety_loss_value, weight):
     return weighted if lm_loss is None else lm_loss + weighted
 
 
-__all__ = ["SafetyModelMixin", "SafetyForConditionalGenerationMixin"]
+__all__ = ["SafetyModelMixin", "SafetyForConditionalGenerationMixin", "SafetyGenerationView", "check_safety_ready"]

@@ -323,21 +323,6 @@ def _check_attention_mask(input_ids, attention_mask):
         raise ValueError(f"attention_mask rows {empty_rows} attend to no token; every row needs a prompt.")
 
 
-def check_images_match(images_per_row, num_images, config):
-    """Every image has its image placeholders and every placeholder its image (`images_per_row` counts them)."""
-    if int(images_per_row.sum()) != num_images:
-        per_image = getattr(config, "image_seq_length", None)
-        if per_image:
-            need, hold = f"{num_images * per_image} <image> placeholders ({per_image} each: ", images_per_row * per_image
-        else:
-            need, hold = "their placeholders (", images_per_row
-        raise ValueError(
-            f"Image features and image tokens do not match: {num_images} image(s) need {need}"
-            f"{config.num_llm_safety_tokens} LLM safety tokens + patches), the rows hold {hold.tolist()}. Build inputs "
-            "with this model's processor for its config."
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The safety loss
 # ----------------------------------------------------------------------------------------------------------------
@@ -408,4 +393,4 @@ def shape_field(name: str) -> str:
     return next(field for prefix, field in _SHAPE_FIELDS.items() if name.startswith(prefix))
 
 
-__all__ = ["SafeLlavaSafetyModule", "check_model_inputs", "check_input_ids", "check_images_match", "safety_loss"]
+__all__ = ["SafeLlavaSafetyModule", "check_model_inputs", "check_input_ids", "safety_loss"]

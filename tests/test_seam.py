@@ -13,7 +13,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 
 from modeling_safe_llava import SafeLlavaForConditionalGeneration, SafetyPolicy
-from modeling_safe_llava import policy_safe_llava, safety_model_safe_llava, safety_module_safe_llava
+from modeling_safe_llava import generation_safe_llava, safety_model_safe_llava, safety_module_safe_llava
 from modeling_safe_llava.tiny import build_tiny_safe_llava
 
 
@@ -37,7 +37,7 @@ def counters(monkeypatch, trained_tiny_safe_llava):
         return counted
 
     check = counting("check_input_ids", safety_module_safe_llava.check_input_ids)
-    for module in (safety_module_safe_llava, policy_safe_llava, safety_model_safe_llava):
+    for module in (safety_module_safe_llava, generation_safe_llava, safety_model_safe_llava):
         monkeypatch.setattr(module, "check_input_ids", check)
     monkeypatch.setattr(SafetyPolicy, "__post_init__", counting("policy", SafetyPolicy.__post_init__))
     monkeypatch.setattr(model.model, "images_per_row", counting("images_per_row", model.model.images_per_row))

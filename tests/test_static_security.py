@@ -275,6 +275,17 @@ def test_the_model_file_reads_as_llava_plus_one_safety_module():
     assert len((PACKAGE_DIR / "modeling_safe_llava.py").read_text().splitlines()) <= 250
 
 
+def test_the_policy_file_holds_the_policy_and_its_rule_alone():
+    """`policy_safe_llava.py` is the policy's data and the pure decision rule; the generation plan that carries a
+    verdict out is `generation_safe_llava.py`, which reads the model through one named interface."""
+    policy = (PACKAGE_DIR / "policy_safe_llava.py").read_text()
+    assert len(policy.splitlines()) <= 550
+    classes = {node.name for node in ast.parse(policy).body if isinstance(node, ast.ClassDef)}
+    assert classes == {"SafetyPolicy", "SafetyCallRule", "SafeLlavaSafetyAssessment"}
+    generation = ast.parse((PACKAGE_DIR / "generation_safe_llava.py").read_text())
+    assert "SafetyGenerationModel" in {node.name for node in generation.body if isinstance(node, ast.ClassDef)}
+
+
 # The generation class near LLaVA's shape (`LlavaForConditionalGeneration`: 4 methods in 102 lines).
 MAX_GENERATION_CLASS_METHODS = 8
 MAX_GENERATION_CLASS_LINES = 200

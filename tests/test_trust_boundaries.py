@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from modeling_safe_llava import SafeLlavaConfig, SafeLlavaForConditionalGeneration
 from modeling_safe_llava.configuration_safe_llava import AUTO_MAP
 from modeling_safe_llava.tiny import build_tiny_safe_llava
-from modeling_safe_llava.policy_safe_llava import check_safety_ready
+from modeling_safe_llava.safety_model_safe_llava import check_safety_ready
 
 
 @pytest.fixture

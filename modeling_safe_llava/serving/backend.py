@@ -23,7 +23,7 @@ schema. A backend must keep these promises, whichever engine generates:
    verdict's category, with `finish_reason == "content_filter"` for every choice; a gate answers it itself and never
    contacts the upstream. `usage.completion_tokens` counts the refusal's tokens.
 4. **Hints.** A `hint` inserts the policy's safe-hint text where `generate` inserts it: at the end of the last user
-   turn, just before the assistant-turn marker (`policy_safe_llava._insert_hint`). A gate appends the hint text to
+   turn, just before the assistant-turn marker (`generation_safe_llava.insert_hint`). A gate appends the hint text to
    the last user message it forwards. An `allow` is forwarded or generated unchanged.
 5. **Greedy equals in-process.** With `temperature == 0` the text equals what in-process `model.generate` gives for
    the same folder and inputs (`do_sample=False`).

@@ -29,8 +29,9 @@ from torch import nn
 
 from ..bases import base_for_model_type, load_safe_processor
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF
-from ..policy_safe_llava import check_safety_ready, decide_safety_actions
+from ..policy_safe_llava import decide_safety_actions
 from ..safety_loading_safe_llava import VERDICT_PATH_PREFIXES
+from ..safety_model_safe_llava import check_safety_ready
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -27,7 +27,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..fileio import MARKER_FILE, has_marker, load_image, write_marker
-from ..policy_safe_llava import check_safety_ready
+from ..safety_model_safe_llava import check_safety_ready
 from .audit_distributed import (
     DistributedContext,
     append_records,

@@ -84,7 +84,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..fileio import load_image
-from ..policy_safe_llava import check_safety_ready, generation_config_with_threshold
+from ..policy_safe_llava import generation_config_with_threshold
+from ..safety_model_safe_llava import check_safety_ready
 from .evaluation import (
     _batches,
     _check_dataset,

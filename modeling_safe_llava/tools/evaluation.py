@@ -44,7 +44,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..fileio import load_image
-from ..policy_safe_llava import check_probability, check_safety_ready
+from ..policy_safe_llava import check_probability
+from ..safety_model_safe_llava import check_safety_ready
 from .loading import (
     add_model_cli_arguments,
     describe_thresholds,
