@@ -111,6 +111,11 @@ def cli_cases(root: Path) -> dict:
             0,
             "gemma3_safe_llava.SafeGemma3ForConditionalGeneration",
         ),
+        "demo-gemma3-without-the-pretrained-tower": (
+            ["demo", "--base", "gemma3", "--vision-tower", "efficientnet-lite0", "--output-dir", str(root / "demo_tower")],
+            2,
+            "--vision-tower 'efficientnet-lite0' is not available with --base gemma3; accepted: random",
+        ),
         "demo-gemma3-without-smollm2": (
             ["demo", "--base", "gemma3", "--language-model", "smollm2", "--output-dir", str(root / "demo_smollm2")],
             2,

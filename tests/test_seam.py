@@ -168,6 +168,9 @@ def test_bases_are_picked_by_name_for_the_command_line():
         base_named("llava2")
     with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
         llava.build_demo_model("gpt")
+    with pytest.raises(ValueError, match="--vision-tower 'clip' is not available with --base llava; accepted: "
+                       "efficientnet-lite0, random"):  # fmt: skip
+        llava.build_demo_model("tiny", vision_tower="clip")
 
 
 @pytest.mark.parametrize(
