@@ -510,3 +510,62 @@ def test_cli_gate_mode_on_a_model_with_llm_safety_tokens_exits_2(tmp_path, tiny_
     assert result.returncode == 2
     assert "num_llm_safety_tokens" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert json.dumps(result.stderr).count("Traceback") == 0
+
+
+def _upstream_connections(gate_pid: int, upstream_url: str) -> int:
+    """The gate process's open (ESTABLISHED) connections to the upstream's port."""
+    import psutil
+
+    port = int(upstream_url.rsplit(":", 1)[1])
+    connections = psutil.Process(gate_pid).net_connections(kind="tcp")
+    return sum(1 for c in connections if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def _gate_metric(gate, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(gate.url + "/metrics", timeout=10) as response:
+        found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", response.read().decode(), flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_leaves_a_gate_stream_closes_the_engines_request(folders, upstream, tmp_path):
+    """A fresh gate (no pooled connection to the engine): while a long answer streams, it holds one connection to the
+    engine; once the client leaves, the gate counts the cancellation and closes that connection (`transformers serve`
+    aborts a generation whose client disconnects), and the engine answers the next request."""
+    import openai
+
+    from benchmarks.serve_processes import start_gate
+
+    gate = start_gate(folders[1], upstream, str(folders[0]), tmp_path / "gate.log", threads=1)
+    try:
+        client = openai.OpenAI(base_url=gate.v1, api_key="unused", max_retries=0, timeout=120.0)
+        messages = _messages({"type": "image_url", "image_url": {"url": data_url(random_image(1))}})
+        allow = {"safety_threshold": 1.0}  # nothing judged: forwarded unchanged
+        stream = client.chat.completions.create(
+            model="safe", messages=messages, max_tokens=400, temperature=0, stream=True, extra_body=allow
+        )
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the verdict, then the engine's first chunk
+        assert _upstream_connections(gate.process.pid, upstream.url) == 1
+        stream.close()
+        cancelled = 'safe_llava_cancelled_requests_total{kind="stream",stage="upstream"}'
+        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+        answer = client.chat.completions.create(
+            model="safe", messages=messages, max_tokens=1, temperature=0, extra_body=allow
+        )
+        assert answer.choices[0].message.content is not None
+    finally:
+        assert gate.stop() == 0
+
+
+def _wait_for(condition, what: str, bound_s: float = 60.0):
+    """Polls `condition()` until it holds (bounded; a hang fails with `what`), never an assertion on time."""
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)

@@ -9,6 +9,8 @@
   in which any row is hinted or refused goes on request by request (choice by choice), after the batch's verdicts.
 - Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
   batches too.
+- A request whose client went away (`ChatRequest.client_gone`) stops: a stopping criterion ends its rows at the next
+  decoding step while the other rows of the batch go on, and `generate` ends when no row is left.
 
 Every model call runs in one worker thread, so the event loop stays free (`/health` answers while generating).
 """
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
@@ -76,10 +79,16 @@ def default_served_name(model: str) -> str:
 
 
 class LocalEngine:
-    """The model calls (blocking; run in the backend's worker thread)."""
+    """The model calls (blocking; run in the backend's worker thread).
+
+    `on_cancelled(kind, count)` hears of requests whose rows were stopped because their client went away, and
+    `on_generated(count)` of the tokens each call generated (both no-ops unless the backend sets them).
+    """
 
     def __init__(self, model, processor):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.on_cancelled = lambda kind, count: None
+        self.on_generated = lambda count: None
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
@@ -100,7 +109,8 @@ class LocalEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def generation_kwargs(self, request: ChatRequest) -> dict:
+    def generation_kwargs(self, request: ChatRequest, gone: _GoneRows | None = None) -> dict:
+        """`generate`'s arguments for `request`'s settings; with `gone`, rows whose client left stop early."""
         kwargs = {
             "max_new_tokens": request.max_new_tokens,
             "safety_threshold": request.safety_threshold,
@@ -113,6 +123,8 @@ class LocalEngine:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=None)
         if request.stop:
             kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        if gone is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([gone])
         return kwargs
 
     def batch_inputs(self, requests: list[ChatRequest], rows_per_request: int | None = None):
@@ -143,12 +155,17 @@ class LocalEngine:
     def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
         """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
         inputs, owners = self.batch_inputs(requests)
+        gone = _GoneRows(requests, owners)
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generation_kwargs(requests[0]), return_dict_in_generate=True)
+            output = self.model.generate(
+                **inputs, **self.generation_kwargs(requests[0], gone), return_dict_in_generate=True
+            )
+        self.on_cancelled("chat", len(gone.seen))
         safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(owners))
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
+        self.on_generated(sum(len(self.answer_tokens(tokens)[0]) for tokens in new_tokens))
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [
             self._result(request, [r for r, o in enumerate(owners) if o == index], new_tokens, safety, prompt_lengths)
@@ -161,14 +178,18 @@ class LocalEngine:
         usage = Usage(int(prompt_lengths[rows[0]]), sum(choice.completion_tokens for choice in choices))
         return ChatCompletionResult(choices=choices, usage=usage, safety=safety[rows[0]])
 
-    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
-        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+    def answer_tokens(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """A row's new tokens up to its first EOS (included), padding dropped, and whether an EOS ended it."""
         ended = False
         for position, token in enumerate(tokens):
             if token in self.eos_ids:
                 tokens, ended = tokens[: position + 1], True
                 break
-        tokens = [t for t in tokens if t != self.pad_id or t in self.eos_ids]
+        return [t for t in tokens if t != self.pad_id or t in self.eos_ids], ended
+
+    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
+        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+        tokens, ended = self.answer_tokens(tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = cut_at_stop(text, request.stop)
         if refused:
@@ -188,29 +209,46 @@ class LocalEngine:
         requests = [job.request for job in jobs]
         inputs, owners = self.batch_inputs(requests)
         streamer = _RowStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
+        gone = _GoneRows(requests, owners)
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         try:
             with torch.inference_mode():
-                self.model.generate(**inputs, **self.generation_kwargs(requests[0]), streamer=streamer)
+                output = self.model.generate(**inputs, **self.generation_kwargs(requests[0], gone), streamer=streamer)
         except _RowByRow:
             for job in jobs:
                 self.stream_choice_by_choice(job)
             return
+        self.on_cancelled("stream", len(gone.seen))
+        self._count_generated(output, inputs["input_ids"].shape[1])
         streamer.finish()
+
+    def _count_generated(self, output, prompt_width: int):
+        """Reports the tokens a streamed `generate` call generated (each row up to its EOS; a stopped row's padding
+        not counted)."""
+        sequences = getattr(output, "sequences", output)
+        if isinstance(sequences, torch.Tensor) and sequences.dim() == 2:
+            new_tokens = sequences[:, prompt_width:].tolist()
+            self.on_generated(sum(len(self.answer_tokens(tokens)[0]) for tokens in new_tokens))
 
     def stream_choice_by_choice(self, job: StreamJob) -> None:
         """One request, one `generate` call of one row per choice (a hint or a refusal streams only so)."""
         inputs, _ = self.batch_inputs([job.request], rows_per_request=1)
         prompt_tokens, completion_tokens = int(inputs["attention_mask"].sum()), 0
+        gone = _GoneRows([job.request], [0])
         for index in range(job.request.n):
+            if job.request.client_gone.is_set():
+                gone.seen.add(0)
+                break
             streamer = _RowStreamer(self, [job], [0], [prompt_tokens], choices=[index], usage=False)
             if job.request.seed is not None:
                 torch.manual_seed(job.request.seed + index)
             with torch.inference_mode():
-                self.model.generate(**inputs, **self.generation_kwargs(job.request), streamer=streamer)
+                output = self.model.generate(**inputs, **self.generation_kwargs(job.request, gone), streamer=streamer)
+            self._count_generated(output, inputs["input_ids"].shape[1])
             streamer.finish()
             completion_tokens += len(streamer.tokens[0])
+        self.on_cancelled("stream", len(gone.seen))
         if job.request.include_usage:
             job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
 
@@ -249,6 +287,24 @@ class StreamJob:
                 return
             self.verdict_sent = True
         self._emit(event)
+
+
+class _GoneRows(StoppingCriteria):
+    """Stops the rows of requests whose client went away (`ChatRequest.client_gone`) at the next decoding step; the
+    other rows go on, and `generate` ends once every row is done. `seen` holds the indexes of the requests it
+    stopped. In a sub-batch of a mixed plan (hinted or refused rows generated apart), whose rows it cannot map, it
+    stops only when every request is gone."""
+
+    def __init__(self, requests: list[ChatRequest], owners: list[int]):
+        self.requests, self.owners = requests, owners
+        self.seen: set[int] = set()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        gone = [self.requests[owner].client_gone.is_set() for owner in self.owners]
+        self.seen.update(owner for owner, left in zip(self.owners, gone) if left)
+        rows = input_ids.shape[0]
+        flags = gone if rows == len(gone) else [all(gone)] * rows
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class _RowByRow(Exception):
@@ -293,6 +349,9 @@ class _RowStreamer(BaseStreamer):
             return
         tokens = value.reshape(-1).tolist()
         for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
+            if self.jobs[self.owners[row]].request.client_gone.is_set():
+                self.done[row] = True  # nobody reads it: no more text (the model stops the row at this step)
+                continue
             for token in new:
                 if self.done[row]:
                     break
@@ -383,19 +442,24 @@ class LocalBackend(ServingBackend):
         config = model.config
         super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
         self.engine = LocalEngine(model, processor)
+        self.engine.on_cancelled = lambda kind, count: self.record_cancelled(kind, "running", count)
+        self.engine.on_generated = self.record_generated_tokens
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-model")
         batching = {"executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue}
         self.chat = MicroBatcher(
             self._run_chat, key=chat_batch_key, max_batch_size=settings.max_batch_size, name="chat",
-            on_batch=lambda size: self.record_batch("chat", size), **batching,
+            on_batch=lambda size: self.record_batch("chat", size),
+            on_drop=lambda count: self.record_cancelled("chat", "queued", count), **batching,
         )
         self.streams = MicroBatcher(
-            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size, name="stream", on_batch=lambda size: self.record_batch("stream", size),
-            **batching,
+            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size,
+            name="stream", on_batch=lambda size: self.record_batch("stream", size),
+            on_drop=lambda count: self.record_cancelled("stream", "queued", count), **batching,
         )
         self.moderation = MicroBatcher(
             self._run_moderation, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
-            name="moderation", on_batch=lambda size: self.record_batch("moderation", size), **batching,
+            name="moderation", on_batch=lambda size: self.record_batch("moderation", size),
+            on_drop=lambda count: self.record_cancelled("moderation", "queued", count), **batching,
         )
         self._closing = False
 
