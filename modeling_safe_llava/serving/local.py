@@ -44,6 +44,7 @@ from .backend import (
     Verdict,
 )
 from .batching import MicroBatcher
+from .detokenize import IncrementalDetokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ class LocalEngine:
         self.on_cancelled("stream", len(gone.seen))
         if job.request.include_usage:
             job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
+            StreamJob.hand_over([job])
 
     # -- moderation -----------------------------------------------------------------------------------------
 
@@ -275,18 +277,42 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class StreamJob:
-    """One streamed request and where its events go; `emit` drops a second verdict (a batch's verdict stands when
-    the batch goes on request by request)."""
+    """One streamed request and where its events go.
 
-    def __init__(self, request: ChatRequest, emit):
-        self.request, self._emit, self.verdict_sent = request, emit, False
+    `emit(event)` keeps an event for the next hand-over (a second verdict is dropped: a batch's verdict stands when the
+    batch goes on request by request); `hand_over(jobs)` gives the kept events of every job to their `deliver`
+    callables, in one call on `loop` (thread-safe) when the jobs have one, so that a decoding step of a whole batch
+    costs the event loop one callback, not one per row and token.
+    """
+
+    def __init__(self, request: ChatRequest, deliver, loop: asyncio.AbstractEventLoop | None = None):
+        self.request, self.deliver, self.loop = request, deliver, loop
+        self.verdict_sent, self.kept = False, []
 
     def emit(self, event: StreamEvent):
         if event.kind == "verdict":
             if self.verdict_sent:
                 return
             self.verdict_sent = True
-        self._emit(event)
+        self.kept.append(event)
+
+    @staticmethod
+    def hand_over(jobs: list[StreamJob]):
+        pairs = [(job.deliver, event) for job in jobs for event in job.kept]
+        for job in jobs:
+            job.kept = []
+        if not pairs:
+            return
+        loop = jobs[0].loop
+        if loop is None:
+            _deliver_all(pairs)
+        else:
+            loop.call_soon_threadsafe(_deliver_all, pairs)
+
+
+def _deliver_all(pairs: list):
+    for deliver, event in pairs:
+        deliver(event)
 
 
 class _GoneRows(StoppingCriteria):
@@ -315,7 +341,9 @@ class _RowStreamer(BaseStreamer):
     """
     Streams every row of one `generate` call as `StreamEvent`s, token by token: each request's verdict first, then
     per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
-    of a stop sequence), one finish per row, and usage per request (`usage=True`).
+    of a stop sequence), one finish per row, and usage per request (`usage=True`). Text is decoded incrementally
+    (`IncrementalDetokenizer`: a short window per step), stop sequences are looked for in the new text only, and each
+    step's events of every row go to the event loop in one hand-over.
 
     With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
     With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
@@ -324,10 +352,13 @@ class _RowStreamer(BaseStreamer):
     def __init__(self, engine, jobs, owners, prompt_lengths, choices=None, usage=True):
         self.engine, self.jobs, self.owners, self.prompt_lengths, self.usage = engine, jobs, owners, prompt_lengths, usage
         self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
-        self.tokens = [[] for _ in owners]
-        self.done, self.sent = [False] * len(owners), [0] * len(owners)
+        self.rows = [_RowText(engine, jobs[owner].request.stop) for owner in owners]
         self.actions = ["allow"] * len(owners)
         self.prompt_seen = False
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [row.tokens for row in self.rows]
 
     def on_safety_assessment(self, assessment):
         self._give_verdicts(safety_entries(assessment))
@@ -341,6 +372,7 @@ class _RowStreamer(BaseStreamer):
             if not safety.get("judged"):  # as precise as the non-streamed reason
                 safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
             job.emit(StreamEvent(kind="verdict", safety=safety))
+        StreamJob.hand_over(self.jobs)
 
     def put(self, value):
         if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
@@ -350,50 +382,82 @@ class _RowStreamer(BaseStreamer):
         tokens = value.reshape(-1).tolist()
         for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
             if self.jobs[self.owners[row]].request.client_gone.is_set():
-                self.done[row] = True  # nobody reads it: no more text (the model stops the row at this step)
+                self.rows[row].done = True  # nobody reads it: no more text (the model stops the row at this step)
                 continue
-            for token in new:
-                if self.done[row]:
-                    break
-                self.tokens[row].append(token)
-                self.done[row] = token in self.engine.eos_ids
-            self._send_text(row, final=self.done[row])
+            self._send(row, self.rows[row].add(new))
+        StreamJob.hand_over(self.jobs)
 
-    def _send_text(self, row: int, final: bool):
-        request = self.jobs[self.owners[row]].request
-        text = self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        visible, stopped = cut_at_stop(text, request.stop)
-        self.done[row] = self.done[row] or stopped
-        incomplete = len(visible) - len(visible.rstrip("\ufffd"))  # a character whose bytes are still coming
-        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), incomplete)
-        ready = visible[self.sent[row] : len(visible) - hold]
-        if ready:
-            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=ready))
-            self.sent[row] += len(ready)
+    def _send(self, row: int, text: str):
+        if text:
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=text))
 
     def end(self):
         """Called by `generate` after the last token; the finish events follow in `finish`."""
 
     def finish(self):
         for row in range(len(self.owners)):
-            self._send_text(row, final=True)
+            self._send(row, self.rows[row].finish())
             self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choices[row], finish_reason=self._reason(row)))
         for index, job in enumerate(self.jobs):
             if self.usage and job.request.include_usage:
                 rows = [row for row, owner in enumerate(self.owners) if owner == index]
-                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.tokens[row]) for row in rows))
+                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.rows[row].tokens) for row in rows))
                 job.emit(StreamEvent(kind="usage", usage=usage))
+        StreamJob.hand_over(self.jobs)
 
     def _reason(self, row: int) -> str:
         if self.actions[row] == "refuse":
             return "content_filter"
-        ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
-        too_long = len(self.tokens[row]) >= self.jobs[self.owners[row]].request.max_new_tokens
-        return "length" if too_long and not ended and not self._stopped(row) else "stop"
+        text = self.rows[row]
+        ended = bool(text.tokens) and text.tokens[-1] in self.engine.eos_ids
+        too_long = len(text.tokens) >= self.jobs[self.owners[row]].request.max_new_tokens
+        return "length" if too_long and not ended and not text.stopped else "stop"
 
-    def _stopped(self, row: int) -> bool:
-        request = self.jobs[self.owners[row]].request
-        return cut_at_stop(self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True), request.stop)[1]
+
+class _RowText:
+    """One streamed row's tokens and text: decoded incrementally, cut before the first stop sequence (looked for in
+    the new text and the few characters before it), with the possible start of a stop sequence held back."""
+
+    def __init__(self, engine, stops: list[str]):
+        self.eos_ids, self.stops = engine.eos_ids, [stop for stop in stops if stop]
+        self.detokenizer = IncrementalDetokenizer(engine.tokenizer)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.done, self.stopped = "", 0, False, False
+        self.overlap = max((len(stop) for stop in self.stops), default=1) - 1
+
+    def add(self, new: list[int]) -> str:
+        """Takes the row's new tokens (those past EOS or a stop are ignored); returns the text ready to send."""
+        taken = []
+        for token in new:
+            if self.done:
+                break
+            taken.append(token)
+            self.done = token in self.eos_ids
+        self.tokens.extend(taken)
+        if not taken:
+            return ""
+        return self._ready(self.detokenizer.push(taken), final=self.done)
+
+    def finish(self) -> str:
+        """The rest of the text once the row has ended."""
+        self.done = True
+        return self._ready(self.detokenizer.flush(), final=True)
+
+    def _ready(self, piece: str, final: bool) -> str:
+        if not self.stopped:
+            searched_from = max(0, len(self.text) - self.overlap)
+            self.text += piece
+            self._cut_at_stop(searched_from)
+        hold = 0 if (final or self.stopped) else _held_back(self.text, self.stops)
+        ready = self.text[self.sent : len(self.text) - hold]
+        self.sent += len(ready)
+        return ready
+
+    def _cut_at_stop(self, searched_from: int):
+        positions = [self.text.find(stop, searched_from) for stop in self.stops]
+        positions = [position for position in positions if position >= 0]
+        if positions:
+            self.text, self.stopped, self.done = self.text[: min(positions)], True, True
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -491,11 +555,7 @@ class LocalBackend(ServingBackend):
     async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
         self._check_open()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event):
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, emit)))
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, loop)))
         job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while True:
