@@ -30,7 +30,7 @@ from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  
 from modeling_safe_llava.serving.judge import SafetyJudge, judge_memory_bytes  # noqa: E402
 
 from conftest import random_image  # noqa: E402
-from serving_live import data_url  # noqa: E402
+from serving_live import assert_judge_holds_the_models_weights, data_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -405,13 +405,14 @@ def test_judge_loads_no_language_model_and_judges_like_the_full_model(folders, r
     assert all(p.device.type == "meta" for p in inner.language_model.layers.parameters())
     assert judge.model.lm_head.weight.device.type == "meta"
     assert inner.multi_modal_projector.linear_1.weight.device.type == "meta"
-    for name, tensor in judge.model.state_dict().items():
-        if tensor.device.type != "meta":
-            assert torch.equal(tensor, model.state_dict()[name]), name
+    assert_judge_holds_the_models_weights(judge.model, model.state_dict())
     memory = judge_memory_bytes(judge.model)
     full = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert memory["total"] + memory["not_loaded"] == full
-    assert memory["not_loaded"] > 0 and memory["embed_tokens"] > 0 and memory["vision_tower"] > 0
+    table = model.get_input_embeddings().weight
+    kept_rows = judge.model.get_input_embeddings().weight.shape[0]
+    assert memory["embed_tokens"] == kept_rows * table.shape[1] * table.element_size() and kept_rows == 2
+    assert memory["total"] + memory["not_loaded"] == full - (table.shape[0] - kept_rows) * table.shape[1] * table.element_size()
+    assert memory["not_loaded"] > 0 and memory["vision_tower"] > 0
 
 
 def test_judge_at_the_7b_shape_holds_about_a_tenth_of_the_model():
