@@ -7,8 +7,9 @@ The tiny LLaVA of the serving tests (hidden 256, 4 text layers; random weights) 
 head-only SafeLlava wrapping the same weights. Three things answer, one request at a time:
 
 - `stock`: `transformers serve` with the stock LLaVA (default settings);
-- `safe`: `safe-llava serve` with the head-only SafeLlava, safety on (`safety_threshold: 0`, every action `allow`, so
-  every request is judged and nothing changes the answer), or every action `refuse` for the refusal;
+- `safe`: `safe-llava serve` with the head-only SafeLlava, default flags, safety on (`safety_threshold: 0`, every
+  action `allow`, so every request is judged and nothing changes the answer), or every action `refuse` for the refusal;
+- `safe-nowait`: the same with `--batch-wait-ms 0` (a lone request does not wait the default 5 ms for company);
 - `in-process`: the same folder loaded in this process (processor, `generate`, decode), no HTTP.
 
 Measured, p50 and p95 of `repeats` (interleaved between the servers): `GET /health`; chat with 1 and 32 new tokens; a
@@ -104,12 +105,17 @@ class Target:
         stream.close()
 
     def stream_rate(self, image: str, new_tokens: int) -> dict:
-        """A streamed answer read to its end: content tokens per second, request to last chunk."""
+        """A streamed answer read to its end by a plain SSE reader on the client's own kept-alive connection (the
+        `openai` client's per-chunk parsing would share the 2 cores with the server): tokens per second, request to
+        the last chunk."""
+        body = {**chat_body(self.model, image, PROMPT, new_tokens), **(self.extra or {}), "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
         started = time.perf_counter()
-        chunks = list(self.chat(image, new_tokens, stream=True, stream_options={"include_usage": True}))
+        with self.client._client.stream("POST", self.server.v1 + "/chat/completions", json=body) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: {")]
         seconds = time.perf_counter() - started
-        tokens = chunks[-1].usage.completion_tokens
-        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+        tokens = json.loads(lines[-1][len("data: ") :])["usage"]["completion_tokens"]
+        return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "chunks": len(lines)}
 
 
 class InProcess:
@@ -181,8 +187,9 @@ def measure(targets: dict, local: InProcess, images: list[str], repeats: int, re
             add(f"chat_32/{name}", timed(lambda: target.chat(image, 32)))
         add("chat_32/in-process", timed(lambda: local.chat(image, 32)))
         add("chat_1/in-process", timed(lambda: local.chat(image, 1)))
-        add("refusal/safe", timed(lambda: targets["safe"].chat(image, 32, extra=refuse)))
-        add("moderation/safe", timed(lambda: targets["safe"].moderate(image)))
+        for name in ("safe", "safe-nowait"):
+            add(f"refusal/{name}", timed(lambda: targets[name].chat(image, 32, extra=refuse)))
+            add(f"moderation/{name}", timed(lambda: targets[name].moderate(image)))
     return {key: percentiles(values) for key, values in samples.items()}
 
 
@@ -216,18 +223,21 @@ def run(repeats: int) -> dict:
         stock_folder, safe_folder = build_folders(Path(tmp))
         logs = Path(tmp) / "logs"
         stock = start_transformers_serve(stock_folder, logs / "transformers-serve.log", threads=1)
-        safe = start_safe_llava_serve(safe_folder, logs / "safe.log", f"--max-tokens-limit={CONTEXT // 2}", threads=1)
+        limit = f"--max-tokens-limit={CONTEXT // 2}"
+        safe = start_safe_llava_serve(safe_folder, logs / "safe.log", limit, threads=1)
+        nowait = start_safe_llava_serve(safe_folder, logs / "safe-nowait.log", limit, "--batch-wait-ms=0", threads=1)
         try:
             local = InProcess(safe_folder)
             allow = _allow_all(local.model.config.risky_type_labels)
             refuse = {**allow, "safety_actions": dict.fromkeys(allow["safety_actions"], "refuse")}
-            targets = {"stock": Target(stock, str(stock_folder), None), "safe": Target(safe, "safe", allow)}
+            targets = {"stock": Target(stock, str(stock_folder), None), "safe": Target(safe, "safe", allow),
+                       "safe-nowait": Target(nowait, "safe", allow)}  # fmt: skip
             images = _images(IMAGE_SIZE, 8, 0)
             results = {"latency": measure(targets, local, images, repeats, refuse)}
-            results["cancellation"] = measure_after_drop(targets["safe"], images, max(5, repeats // 2))
-            results["stream"] = measure_stream_rate(targets["safe"], local, images, 3)
+            results["cancellation"] = measure_after_drop(targets["safe"], images, max(1, repeats // 2))
+            results["stream"] = measure_stream_rate(targets["safe"], local, images, min(3, repeats))
         finally:
-            exit_codes = {"stock": stock.stop(), "safe": safe.stop()}
+            exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop()}
     results["metadata"] = metadata(time.perf_counter() - started, exit_codes, repeats)
     results["targets"] = evaluate(results)
     return results
@@ -253,6 +263,9 @@ def evaluate(results: dict) -> list[dict]:
         ("chat 1 token p50: safe / stock", p50("chat_1/safe") / p50("chat_1/stock"), TARGETS["chat_1_ratio_max"], False),
         ("chat 32 tokens p50: safe / stock", p50("chat_32/safe") / p50("chat_32/stock"), TARGETS["chat_32_ratio_max"], False),
         ("chat 32 tokens p50: safe - in-process generate (ms)", p50("chat_32/safe") - p50("chat_32/in-process"), TARGETS["overhead_over_in_process_ms_max"], False),
+        ("chat 1 token p50: safe-nowait / stock", p50("chat_1/safe-nowait") / p50("chat_1/stock"), TARGETS["chat_1_ratio_max"], False),
+        ("chat 32 tokens p50: safe-nowait / stock", p50("chat_32/safe-nowait") / p50("chat_32/stock"), TARGETS["chat_32_ratio_max"], False),
+        ("chat 32 tokens p50: safe-nowait - in-process generate (ms)", p50("chat_32/safe-nowait") - p50("chat_32/in-process"), TARGETS["overhead_over_in_process_ms_max"], False),
         ("refusal p50 / allowed 32-token p50 (safe)", p50("refusal/safe") / p50("chat_32/safe"), TARGETS["refusal_ratio_max"], False),
         ("1-token chat right after a dropped 400-token stream / idle, p50", drop["after_drop"]["p50_ms"] / drop["idle"]["p50_ms"], TARGETS["after_drop_ratio_max"], False),
         ("512-token stream tokens/s: safe / in-process streamer", stream["safe_tokens_per_s"] / stream["in_process_tokens_per_s"], TARGETS["stream_rate_ratio_min"], True),
@@ -280,11 +293,12 @@ def render_markdown(results: dict) -> str:
     ]  # fmt: skip
     for row in results["targets"]:
         lines.append(f"| {row['target']} | {row['measured']:.3f} | {row['wanted']} | **{'PASS' if row['pass'] else 'FAIL'}** |")
-    lines += ["", "## Latency at concurrency 1 (ms)", "", "| request | `transformers serve` p50 / p95 | `safe-llava serve` p50 / p95 | in-process p50 / p95 |", "|---|---|---|---|"]
+    lines += ["", "## Latency at concurrency 1 (ms)", "", "| request | `transformers serve` p50 / p95 | `safe-llava serve` p50 / p95 | `--batch-wait-ms 0` p50 / p95 | in-process p50 / p95 |", "|---|---|---|---|---|"]
     cell = lambda key: f"{latency[key]['p50_ms']:.1f} / {latency[key]['p95_ms']:.1f}" if key in latency else "n/a"  # noqa: E731
     for request, label in (("health", "`GET /health`"), ("chat_1", "chat, 1 token"), ("chat_32", "chat, 32 tokens"),
                            ("refusal", "chat, refused (every action `refuse`)"), ("moderation", "moderation")):  # fmt: skip
-        lines.append(f"| {label} | {cell(request + '/stock')} | {cell(request + '/safe')} | {cell(request + '/in-process')} |")
+        cells = " | ".join(cell(f"{request}/{name}") for name in ("stock", "safe", "safe-nowait", "in-process"))
+        lines.append(f"| {label} | {cells} |")
     drop, stream = results["cancellation"], results["stream"]
     lines += [
         "", "## A client that leaves", "",
@@ -292,7 +306,8 @@ def render_markdown(results: dict) -> str:
         f"after a client dropped a 400-token stream (read two chunks, closed): p50 {drop['after_drop']['p50_ms']:.1f} ms, "
         f"p95 {drop['after_drop']['p95_ms']:.1f} ms ({drop['idle']['n']} each).", "",
         "## 512-token streams", "",
-        f"Through `safe` (request to last chunk, `openai` client): {stream['safe_tokens_per_s']:.0f} tokens/s; in-process "
+        f"Through `safe` (request to last chunk, read by a plain SSE reader on the `openai` client's kept-alive "
+        f"connection): {stream['safe_tokens_per_s']:.0f} tokens/s; in-process "
         f"`generate` with an incrementally decoding streamer: {stream['in_process_tokens_per_s']:.0f} tokens/s "
         f"(medians of {len(stream['safe'])}, interleaved; tokens per run: {[run['tokens'] for run in stream['safe']]} "
         f"served, {[run['tokens'] for run in stream['in_process']]} in-process).", "",

@@ -422,31 +422,34 @@ def _event_choices(event: StreamEvent) -> list:
 
 async def _stream_response(request: Request, backend: ServingBackend, chat: ChatRequest) -> StreamingResponse:
     """SSE: the verdict chunk (role delta, top-level `safety`), the content deltas, one finish per choice, the usage
-    chunk when asked for, then `data: [DONE]`. An error before the verdict is an ordinary error response."""
+    chunk when asked for, then `data: [DONE]`. An error before the verdict is an ordinary error response. Events the
+    backend hands over together (a list) go out in one write."""
     start, metrics, created = time.monotonic(), request.app.state.metrics, int(time.time())
     events = backend.stream(chat).__aiter__()
     watch = ClientWatch(request, chat.client_gone)
     try:
-        first = await watch.run(events.__anext__())  # errors (queue full, bad input) still get their status code
+        first, *rest = _as_list(await watch.run(events.__anext__()))  # errors (queue full, ...) keep their status
     finally:
         watch.stop()
     if first.kind != "verdict":
         raise RuntimeError(f"{type(backend).__name__}.stream must yield the verdict first, got {first.kind!r}")
     metrics.observe_verdict("/v1/chat/completions", first.safety)
+    first_delta = []
+
+    def sse(event: StreamEvent) -> str:
+        if event.kind == "usage":
+            return _chunk(chat, backend.model_id, created, [], usage=event.usage.to_dict())
+        if event.kind == "delta" and not first_delta:
+            metrics.time_to_first_token.observe(time.monotonic() - start)
+            first_delta.append(True)
+        return _chunk(chat, backend.model_id, created, _event_choices(event))
 
     async def body():
         roles = [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None} for i in range(chat.n)]
-        yield _chunk(chat, backend.model_id, created, roles, safety=first.safety)
-        first_delta = True
+        yield _chunk(chat, backend.model_id, created, roles, safety=first.safety) + "".join(map(sse, rest))
         try:
-            async for event in events:
-                if event.kind == "usage":
-                    yield _chunk(chat, backend.model_id, created, [], usage=event.usage.to_dict())
-                    continue
-                if event.kind == "delta" and first_delta:
-                    metrics.time_to_first_token.observe(time.monotonic() - start)
-                    first_delta = False
-                yield _chunk(chat, backend.model_id, created, _event_choices(event))
+            async for item in events:
+                yield "".join(map(sse, _as_list(item)))
         except ServingError as error:
             yield f"data: {json.dumps(error.to_dict())}\n\n"
         except Exception:  # noqa: BLE001 - headers are sent: the error goes in the stream, the traceback to the log
@@ -459,6 +462,11 @@ async def _stream_response(request: Request, backend: ServingBackend, chat: Chat
         yield "data: [DONE]\n\n"
 
     return _ChatStream(body(), chat.client_gone, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _as_list(item) -> list[StreamEvent]:
+    """A backend's stream item: one `StreamEvent`, or a list of those handed over together."""
+    return item if isinstance(item, list) else [item]
 
 
 __all__ = ["ServerConfig", "create_app", "check_api_key", "completion_json", "moderation_result"]

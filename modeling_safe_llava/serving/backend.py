@@ -388,9 +388,10 @@ class ServingBackend(abc.ABC):
         """The whole answer: `request.n` choices, usage and the verdict (promises 1, 3, 4, 5)."""
 
     @abc.abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """An async iterator of events: the verdict, deltas, one finish per choice, usage (promise 2). Closing the
-        iterator early (the client went away) must release the request's resources."""
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent | list[StreamEvent]]:
+        """An async iterator of events: the verdict, deltas, one finish per choice, usage (promise 2); an item may be
+        a list of events that are ready together (the HTTP layer writes a list in one write). Closing the iterator
+        early (the client went away) must release the request's resources."""
 
     @abc.abstractmethod
     async def close(self) -> None:

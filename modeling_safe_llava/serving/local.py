@@ -552,17 +552,22 @@ class LocalBackend(ServingBackend):
         fill = iter(results)
         return [verdict if verdict is not None else next(fill) for verdict in verdicts]
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[list[StreamEvent]]:
+        """The request's events, in lists: all those that are ready when the event loop comes to them."""
         self._check_open()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, loop)))
         job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while True:
-                event = await queue.get()
-                if event is None:
+                ready = [await queue.get()]
+                while not queue.empty():  # the steps the event loop fell behind on go out together
+                    ready.append(queue.get_nowait())
+                events = [event for event in ready if event is not None]
+                if events:
+                    yield events
+                if len(events) < len(ready):
                     break
-                yield event
             job.result()  # raises the generation's error, if any
         finally:
             if not job.done():
