@@ -15,7 +15,8 @@ head-only SafeLlava wrapping the same weights. Three things answer, one request 
 Measured, p50 and p95 of `repeats` (interleaved between the servers): `GET /health`; chat with 1 and 32 new tokens; a
 refusal; a moderation; a 1-token chat sent right after a client dropped a 400-token stream (against the same request on
 an idle server); and a 512-token stream's tokens per second through `safe` against in-process `generate` with an
-incrementally decoding streamer. Each server and this process use one torch thread. Wall-clock times on a shared
+incrementally decoding streamer. With `--baseline-repo PATH` (e.g. the main checkout), `safe-llava serve` of that
+checkout (`baseline`) goes through the last two as well: before and after, side by side. Each server and this process use one torch thread. Wall-clock times on a shared
 machine: read ratios measured side by side, not absolute numbers.
 """
 
@@ -194,7 +195,8 @@ def measure(targets: dict, local: InProcess, images: list[str], repeats: int, re
 
 
 def measure_after_drop(safe: Target, images: list[str], repeats: int) -> dict:
-    """A 1-token chat on an idle server, and the same right after a client dropped a 400-token stream."""
+    """A 1-token chat on an idle server, and the same right after a client dropped a 400-token stream (p50 and p95
+    over `repeats`)."""
     idle, after = [], []
     for repeat in range(repeats):
         image = images[repeat % len(images)]
@@ -204,19 +206,24 @@ def measure_after_drop(safe: Target, images: list[str], repeats: int) -> dict:
     return {"idle": percentiles(idle), "after_drop": percentiles(after)}
 
 
-def measure_stream_rate(safe: Target, local: InProcess, images: list[str], repeats: int, new_tokens: int = 512) -> dict:
-    """Tokens per second of `new_tokens`-token streams through `safe` and in-process, interleaved; medians."""
-    served, in_process = [], []
-    for repeat in range(repeats):
-        image = images[repeat % len(images)]
-        served.append(safe.stream_rate(image, new_tokens))
-        in_process.append(local.stream_rate(image, new_tokens))
-    median = lambda runs: statistics.median(run["tokens_per_s"] for run in runs)  # noqa: E731
-    return {"new_tokens": new_tokens, "safe": served, "in_process": in_process,
-            "safe_tokens_per_s": median(served), "in_process_tokens_per_s": median(in_process)}  # fmt: skip
+def measure_stream_rate(servers: dict, local: InProcess, images: list[str], repeats: int, new_tokens: int = 512) -> dict:
+    """Tokens per second of `new_tokens`-token streams through each server and in-process, interleaved, on the
+    images whose greedy answer runs to the limit (an early EOS would measure a shorter stream); medians."""
+    runs: dict[str, list] = {name: [] for name in [*servers, "in_process"]}
+    for image in images:
+        if len(runs["in_process"]) == repeats:
+            break
+        local_run = local.stream_rate(image, new_tokens)
+        if local_run["tokens"] < new_tokens:
+            continue
+        runs["in_process"].append(local_run)
+        for name, server in servers.items():
+            runs[name].append(server.stream_rate(image, new_tokens))
+    median = lambda name: statistics.median(run["tokens_per_s"] for run in runs[name])  # noqa: E731
+    return {"new_tokens": new_tokens, "runs": runs, **{f"{name}_tokens_per_s": median(name) for name in runs}}
 
 
-def run(repeats: int) -> dict:
+def run(repeats: int, baseline_repo: Path | None = None) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="safe-llava-latency-") as tmp:
@@ -226,6 +233,9 @@ def run(repeats: int) -> dict:
         limit = f"--max-tokens-limit={CONTEXT // 2}"
         safe = start_safe_llava_serve(safe_folder, logs / "safe.log", limit, threads=1)
         nowait = start_safe_llava_serve(safe_folder, logs / "safe-nowait.log", limit, "--batch-wait-ms=0", threads=1)
+        baseline = None
+        if baseline_repo is not None:
+            baseline = start_safe_llava_serve(safe_folder, logs / "baseline.log", limit, threads=1, repo=baseline_repo)
         try:
             local = InProcess(safe_folder)
             allow = _allow_all(local.model.config.risky_type_labels)
@@ -234,11 +244,18 @@ def run(repeats: int) -> dict:
                        "safe-nowait": Target(nowait, "safe", allow)}  # fmt: skip
             images = _images(IMAGE_SIZE, 8, 0)
             results = {"latency": measure(targets, local, images, repeats, refuse)}
-            results["cancellation"] = measure_after_drop(targets["safe"], images, max(1, repeats // 2))
-            results["stream"] = measure_stream_rate(targets["safe"], local, images, min(3, repeats))
+            streamed = {"safe": targets["safe"]}
+            results["cancellation"] = {"safe": measure_after_drop(targets["safe"], images, max(1, repeats // 2))}
+            if baseline is not None:
+                streamed["baseline"] = Target(baseline, "safe", allow)
+                results["cancellation"]["baseline"] = measure_after_drop(streamed["baseline"], images, max(1, repeats // 4))
+            results["stream"] = measure_stream_rate(streamed, local, images, min(3, repeats))
         finally:
             exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop()}
+            if baseline is not None:
+                exit_codes["baseline"] = baseline.stop()
     results["metadata"] = metadata(time.perf_counter() - started, exit_codes, repeats)
+    results["metadata"]["baseline_repo"] = str(baseline_repo) if baseline_repo else None
     results["targets"] = evaluate(results)
     return results
 
@@ -257,7 +274,7 @@ def metadata(wall: float, exit_codes: dict, repeats: int) -> dict:
 def evaluate(results: dict) -> list[dict]:
     """Issue 24's targets, PASS/FAIL."""
     p50 = lambda key: results["latency"][key]["p50_ms"]  # noqa: E731
-    drop, stream = results["cancellation"], results["stream"]
+    drop, stream = results["cancellation"]["safe"], results["stream"]
     rows = [
         ("kept-alive /health p50: safe - stock (ms)", p50("health/safe") - p50("health/stock"), TARGETS["health_p50_extra_ms_max"], False),
         ("chat 1 token p50: safe / stock", p50("chat_1/safe") / p50("chat_1/stock"), TARGETS["chat_1_ratio_max"], False),
@@ -267,6 +284,7 @@ def evaluate(results: dict) -> list[dict]:
         ("chat 32 tokens p50: safe-nowait / stock", p50("chat_32/safe-nowait") / p50("chat_32/stock"), TARGETS["chat_32_ratio_max"], False),
         ("chat 32 tokens p50: safe-nowait - in-process generate (ms)", p50("chat_32/safe-nowait") - p50("chat_32/in-process"), TARGETS["overhead_over_in_process_ms_max"], False),
         ("refusal p50 / allowed 32-token p50 (safe)", p50("refusal/safe") / p50("chat_32/safe"), TARGETS["refusal_ratio_max"], False),
+        ("refusal p50 / allowed 32-token p50 (safe-nowait)", p50("refusal/safe-nowait") / p50("chat_32/safe-nowait"), TARGETS["refusal_ratio_max"], False),
         ("1-token chat right after a dropped 400-token stream / idle, p50", drop["after_drop"]["p50_ms"] / drop["idle"]["p50_ms"], TARGETS["after_drop_ratio_max"], False),
         ("512-token stream tokens/s: safe / in-process streamer", stream["safe_tokens_per_s"] / stream["in_process_tokens_per_s"], TARGETS["stream_rate_ratio_min"], True),
     ]  # fmt: skip
@@ -299,19 +317,20 @@ def render_markdown(results: dict) -> str:
                            ("refusal", "chat, refused (every action `refuse`)"), ("moderation", "moderation")):  # fmt: skip
         cells = " | ".join(cell(f"{request}/{name}") for name in ("stock", "safe", "safe-nowait", "in-process"))
         lines.append(f"| {label} | {cells} |")
-    drop, stream = results["cancellation"], results["stream"]
-    lines += [
-        "", "## A client that leaves", "",
-        f"1-token chat on an idle `safe`: p50 {drop['idle']['p50_ms']:.1f} ms, p95 {drop['idle']['p95_ms']:.1f} ms; right "
-        f"after a client dropped a 400-token stream (read two chunks, closed): p50 {drop['after_drop']['p50_ms']:.1f} ms, "
-        f"p95 {drop['after_drop']['p95_ms']:.1f} ms ({drop['idle']['n']} each).", "",
-        "## 512-token streams", "",
-        f"Through `safe` (request to last chunk, read by a plain SSE reader on the `openai` client's kept-alive "
-        f"connection): {stream['safe_tokens_per_s']:.0f} tokens/s; in-process "
-        f"`generate` with an incrementally decoding streamer: {stream['in_process_tokens_per_s']:.0f} tokens/s "
-        f"(medians of {len(stream['safe'])}, interleaved; tokens per run: {[run['tokens'] for run in stream['safe']]} "
-        f"served, {[run['tokens'] for run in stream['in_process']]} in-process).", "",
-    ]  # fmt: skip
+    stream = results["stream"]
+    lines += ["", "## A client that leaves (1-token chat, ms)", "",
+              "| server | idle p50 / p95 | right after a client dropped a 400-token stream p50 / p95 | n |",
+              "|---|---|---|---|"]  # fmt: skip
+    for name, drop in results["cancellation"].items():
+        idle, after = drop["idle"], drop["after_drop"]
+        lines.append(f"| `{name}` | {idle['p50_ms']:.1f} / {idle['p95_ms']:.1f} | {after['p50_ms']:.1f} / {after['p95_ms']:.1f} | {idle['n']} |")
+    lines += ["", f"## {stream['new_tokens']}-token streams (tokens/s, median)", "",
+              "Request to last chunk, read by a plain SSE reader on the `openai` client's kept-alive connection; in-process: "
+              "`generate` with a streamer that decodes incrementally; the same images, interleaved.", "",
+              "| path | tokens/s | runs |", "|---|---|---|"]  # fmt: skip
+    for name, runs in stream["runs"].items():
+        lines.append(f"| `{name}` | {stream[name + '_tokens_per_s']:.0f} | {len(runs)} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -319,8 +338,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--output-dir", default="benchmarks/results")
+    parser.add_argument("--baseline-repo", type=Path, default=None, help="another checkout to serve as `baseline`")
     args = parser.parse_args(argv)
-    results = run(args.repeats)
+    results = run(args.repeats, args.baseline_repo)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / f"{NAME}.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
