@@ -10,7 +10,9 @@ head-only SafeLlava wrapping the same weights. Three things answer, one request 
 - `safe`: `safe-llava serve` with the head-only SafeLlava, default flags, safety on (`safety_threshold: 0`, every
   action `allow`, so every request is judged and nothing changes the answer), or every action `refuse` for the refusal;
 - `safe-nowait`: the same with `--batch-wait-ms 0` (a lone request does not wait the default 5 ms for company);
-- `in-process`: the same folder loaded in this process (processor, `generate`, decode), no HTTP.
+- `in-process`: the same folder loaded in a worker process of its own (processor, `generate`, decode), no HTTP, timed
+  there. Like the servers it starts with `OMP_NUM_THREADS=1`: `torch.set_num_threads(1)` in a process whose OpenMP
+  pool started with more threads measured 1.8x slower on this machine.
 
 Measured, p50 and p95 of `repeats` (interleaved between the servers): `GET /health`; chat with 1 and 32 new tokens; a
 refusal; a moderation; a 1-token chat sent right after a client dropped a 400-token stream (against the same request on
@@ -134,6 +136,9 @@ class InProcess:
         text = self.processor.apply_chat_template(conversation, add_generation_prompt=True)
         return self.processor(text=[text], images=[_decode_data_url(image_url)], return_tensors="pt")
 
+    def timed_chat(self, image_url: str, new_tokens: int) -> float:
+        return timed(lambda: self.chat(image_url, new_tokens))
+
     def chat(self, image_url: str, new_tokens: int, streamer=None) -> int:
         inputs = self.inputs(image_url)
         with torch.inference_mode():
@@ -150,6 +155,51 @@ class InProcess:
         tokens = self.chat(image_url, new_tokens, streamer=streamer)
         seconds = time.perf_counter() - started
         return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+class InProcessWorker:
+    """`InProcess` in a spawned process started with `OMP_NUM_THREADS=1` (as the servers): `call(method, *args)` runs
+    the method there and returns its result (times are taken there, without the pipe)."""
+
+    def __init__(self, folder: Path):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        previous = os.environ.get("OMP_NUM_THREADS")
+        os.environ["OMP_NUM_THREADS"] = "1"  # read by the child's OpenMP when torch loads there
+        try:
+            self.process = context.Process(target=_serve_in_process, args=(child, str(folder)), daemon=True)
+            self.process.start()
+        finally:
+            if previous is None:
+                del os.environ["OMP_NUM_THREADS"]
+            else:
+                os.environ["OMP_NUM_THREADS"] = previous
+        self.risky_types = self.connection.recv()
+
+    def call(self, method: str, *args):
+        self.connection.send((method, args))
+        ok, value = self.connection.recv()
+        if not ok:
+            raise RuntimeError(f"in-process worker: {method} failed: {value}")
+        return value
+
+    def close(self):
+        self.connection.send(None)
+        self.process.join(timeout=30)
+
+
+def _serve_in_process(connection, folder: str):
+    torch.set_num_threads(1)
+    local = InProcess(Path(folder))
+    connection.send(list(local.model.config.risky_type_labels))
+    while (message := connection.recv()) is not None:
+        method, args = message
+        try:
+            connection.send((True, getattr(local, method)(*args)))
+        except Exception as error:  # noqa: BLE001 - reported to the parent, which raises it
+            connection.send((False, repr(error)))
 
 
 class _TextCollector:
@@ -171,7 +221,7 @@ class _TextCollector:
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 
-def measure(targets: dict, local: InProcess, images: list[str], repeats: int, refuse: dict) -> dict:
+def measure(targets: dict, local: InProcessWorker, images: list[str], repeats: int, refuse: dict) -> dict:
     samples: dict[str, list[float]] = {}
 
     def add(key, seconds):
@@ -179,15 +229,15 @@ def measure(targets: dict, local: InProcess, images: list[str], repeats: int, re
 
     for name, target in targets.items():  # warm-up: first-request costs, lazy loads
         target.health(), target.chat(images[0], 4)
-    local.chat(images[0], 4)
+    local.call("chat", images[0], 4)
     for repeat in range(repeats):
         image = images[repeat % len(images)]
         for name, target in targets.items():
             add(f"health/{name}", timed(target.health))
             add(f"chat_1/{name}", timed(lambda: target.chat(image, 1)))
             add(f"chat_32/{name}", timed(lambda: target.chat(image, 32)))
-        add("chat_32/in-process", timed(lambda: local.chat(image, 32)))
-        add("chat_1/in-process", timed(lambda: local.chat(image, 1)))
+        add("chat_32/in-process", local.call("timed_chat", image, 32))
+        add("chat_1/in-process", local.call("timed_chat", image, 1))
         for name in ("safe", "safe-nowait"):
             add(f"refusal/{name}", timed(lambda: targets[name].chat(image, 32, extra=refuse)))
             add(f"moderation/{name}", timed(lambda: targets[name].moderate(image)))
@@ -206,14 +256,14 @@ def measure_after_drop(safe: Target, images: list[str], repeats: int) -> dict:
     return {"idle": percentiles(idle), "after_drop": percentiles(after)}
 
 
-def measure_stream_rate(servers: dict, local: InProcess, images: list[str], repeats: int, new_tokens: int = 512) -> dict:
+def measure_stream_rate(servers: dict, local: InProcessWorker, images: list[str], repeats: int, new_tokens: int = 512) -> dict:
     """Tokens per second of `new_tokens`-token streams through each server and in-process, interleaved, on the
     images whose greedy answer runs to the limit (an early EOS would measure a shorter stream); medians."""
     runs: dict[str, list] = {name: [] for name in [*servers, "in_process"]}
     for image in images:
         if len(runs["in_process"]) == repeats:
             break
-        local_run = local.stream_rate(image, new_tokens)
+        local_run = local.call("stream_rate", image, new_tokens)
         if local_run["tokens"] < new_tokens:
             continue
         runs["in_process"].append(local_run)
@@ -236,9 +286,10 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
         baseline = None
         if baseline_repo is not None:
             baseline = start_safe_llava_serve(safe_folder, logs / "baseline.log", limit, threads=1, repo=baseline_repo)
+        local = None
         try:
-            local = InProcess(safe_folder)
-            allow = _allow_all(local.model.config.risky_type_labels)
+            local = InProcessWorker(safe_folder)
+            allow = _allow_all(local.risky_types)
             refuse = {**allow, "safety_actions": dict.fromkeys(allow["safety_actions"], "refuse")}
             targets = {"stock": Target(stock, str(stock_folder), None), "safe": Target(safe, "safe", allow),
                        "safe-nowait": Target(nowait, "safe", allow)}  # fmt: skip
@@ -251,6 +302,8 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
                 results["cancellation"]["baseline"] = measure_after_drop(streamed["baseline"], images, max(1, repeats // 4))
             results["stream"] = measure_stream_rate(streamed, local, images, min(3, repeats))
         finally:
+            if local is not None:
+                local.close()
             exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop()}
             if baseline is not None:
                 exit_codes["baseline"] = baseline.stop()
