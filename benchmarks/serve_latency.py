@@ -221,6 +221,26 @@ class _TextCollector:
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 
+def detokenize_cost(tokens: int = 512) -> dict:
+    """CPU time per streamed token of a `tokens`-token answer (the tiny tokenizer, this process): re-decoding the
+    whole row at every step, as before issue 24, against `IncrementalDetokenizer`. Side by side, so load on the shared
+    cores touches both alike."""
+    from modeling_safe_llava.serving.detokenize import IncrementalDetokenizer
+    from modeling_safe_llava.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ids = (tokenizer.encode(PROMPT + " A cat sits on a mat, naïve café 😀.", add_special_tokens=False) * tokens)[:tokens]
+    started = time.process_time()
+    for end in range(1, tokens + 1):
+        tokenizer.decode(ids[:end], skip_special_tokens=True)
+    whole = time.process_time() - started
+    detokenizer, started = IncrementalDetokenizer(tokenizer), time.process_time()
+    for token in ids:
+        detokenizer.push([token])
+    incremental = time.process_time() - started
+    return {"tokens": tokens, "whole_us_per_token": whole / tokens * 1e6, "incremental_us_per_token": incremental / tokens * 1e6}
+
+
 def measure(targets: dict, local: InProcessWorker, images: list[str], repeats: int, refuse: dict) -> dict:
     samples: dict[str, list[float]] = {}
 
@@ -307,6 +327,7 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
             exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop()}
             if baseline is not None:
                 exit_codes["baseline"] = baseline.stop()
+    results["detokenize"] = detokenize_cost()
     results["metadata"] = metadata(time.perf_counter() - started, exit_codes, repeats)
     results["metadata"]["baseline_repo"] = str(baseline_repo) if baseline_repo else None
     results["targets"] = evaluate(results)
@@ -383,7 +404,9 @@ def render_markdown(results: dict) -> str:
               "| path | tokens/s | runs |", "|---|---|---|"]  # fmt: skip
     for name, runs in stream["runs"].items():
         lines.append(f"| `{name}` | {stream[name + '_tokens_per_s']:.0f} | {len(runs)} |")
-    lines.append("")
+    cost = results["detokenize"]
+    lines += ["", f"Detokenizing a {cost['tokens']}-token answer, CPU time per token in one process: re-decoding the "
+              f"whole row at every step {cost['whole_us_per_token']:.1f} us, incremental {cost['incremental_us_per_token']:.1f} us.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
