@@ -376,7 +376,8 @@ def render_markdown(results: dict) -> str:
         f"- **Date (UTC):** {meta['date_utc']}; wall time {meta['wall_time_s']:.0f} s; {meta['cpu_count']} cores "
         f"(load after: {', '.join(f'{x:.1f}' for x in meta['load_average_after'])}); torch {meta['torch']}, "
         f"transformers {meta['transformers']}",
-        "- **Command:** `python -m benchmarks.serve_latency`",
+        f"- **Command:** `python -m benchmarks.serve_latency --repeats {meta['repeats']}"
+        f"{' --baseline-repo ' + meta['baseline_repo'] if meta.get('baseline_repo') else ''}`",
         f"- **Shape:** the serving tests' tiny LLaVA (hidden 256, 4 text layers, 32 px images, random weights), "
         f"stock in `transformers serve`, head-only SafeLlava in `safe-llava serve` (safety on, threshold 0, every "
         f"action `allow`); one torch thread per process; the `openai` client, kept-alive; {meta['repeats']} "
