@@ -570,3 +570,25 @@ def _wait_for(condition, what: str, bound_s: float = 60.0):
         if time.monotonic() > deadline:
             raise AssertionError(f"never happened: {what}")
         time.sleep(0.01)
+
+
+def test_a_client_that_leaves_a_plain_gate_request_closes_the_engines_request(folders, upstream, tmp_path):
+    """The same for a request without streaming, sent on a raw connection that closes while the engine generates."""
+    import http.client
+
+    from benchmarks.serve_processes import start_gate
+
+    gate = start_gate(folders[1], upstream, str(folders[0]), tmp_path / "gate.log", threads=1)
+    try:
+        messages = _messages({"type": "image_url", "image_url": {"url": data_url(random_image(2))}})
+        body = {"model": "safe", "messages": messages, "max_tokens": 400, "temperature": 0, "safety_threshold": 1.0}
+        port = int(gate.url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 1, "the engine's request opens")
+        connection.close()
+        cancelled = 'safe_llava_cancelled_requests_total{kind="chat",stage="upstream"}'
+        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+    finally:
+        assert gate.stop() == 0

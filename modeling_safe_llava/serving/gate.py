@@ -121,11 +121,15 @@ class GateBackend(ServingBackend):
             safety, prompt_tokens = await self._verdict(request)
             if safety.get("action") == "refuse":
                 return self._refusal(request, safety, prompt_tokens)
-            answer = await self.upstream.chat(self.forward_body(request, safety))
-            choices = [_choice(raw, i) for i, raw in enumerate(answer["choices"])]
-            missing = request.n - len(choices)
-            if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
-                choices += await self._more_choices(request, safety, missing, start=len(choices))
+            try:
+                answer = await self.upstream.chat(self.forward_body(request, safety))
+                choices = [_choice(raw, i) for i, raw in enumerate(answer["choices"])]
+                missing = request.n - len(choices)
+                if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
+                    choices += await self._more_choices(request, safety, missing, start=len(choices))
+            except asyncio.CancelledError:
+                self.record_cancelled("chat", "upstream")  # the client left: the engine's requests are closed
+                raise
             usage = _usage(answer.get("usage"), prompt_tokens, choices, self._processor.tokenizer)
             return ChatCompletionResult(choices=choices, usage=usage, safety=safety)
 
