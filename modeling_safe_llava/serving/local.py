@@ -165,8 +165,8 @@ class LocalEngine:
             )
         self.on_cancelled("chat", len(gone.seen))
         safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(owners))
+        self._count_generated(output, inputs["input_ids"].shape[1])
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
-        self.on_generated(sum(len(self.answer_tokens(tokens)[0]) for tokens in new_tokens))
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [
             self._result(request, [r for r, o in enumerate(owners) if o == index], new_tokens, safety, prompt_lengths)
@@ -225,8 +225,8 @@ class LocalEngine:
         streamer.finish()
 
     def _count_generated(self, output, prompt_width: int):
-        """Reports the tokens a streamed `generate` call generated (each row up to its EOS; a stopped row's padding
-        not counted)."""
+        """Reports the tokens a `generate` call generated (each row up to its EOS; a stopped row's padding not
+        counted)."""
         sequences = getattr(output, "sequences", output)
         if isinstance(sequences, torch.Tensor) and sequences.dim() == 2:
             new_tokens = sequences[:, prompt_width:].tolist()
