@@ -43,10 +43,12 @@ SERVERS = ("stock", "safe", "gate")
 # -- memory of one gate at the 7B shape --------------------------------------------------------------------------
 
 
-def gate_memory(base_name: str, bytes_per_value: int = 2) -> dict:
-    """Weights of one gate (the judge's verdict modules: vision tower, safety module, input embeddings) against the
-    whole head-only SafeLlava at the base's 7B-class preset (`Base.large_preset`), in bytes at `bytes_per_value`
-    (bf16: 2), counted on the meta device. Any base of the registry (`safe-llava demo --base` names)."""
+def gate_memory(base_name: str, bytes_per_value: int = 2, embedding_rows: int | None = 2) -> dict:
+    """Weights of one gate (the judge's verdict modules: vision tower, safety module, and of the input embeddings the
+    `embedding_rows` rows the judge keeps, `serving.judge.query_token_ids`: BOS and the image placeholder for every
+    registered base; None: the whole table) against the whole head-only SafeLlava at the base's 7B-class preset
+    (`Base.large_preset`), in bytes at `bytes_per_value` (bf16: 2), counted on the meta device. Any base of the
+    registry (`safe-llava demo --base` names)."""
     from modeling_safe_llava.bases import base_named
     from modeling_safe_llava.presets import load_json_preset
     from modeling_safe_llava.safety_loading_safe_llava import VERDICT_PATH_PREFIXES
@@ -58,6 +60,9 @@ def gate_memory(base_name: str, bytes_per_value: int = 2) -> dict:
         model = base.model_class(base.config_class(**{**fields, "num_llm_safety_tokens": 0}))
     size = lambda module: sum(p.numel() for p in module.parameters()) * bytes_per_value  # noqa: E731
     parts = {prefix.rstrip(".").rsplit(".", 1)[-1]: size(model.get_submodule(prefix.rstrip("."))) for prefix in VERDICT_PATH_PREFIXES}
+    if embedding_rows is not None:
+        table = model.get_input_embeddings().weight
+        parts["embed_tokens"] = embedding_rows * table.shape[1] * bytes_per_value
     return {"base": base_name, "preset": base.large_preset, "bytes_per_value": bytes_per_value, **parts,
             "gate_bytes": sum(parts.values()), "full_bytes": size(model)}  # fmt: skip
 

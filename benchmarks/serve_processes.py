@@ -72,9 +72,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def server_env(threads: int | None = None) -> dict:
+def server_env(threads: int | None = None, repo: Path = REPO) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    inherited = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO]
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), *inherited])
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -89,12 +90,16 @@ def _transformers_cli() -> list[str]:
     return [found] if found else [sys.executable, "-m", "transformers.cli.transformers"]
 
 
-def start_server(command: list[str], port: int, log_path: Path, threads: int | None = None, timeout: float = 180.0):
-    """Starts `command` (which listens on `port`), waits until `GET /health` says ready, returns a `ServerProcess`.
-    Raises `RuntimeError` with the log's tail if it exits or is not ready within `timeout` seconds."""
+def start_server(
+    command: list[str], port: int, log_path: Path, threads: int | None = None, timeout: float = 180.0, repo: Path = REPO
+):
+    """Starts `command` (which listens on `port`) in `repo` (another checkout serves that checkout's code), waits
+    until `GET /health` says ready, returns a `ServerProcess`. Raises `RuntimeError` with the log's tail if it exits
+    or is not ready within `timeout` seconds."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(threads), cwd=str(REPO))
+    env = server_env(threads, repo)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(repo))
     log.close()
     server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
     deadline = time.monotonic() + timeout
@@ -124,11 +129,12 @@ def start_transformers_serve(folder: Path, log_path: Path, threads: int | None =
     return start_server(command, port, log_path, threads)
 
 
-def start_safe_llava_serve(folder: Path, log_path: Path, *extra: str, threads: int | None = None) -> ServerProcess:
-    """`python -m modeling_safe_llava serve --model FOLDER ...` on a free loopback port (no API key: loopback only)."""
+def start_safe_llava_serve(folder: Path, log_path: Path, *extra: str, threads: int | None = None, repo: Path = REPO):
+    """`python -m modeling_safe_llava serve --model FOLDER ...` on a free loopback port (no API key: loopback only),
+    from the checkout `repo` (default: this one)."""
     port = free_port()
     command = [sys.executable, "-m", "modeling_safe_llava", "serve", "--model", str(folder), "--port", str(port)]
-    return start_server([*command, *extra], port, log_path, threads)
+    return start_server([*command, *extra], port, log_path, threads, repo=repo)
 
 
 def start_gate(folder: Path, upstream: ServerProcess, upstream_model: str, log_path: Path, *extra: str, threads=None):

@@ -67,6 +67,21 @@ def save_tiny_server_model(folder, seed: int = 0, **overrides) -> str:
     return str(folder)
 
 
+def assert_judge_holds_the_models_weights(judge_model, reference_state: dict):
+    """Every tensor a judge holds (not on `meta`) equals the full model's (renamed from the checkpoint as
+    `from_pretrained` renames it); of the embedding table, the rows it keeps (`kept_token_ids`)."""
+    import torch
+
+    kept = getattr(judge_model.get_input_embeddings(), "kept_token_ids", None)
+    for name, tensor in judge_model.state_dict().items():
+        if tensor.device.type == "meta":
+            continue
+        expected = reference_state[name]
+        if name.endswith("embed_tokens.weight") and kept is not None:
+            expected = expected[kept]
+        assert torch.equal(tensor, expected), name
+
+
 class LiveServer:
     """A `safe-llava serve` subprocess on a free port (a context manager)."""
 
@@ -167,4 +182,7 @@ def _parse(raw: bytes, headers):
     return raw.decode("utf-8", "replace")
 
 
-__all__ = ["LiveServer", "data_url", "free_port", "image_message", "save_tiny_server_model"]
+__all__ = [
+    "LiveServer", "assert_judge_holds_the_models_weights", "data_url", "free_port", "image_message",
+    "save_tiny_server_model",
+]

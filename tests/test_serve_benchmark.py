@@ -71,3 +71,17 @@ def test_summarize_percentiles():
     summary = summarize(rows, wall=10.0)
     assert summary["requests"] == 5 and summary["failed"] == 1 and summary["requests_per_s"] == 0.5
     assert summary["latency_p50_s"] == 3.0 and summary["ttft_p50_s"] == 1.25
+
+
+def test_serve_latency_benchmark_writes_every_measurement(tmp_path):
+    """`benchmarks.serve_latency` (issue 24's single-request table) end to end with one repeat: both servers and the
+    in-process model answer every kind of request, and each target gets a verdict. No timing is asserted."""
+    from benchmarks import serve_latency
+
+    assert serve_latency.main(["--repeats", "1", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cpu-serve-latency.json").read_text())
+    assert {"health/stock", "chat_32/in-process", "refusal/safe", "moderation/safe-nowait"} <= set(results["latency"])
+    codes = results["metadata"]["server_exit_codes"]
+    assert codes["safe"] == codes["safe-nowait"] == 0  # transformers serve dies of its SIGTERM (-15)
+    assert len(results["targets"]) == 11 and all(isinstance(row["pass"], bool) for row in results["targets"])
+    assert "## Targets (issue 24)" in (tmp_path / "cpu-serve-latency.md").read_text()

@@ -30,7 +30,7 @@ from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  
 from modeling_safe_llava.serving.judge import SafetyJudge, judge_memory_bytes  # noqa: E402
 
 from conftest import random_image  # noqa: E402
-from serving_live import data_url  # noqa: E402
+from serving_live import assert_judge_holds_the_models_weights, data_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -405,13 +405,14 @@ def test_judge_loads_no_language_model_and_judges_like_the_full_model(folders, r
     assert all(p.device.type == "meta" for p in inner.language_model.layers.parameters())
     assert judge.model.lm_head.weight.device.type == "meta"
     assert inner.multi_modal_projector.linear_1.weight.device.type == "meta"
-    for name, tensor in judge.model.state_dict().items():
-        if tensor.device.type != "meta":
-            assert torch.equal(tensor, model.state_dict()[name]), name
+    assert_judge_holds_the_models_weights(judge.model, model.state_dict())
     memory = judge_memory_bytes(judge.model)
     full = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    assert memory["total"] + memory["not_loaded"] == full
-    assert memory["not_loaded"] > 0 and memory["embed_tokens"] > 0 and memory["vision_tower"] > 0
+    table = model.get_input_embeddings().weight
+    kept_rows = judge.model.get_input_embeddings().weight.shape[0]
+    assert memory["embed_tokens"] == kept_rows * table.shape[1] * table.element_size() and kept_rows == 2
+    assert memory["total"] + memory["not_loaded"] == full - (table.shape[0] - kept_rows) * table.shape[1] * table.element_size()
+    assert memory["not_loaded"] > 0 and memory["vision_tower"] > 0
 
 
 def test_judge_at_the_7b_shape_holds_about_a_tenth_of_the_model():
@@ -510,3 +511,84 @@ def test_cli_gate_mode_on_a_model_with_llm_safety_tokens_exits_2(tmp_path, tiny_
     assert result.returncode == 2
     assert "num_llm_safety_tokens" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert json.dumps(result.stderr).count("Traceback") == 0
+
+
+def _upstream_connections(gate_pid: int, upstream_url: str) -> int:
+    """The gate process's open (ESTABLISHED) connections to the upstream's port."""
+    import psutil
+
+    port = int(upstream_url.rsplit(":", 1)[1])
+    connections = psutil.Process(gate_pid).net_connections(kind="tcp")
+    return sum(1 for c in connections if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
+def _gate_metric(gate, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(gate.url + "/metrics", timeout=10) as response:
+        found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", response.read().decode(), flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_client_that_leaves_a_gate_stream_closes_the_engines_request(folders, upstream, tmp_path):
+    """A fresh gate (no pooled connection to the engine): while a long answer streams, it holds one connection to the
+    engine; once the client leaves, the gate counts the cancellation and closes that connection (`transformers serve`
+    aborts a generation whose client disconnects), and the engine answers the next request."""
+    import openai
+
+    from benchmarks.serve_processes import start_gate
+
+    gate = start_gate(folders[1], upstream, str(folders[0]), tmp_path / "gate.log", threads=1)
+    try:
+        client = openai.OpenAI(base_url=gate.v1, api_key="unused", max_retries=0, timeout=120.0)
+        messages = _messages({"type": "image_url", "image_url": {"url": data_url(random_image(1))}})
+        allow = {"safety_threshold": 1.0}  # nothing judged: forwarded unchanged
+        stream = client.chat.completions.create(
+            model="safe", messages=messages, max_tokens=400, temperature=0, stream=True, extra_body=allow
+        )
+        chunks = iter(stream)
+        next(chunks), next(chunks)  # the verdict, then the engine's first chunk
+        assert _upstream_connections(gate.process.pid, upstream.url) == 1
+        stream.close()
+        cancelled = 'safe_llava_cancelled_requests_total{kind="stream",stage="upstream"}'
+        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+        answer = client.chat.completions.create(
+            model="safe", messages=messages, max_tokens=1, temperature=0, extra_body=allow
+        )
+        assert answer.choices[0].message.content is not None
+    finally:
+        assert gate.stop() == 0
+
+
+def _wait_for(condition, what: str, bound_s: float = 60.0):
+    """Polls `condition()` until it holds (bounded; a hang fails with `what`), never an assertion on time."""
+    import time
+
+    deadline = time.monotonic() + bound_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)
+
+
+def test_a_client_that_leaves_a_plain_gate_request_closes_the_engines_request(folders, upstream, tmp_path):
+    """The same for a request without streaming, sent on a raw connection that closes while the engine generates."""
+    import http.client
+
+    from benchmarks.serve_processes import start_gate
+
+    gate = start_gate(folders[1], upstream, str(folders[0]), tmp_path / "gate.log", threads=1)
+    try:
+        messages = _messages({"type": "image_url", "image_url": {"url": data_url(random_image(2))}})
+        body = {"model": "safe", "messages": messages, "max_tokens": 400, "temperature": 0, "safety_threshold": 1.0}
+        port = int(gate.url.rsplit(":", 1)[1])
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 1, "the engine's request opens")
+        connection.close()
+        cancelled = 'safe_llava_cancelled_requests_total{kind="chat",stage="upstream"}'
+        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+    finally:
+        assert gate.stop() == 0

@@ -418,7 +418,7 @@ def test_a_streamed_batch_with_hints_and_refusals_streams_each_request_as_alone(
         for i in range(4)
     ]  # fmt: skip
     events = [[] for _ in requests]
-    engine.stream_batch([StreamJob(request, events[i].append) for i, request in enumerate(requests)])
+    engine.stream_batch([StreamJob(request, events[i].append) for i, request in enumerate(requests)])  # no loop: at once
     plain = engine.complete_batch(requests)
     assert {result.safety["action"] for result in plain} >= {"hint", "refuse"}
     for got, answer in zip(events, plain):

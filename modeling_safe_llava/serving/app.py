@@ -8,12 +8,18 @@ Errors follow OpenAI's schema `{"error": {"message", "type", "param", "code"}}`:
 401 (API key), 404 (unknown model or path), 405, 413 (body cap), 422 (wrong type, missing field), 429 / 503 with
 `Retry-After` (queue full, loading, shutting down), 500 (a generic message; the traceback only in the log). Logs
 hold no image bytes, and no prompt text unless the server runs with `--log-requests`.
+
+A client that disconnects stops its work (`backend.py`, promise 8): while its answer is awaited, a watcher reads the
+connection; on `http.disconnect` it sets `ChatRequest.client_gone` and cancels the awaited call (a queued request
+leaves the queue), and a stream's response sets `client_gone` when it ends. Such a request is logged with status 499.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import threading
 import json
 import logging
 import time
@@ -55,6 +61,13 @@ class ServerConfig:
 class BodyTooLarge(ServingError):
     status = 413
     code = "request_too_large"
+
+
+class ClientClosedRequest(ServingError):
+    """The client went away before its answer was ready (status 499, as nginx logs it; nobody reads the body)."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 def create_app(load_backend: Callable[[], ServingBackend], config: ServerConfig, on_load_error=None) -> FastAPI:
@@ -253,6 +266,52 @@ def _short(error: Exception) -> str:
     return str(error).splitlines()[0][:200]
 
 
+class ClientWatch:
+    """Watches one request's connection (its body already read) for `http.disconnect`.
+
+    `gone` is set when the client disconnects; `await watch.run(awaitable)` gives the awaitable's result, or cancels
+    it and raises `ClientClosedRequest` if the client leaves first. `stop()` ends the watch (before the response is
+    sent: uvicorn answers `http.disconnect` once a response is complete).
+    """
+
+    def __init__(self, request: Request, gone: threading.Event | None = None):
+        self.gone = gone if gone is not None else threading.Event()
+        self._task = asyncio.ensure_future(self._watch(request.receive))
+
+    async def _watch(self, receive):
+        while (await receive())["type"] != "http.disconnect":
+            continue
+        self.gone.set()
+
+    async def run(self, awaitable):
+        work = asyncio.ensure_future(awaitable)
+        await asyncio.wait({work, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ServingError):
+            await work
+        raise ClientClosedRequest("The client closed the connection before the answer was ready.")
+
+    def stop(self):
+        self._task.cancel()
+
+
+class _ChatStream(StreamingResponse):
+    """An SSE response that sets the request's `client_gone` when it ends, however it ends: Starlette cancels a
+    streaming response whose client disconnected, and the backend then stops the request's rows."""
+
+    def __init__(self, content, gone: threading.Event, **kwargs):
+        super().__init__(content, **kwargs)
+        self.gone = gone
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gone.set()
+
+
 def _add_routes(app: FastAPI):
     @app.get("/health")
     async def health(request: Request):
@@ -285,7 +344,11 @@ def _add_routes(app: FastAPI):
         inputs = await asyncio.to_thread(parse_moderation_request, body, backend.model_id, backend.risky_types, config.limits)
         if config.log_requests:
             logger.info("moderation texts: %s", json.dumps([item.text for item in inputs]))
-        verdicts = await backend.moderate(inputs)
+        watch = ClientWatch(request)
+        try:
+            verdicts = await watch.run(backend.moderate(inputs))
+        finally:
+            watch.stop()
         for verdict in verdicts:
             request.app.state.metrics.observe_verdict("/v1/moderations", verdict.safety)
         results = [moderation_result(verdict.safety, backend.risky_types, backend.type_names) for verdict in verdicts]
@@ -301,7 +364,11 @@ def _add_routes(app: FastAPI):
             logger.info("%s messages: %s", chat.request_id, json.dumps(chat.messages))
         if chat.stream:
             return await _stream_response(request, backend, chat)
-        result = await backend.complete(chat)
+        watch = ClientWatch(request, chat.client_gone)
+        try:
+            result = await watch.run(backend.complete(chat))
+        finally:
+            watch.stop()
         request.app.state.metrics.observe_verdict("/v1/chat/completions", result.safety)
         return completion_json(chat, result, backend.model_id)
 
@@ -355,27 +422,34 @@ def _event_choices(event: StreamEvent) -> list:
 
 async def _stream_response(request: Request, backend: ServingBackend, chat: ChatRequest) -> StreamingResponse:
     """SSE: the verdict chunk (role delta, top-level `safety`), the content deltas, one finish per choice, the usage
-    chunk when asked for, then `data: [DONE]`. An error before the verdict is an ordinary error response."""
+    chunk when asked for, then `data: [DONE]`. An error before the verdict is an ordinary error response. Events the
+    backend hands over together (a list) go out in one write."""
     start, metrics, created = time.monotonic(), request.app.state.metrics, int(time.time())
     events = backend.stream(chat).__aiter__()
-    first = await events.__anext__()  # errors (queue full, bad input) still get their status code
+    watch = ClientWatch(request, chat.client_gone)
+    try:
+        first, *rest = _as_list(await watch.run(events.__anext__()))  # errors (queue full, ...) keep their status
+    finally:
+        watch.stop()
     if first.kind != "verdict":
         raise RuntimeError(f"{type(backend).__name__}.stream must yield the verdict first, got {first.kind!r}")
     metrics.observe_verdict("/v1/chat/completions", first.safety)
+    first_delta = []
+
+    def sse(event: StreamEvent) -> str:
+        if event.kind == "usage":
+            return _chunk(chat, backend.model_id, created, [], usage=event.usage.to_dict())
+        if event.kind == "delta" and not first_delta:
+            metrics.time_to_first_token.observe(time.monotonic() - start)
+            first_delta.append(True)
+        return _chunk(chat, backend.model_id, created, _event_choices(event))
 
     async def body():
         roles = [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None} for i in range(chat.n)]
-        yield _chunk(chat, backend.model_id, created, roles, safety=first.safety)
-        first_delta = True
+        yield _chunk(chat, backend.model_id, created, roles, safety=first.safety) + "".join(map(sse, rest))
         try:
-            async for event in events:
-                if event.kind == "usage":
-                    yield _chunk(chat, backend.model_id, created, [], usage=event.usage.to_dict())
-                    continue
-                if event.kind == "delta" and first_delta:
-                    metrics.time_to_first_token.observe(time.monotonic() - start)
-                    first_delta = False
-                yield _chunk(chat, backend.model_id, created, _event_choices(event))
+            async for item in events:
+                yield "".join(map(sse, _as_list(item)))
         except ServingError as error:
             yield f"data: {json.dumps(error.to_dict())}\n\n"
         except Exception:  # noqa: BLE001 - headers are sent: the error goes in the stream, the traceback to the log
@@ -387,7 +461,12 @@ async def _stream_response(request: Request, backend: ServingBackend, chat: Chat
                 await close()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _ChatStream(body(), chat.client_gone, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _as_list(item) -> list[StreamEvent]:
+    """A backend's stream item: one `StreamEvent`, or a list of those handed over together."""
+    return item if isinstance(item, list) else [item]
 
 
 __all__ = ["ServerConfig", "create_app", "check_api_key", "completion_json", "moderation_result"]

@@ -32,6 +32,10 @@ schema. A backend must keep these promises, whichever engine generates:
    must never fail another request batched with it.
 7. **Draining.** `close()` finishes the work already accepted (queued and running), then releases resources; after
    `close()` starts, new calls raise `ServiceUnavailable`.
+8. **A client that leaves stops its work.** The HTTP layer cancels the awaiting call (`complete`, `moderate`, or the
+   stream's first event) when the client disconnects, and sets `ChatRequest.client_gone`: a queued request is dropped
+   before it runs, a running one stops its rows at the next decoding step (the other rows of its batch go on), and a
+   gate closes its upstream request. Backends count it with `record_cancelled(kind, stage)`.
 
 Backends may batch: requests that arrive together with compatible settings run as one left-padded batch (see
 `serving/batching.py`: `MicroBatcher`, shared by chat and moderation), each row keeping its own verdict and action.
@@ -48,6 +52,7 @@ that line and exits with code 2.
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -134,6 +139,8 @@ class ChatRequest:
         stream (`bool`), include_usage (`bool`): SSE response; `stream_options.include_usage`.
         body (`dict`): the JSON body as the client sent it (a gate forwards it, less the SafeLlava-only fields).
         request_id (`str`): the response id (`chatcmpl-...`), also used in logs.
+        client_gone (`threading.Event`): set by the HTTP layer when the client disconnects before its answer is done;
+            a backend stops the request's work at its next step (read from the model's thread too).
     """
 
     model: str
@@ -151,6 +158,7 @@ class ChatRequest:
     include_usage: bool = False
     body: dict = field(default_factory=dict)
     request_id: str = ""
+    client_gone: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
 
     @property
     def greedy(self) -> bool:
@@ -380,9 +388,10 @@ class ServingBackend(abc.ABC):
         """The whole answer: `request.n` choices, usage and the verdict (promises 1, 3, 4, 5)."""
 
     @abc.abstractmethod
-    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
-        """An async iterator of events: the verdict, deltas, one finish per choice, usage (promise 2). Closing the
-        iterator early (the client went away) must release the request's resources."""
+    def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent | list[StreamEvent]]:
+        """An async iterator of events: the verdict, deltas, one finish per choice, usage (promise 2); an item may be
+        a list of events that are ready together (the HTTP layer writes a list in one write). Closing the iterator
+        early (the client went away) must release the request's resources."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -392,6 +401,17 @@ class ServingBackend(abc.ABC):
         """Counts one model call of `size` rows (`kind`: `"chat"` or `"moderation"`) in `/metrics`."""
         if self.metrics is not None:
             self.metrics.observe_batch(kind, size)
+
+    def record_cancelled(self, kind: str, stage: str, count: int = 1):
+        """Counts `count` requests of `kind` whose client went away and whose work stopped at `stage` (`"queued"`,
+        `"running"` or `"upstream"`) in `/metrics`."""
+        if self.metrics is not None and count:
+            self.metrics.observe_cancelled(kind, stage, count)
+
+    def record_generated_tokens(self, count: int):
+        """Counts tokens the in-process model generated in `/metrics`."""
+        if self.metrics is not None and count:
+            self.metrics.observe_generated_tokens(count)
 
     def queue_depth(self) -> int:
         """Requests waiting for a model call (for `/metrics`); 0 for a backend without a queue."""

@@ -6,7 +6,8 @@ the given executor (one thread for every model call of a server, so calls never 
 free). `run_batch` returns one result per item, in order; a result that is an `Exception` fails only its own item.
 If `run_batch` raises for a batch of several items, each item is run again alone, so one bad request never fails
 another. Past `max_queue` waiting items `submit` raises `Overloaded` (429); after `close()` starts it raises
-`ServiceUnavailable` (503), while everything already accepted still runs.
+`ServiceUnavailable` (503), while everything already accepted still runs. A waiting item whose `submit` is cancelled
+(its client went away) leaves the queue at once and never runs (`on_drop` counts it).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class MicroBatcher:
         batch_wait_ms (`float`): how long the oldest item waits for company (0: run what is there).
         max_queue (`int`): items waiting at most (the running batch not counted).
         on_batch (`Callable[[int], None]`, *optional*): called with each batch's size before it runs.
+        on_drop (`Callable[[int], None]`, *optional*): called with the number of waiting items dropped because their
+            `submit` was cancelled.
         name (`str`): for logs and error messages.
     """
 
@@ -55,6 +58,7 @@ class MicroBatcher:
         batch_wait_ms: float = 5.0,
         max_queue: int = 64,
         on_batch: Callable[[int], None] | None = None,
+        on_drop: Callable[[int], None] | None = None,
         name: str = "batcher",
     ):
         if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
@@ -65,7 +69,7 @@ class MicroBatcher:
         self.run_batch, self.executor = run_batch, executor
         self.key = key or (lambda item: None)
         self.max_batch_size, self.batch_wait_s, self.max_queue = max_batch_size, batch_wait_ms / 1000.0, max_queue
-        self.on_batch, self.name = on_batch, name
+        self.on_batch, self.on_drop, self.name = on_batch, on_drop, name
         self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -87,7 +91,19 @@ class MicroBatcher:
         self._pending.append(pending)
         self._ensure_worker()
         self._wakeup.set()
-        return await pending.future
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self._drop_waiting(pending)
+            raise
+
+    def _drop_waiting(self, pending: _Pending):
+        """Takes a cancelled item off the queue if it is still waiting (a running one finishes in its batch)."""
+        if not any(p is pending for p in self._pending):
+            return
+        self._pending = [p for p in self._pending if p is not pending]
+        if self.on_drop is not None:
+            self.on_drop(1)
 
     def _ensure_worker(self):
         if self._wakeup is None:

@@ -23,7 +23,9 @@ forwarded as a PNG data URL of the decoded image, never as its URL, so that the 
 fetch that could return other content, and no request to a host the gate's SSRF guard refused). Data URLs are
 forwarded as they came.
 
-Streams pass through chunk by chunk, after a first event that carries the verdict. Every response carries the
+Streams pass through chunk by chunk, after a first event that carries the verdict. A client that goes away closes the
+engine's request too (the engine sees the disconnect and aborts, as vLLM, SGLang and `transformers serve` do); a
+request waiting for its verdict leaves the judge's queue. Every response carries the
 `safety` object. The gate holds no conversation state: run as many replicas as needed behind any load balancer.
 """
 
@@ -89,6 +91,7 @@ class GateBackend(ServingBackend):
             self.judge.judge,
             self._executor,
             on_batch=lambda n: self.record_batch("chat", n),
+            on_drop=lambda n: self.record_cancelled("chat", "queued", n),
             name="gate-chat",
             **batching,
         )
@@ -96,6 +99,7 @@ class GateBackend(ServingBackend):
             self.judge.judge,
             self._executor,
             on_batch=lambda n: self.record_batch("moderation", n),
+            on_drop=lambda n: self.record_cancelled("moderation", "queued", n),
             name="gate-moderation",
             **batching,
         )
@@ -117,11 +121,15 @@ class GateBackend(ServingBackend):
             safety, prompt_tokens = await self._verdict(request)
             if safety.get("action") == "refuse":
                 return self._refusal(request, safety, prompt_tokens)
-            answer = await self.upstream.chat(self.forward_body(request, safety))
-            choices = [_choice(raw, i) for i, raw in enumerate(answer["choices"])]
-            missing = request.n - len(choices)
-            if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
-                choices += await self._more_choices(request, safety, missing, start=len(choices))
+            try:
+                answer = await self.upstream.chat(self.forward_body(request, safety))
+                choices = [_choice(raw, i) for i, raw in enumerate(answer["choices"])]
+                missing = request.n - len(choices)
+                if missing > 0:  # an engine that ignores `n` (transformers serve): ask for the rest one by one
+                    choices += await self._more_choices(request, safety, missing, start=len(choices))
+            except asyncio.CancelledError:
+                self.record_cancelled("chat", "upstream")  # the client left: the engine's requests are closed
+                raise
             usage = _usage(answer.get("usage"), prompt_tokens, choices, self._processor.tokenizer)
             return ChatCompletionResult(choices=choices, usage=usage, safety=safety)
 
@@ -215,18 +223,29 @@ class GateBackend(ServingBackend):
                     yield event
                 return
             streams = await self._open_streams(request, safety)
-            yield StreamEvent("verdict", safety=safety)
-            texts: dict[int, list[str]] = {}
-            completion_tokens = []
-            for index, chunks in enumerate(streams):
-                upstream_usage = None
-                async for chunk in chunks:
-                    upstream_usage = chunk.get("usage") or upstream_usage
-                    for event in _chunk_events(chunk, texts, index if len(streams) > 1 else 0):
-                        yield event
-                completion_tokens.append((upstream_usage or {}).get("completion_tokens"))
-            if request.include_usage:
-                yield StreamEvent("usage", usage=self._stream_usage(texts, completion_tokens, prompt_tokens))
+            try:
+                yield StreamEvent("verdict", safety=safety)
+                async for event in self._pass_through(request, streams, prompt_tokens):
+                    yield event
+            except (asyncio.CancelledError, GeneratorExit):
+                self.record_cancelled("stream", "upstream")  # the client left: its engine requests close below
+                raise
+            finally:
+                await _close_all(streams)
+
+    async def _pass_through(self, request: ChatRequest, streams: list, prompt_tokens: int) -> AsyncIterator:
+        """The engine's chunks as events, choice after choice, then usage when asked for."""
+        texts: dict[int, list[str]] = {}
+        completion_tokens = []
+        for index, chunks in enumerate(streams):
+            upstream_usage = None
+            async for chunk in chunks:
+                upstream_usage = chunk.get("usage") or upstream_usage
+                for event in _chunk_events(chunk, texts, index if len(streams) > 1 else 0):
+                    yield event
+            completion_tokens.append((upstream_usage or {}).get("completion_tokens"))
+        if request.include_usage:
+            yield StreamEvent("usage", usage=self._stream_usage(texts, completion_tokens, prompt_tokens))
 
     async def _open_streams(self, request: ChatRequest, safety: dict) -> list:
         """The engine's streams, opened before the verdict is sent (so that its refusals keep their status): one for
@@ -239,8 +258,7 @@ class GateBackend(ServingBackend):
             for one in bodies:
                 streams.append(await self.upstream.stream_chat(one))
         except BaseException:
-            for opened in streams:
-                await opened.aclose()
+            await _close_all(streams)
             raise
         return streams
 
@@ -283,6 +301,13 @@ class _InFlight:
         if self.backend._in_flight == 0:
             self.backend._idle.set()
         return False
+
+
+async def _close_all(streams: list):
+    """Closes the engine's streams (each closes its connection even if never read); shielded, so that a cancelled
+    request still closes them."""
+    for stream in streams:
+        await asyncio.shield(stream.aclose())
 
 
 def _checked(result):

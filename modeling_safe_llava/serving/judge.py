@@ -7,8 +7,12 @@
 - the vision tower (the safety head reads its hidden states: LLaVA-1.5's and LLaVA-NeXT's CLIP layer, every anyres
   crop for LLaVA-NeXT; SigLIP's last state for Gemma 3, average-pooled as Gemma 3 pools it, which needs no weights);
 - the safety module (projector, head safety tokens, head);
-- the language model's input embedding table (the head's query is the embedding of each row's first real token; the
-  base's own embedding class, e.g. Gemma 3's scaled one).
+- of the language model's input embedding table, only the rows the verdict reads (the head's query is the embedding of
+  each row's first real token; the base's own embedding class, e.g. Gemma 3's scaled one): `query_token_ids` finds
+  the tokens the processor puts first in any prompt of its chat template (BOS for every registered base), plus the
+  image placeholder. Gemma 3 4B's table is 262k rows (1.25 GiB in bf16); its gate keeps 2. A prompt that starts with
+  another token (a chat template whose first token depends on the text) fails loudly; a template like that keeps the
+  whole table.
 
 Those tensors alone are read from the safetensors files (a Hub id downloads only the shards that hold them), renamed
 by the base's checkpoint conversion mapping as `from_pretrained` renames them. The language model's layers, its head
@@ -81,7 +85,8 @@ class SafetyJudge:
         `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`/None (the checkpoint's)."""
         config = load_safe_config(path, revision=revision)
         processor = load_safe_processor(path, config.model_type, revision=revision)
-        model = build_judge_model(config, path, revision=revision, device=device, dtype=dtype)
+        rows = query_token_ids(processor, config)
+        model = build_judge_model(config, path, revision=revision, device=device, dtype=dtype, embedding_rows=rows)
         return cls(model, processor, allow_untrained_safety=allow_untrained_safety)
 
     @property
@@ -171,16 +176,45 @@ def load_safe_config(path: str, revision=None):
     return base_for_model_type(model_type).config_class.from_pretrained(path, revision=revision)
 
 
-def build_judge_model(config, path: str, revision=None, device=None, dtype=None):
+def query_token_ids(processor, config) -> list[int] | None:
+    """The token ids whose input embeddings a verdict reads: the first real token of every prompt the processor builds
+    from its chat template (probed with user and system texts that differ), and the image placeholder. None when the
+    first token depends on the text (then the judge keeps the whole table)."""
+    from PIL import Image
+
+    image = Image.new("RGB", (32, 32), (127, 127, 127))
+    probes = [
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}] for text in ("a", "Why?")
+    ] + [
+        [{"role": "system", "content": [{"type": "text", "text": text}]},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "b"}]}]  # fmt: skip
+        for text in ("x", "You are helpful.")
+    ]
+    firsts = set()
+    for messages in probes:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        firsts.add(int(inputs["input_ids"][0, int(inputs["attention_mask"][0].argmax())]))
+    if len(firsts) != 1:
+        return None
+    return sorted(firsts | {int(config.image_token_id)})
+
+
+def build_judge_model(config, path: str, revision=None, device=None, dtype=None, embedding_rows=None):
     """The model class of `config`'s base on `meta`, with real vision tower, safety module and input embeddings
-    (`VERDICT_PATH_PREFIXES`) loaded from `path`'s safetensors. Raises `ValueError` naming any of those weights the
-    checkpoint lacks."""
+    (`VERDICT_PATH_PREFIXES`) loaded from `path`'s safetensors; with `embedding_rows` (token ids), only those rows of
+    the embedding table (`keep_embedding_rows`). Raises `ValueError` naming any of those weights the checkpoint
+    lacks."""
     device = torch.device(device or "cpu")
     dtype = _resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = base_for_model_type(config.model_type).model_class(config)
+    rows = {}
+    if embedding_rows is not None:
+        keep_embedding_rows(model.get_input_embeddings(), embedding_rows)
+        rows = {EMBEDDING_KEY: embedding_rows}
     wanted = {name for name in model.state_dict() if name.startswith(VERDICT_PATH_PREFIXES)}
-    state = read_verdict_weights(path, wanted, model, revision=revision)
+    state = read_verdict_weights(path, wanted, model, revision=revision, rows=rows)
     missing = sorted(wanted - set(state))
     if missing:
         raise ValueError(
@@ -194,6 +228,33 @@ def build_judge_model(config, path: str, revision=None, device=None, dtype=None)
     # Placed by module, as a dispatched model is: `model.device` (its first parameter) may be one left on `meta`.
     model.hf_device_map = {prefix.rstrip("."): str(device) for prefix in VERDICT_PATH_PREFIXES}
     return model.eval()
+
+
+EMBEDDING_KEY = "model.language_model.embed_tokens.weight"
+
+
+def keep_embedding_rows(embedding: nn.Embedding, token_ids: list[int]):
+    """Turns `embedding` (any `nn.Embedding` subclass, e.g. Gemma 3's scaled one, its forward kept) into one that
+    holds only the rows of `token_ids` (its weight becomes `(len(token_ids), hidden)` on `meta`, to be loaded): input
+    ids are mapped to those rows before its forward, and an id it does not hold raises `ValueError`."""
+    kept = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+    hidden = embedding.weight.shape[1]
+    embedding.weight = nn.Parameter(torch.empty(len(kept), hidden, device="meta"), requires_grad=False)
+    embedding.num_embeddings, embedding.padding_idx = len(kept), None
+    embedding.kept_token_ids = kept
+    embedding.register_forward_pre_hook(_to_kept_rows)
+
+
+def _to_kept_rows(embedding, args):
+    ids, kept = args[0], embedding.kept_token_ids.to(args[0].device)
+    local = torch.searchsorted(kept, ids).clamp(max=len(kept) - 1)
+    if not bool((kept[local] == ids).all()):
+        unknown = sorted(set(ids[kept[local] != ids].tolist()))[:5]
+        raise ValueError(
+            f"This gate holds the input embeddings of tokens {kept.tolist()} only (those its chat template puts first "
+            f"in a prompt), but the safety head's query reads token(s) {unknown}."
+        )
+    return (local, *args[1:])
 
 
 def verdict_modules(model) -> list[nn.Module]:
@@ -247,9 +308,11 @@ def checkpoint_key_renamer(model):
     return rename
 
 
-def read_verdict_weights(path: str, wanted: set[str], model, revision=None) -> dict[str, torch.Tensor]:
+def read_verdict_weights(path: str, wanted: set[str], model, revision=None, rows=None) -> dict[str, torch.Tensor]:
     """The tensors named `wanted` (keys of `model`) from `path`'s safetensors, reading no other tensor and, for a Hub
-    id, downloading only the shards that hold them."""
+    id, downloading only the shards that hold them. `rows` (`{model key: row indices}`): of those tensors, only these
+    rows are read."""
+    rows = rows or {}
     from safetensors import safe_open
 
     shards = _shards_by_key(path, revision)
@@ -263,8 +326,16 @@ def read_verdict_weights(path: str, wanted: set[str], model, revision=None) -> d
     for shard, keys in by_file.items():
         with safe_open(_resolve_file(path, shard, revision), framework="pt") as handle:
             for checkpoint_key, model_key in keys:
-                state[model_key] = handle.get_tensor(checkpoint_key)
+                state[model_key] = _read_tensor(handle, checkpoint_key, rows.get(model_key))
     return state
+
+
+def _read_tensor(handle, key: str, rows: list[int] | None) -> torch.Tensor:
+    """A tensor of an open safetensors file, or only its `rows` (read row by row: the rest never leaves the file)."""
+    if rows is None:
+        return handle.get_tensor(key)
+    tensor = handle.get_slice(key)
+    return torch.cat([tensor[row : row + 1] for row in sorted(set(rows))])
 
 
 def _shards_by_key(path: str, revision=None) -> dict[str, str]:

@@ -9,6 +9,8 @@
   in which any row is hinted or refused goes on request by request (choice by choice), after the batch's verdicts.
 - Moderation runs `model.assess_safety` (vision tower, safety projector and head; never the language model), in
   batches too.
+- A request whose client went away (`ChatRequest.client_gone`) stops: a stopping criterion ends its rows at the next
+  decoding step while the other rows of the batch go on, and `generate` ends when no row is left.
 
 Every model call runs in one worker thread, so the event loop stays free (`/health` answers while generating).
 """
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
@@ -41,6 +44,7 @@ from .backend import (
     Verdict,
 )
 from .batching import MicroBatcher
+from .detokenize import IncrementalDetokenizer
 
 
 logger = logging.getLogger(__name__)
@@ -76,10 +80,16 @@ def default_served_name(model: str) -> str:
 
 
 class LocalEngine:
-    """The model calls (blocking; run in the backend's worker thread)."""
+    """The model calls (blocking; run in the backend's worker thread).
+
+    `on_cancelled(kind, count)` hears of requests whose rows were stopped because their client went away, and
+    `on_generated(count)` of the tokens each call generated (both no-ops unless the backend sets them).
+    """
 
     def __init__(self, model, processor):
         self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.on_cancelled = lambda kind, count: None
+        self.on_generated = lambda count: None
         self.max_context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set([] if eos is None else ([eos] if isinstance(eos, int) else list(eos)))
@@ -100,7 +110,8 @@ class LocalEngine:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         return inputs
 
-    def generation_kwargs(self, request: ChatRequest) -> dict:
+    def generation_kwargs(self, request: ChatRequest, gone: _GoneRows | None = None) -> dict:
+        """`generate`'s arguments for `request`'s settings; with `gone`, rows whose client left stop early."""
         kwargs = {
             "max_new_tokens": request.max_new_tokens,
             "safety_threshold": request.safety_threshold,
@@ -113,6 +124,8 @@ class LocalEngine:
             kwargs.update(do_sample=True, temperature=request.temperature, top_p=request.top_p, top_k=None)
         if request.stop:
             kwargs.update(stop_strings=list(request.stop), tokenizer=self.tokenizer)
+        if gone is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([gone])
         return kwargs
 
     def batch_inputs(self, requests: list[ChatRequest], rows_per_request: int | None = None):
@@ -143,11 +156,16 @@ class LocalEngine:
     def complete_batch(self, requests: list[ChatRequest]) -> list[ChatCompletionResult]:
         """One `generate` call for requests with the same settings (see `chat_batch_key`)."""
         inputs, owners = self.batch_inputs(requests)
+        gone = _GoneRows(requests, owners)
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, **self.generation_kwargs(requests[0]), return_dict_in_generate=True)
+            output = self.model.generate(
+                **inputs, **self.generation_kwargs(requests[0], gone), return_dict_in_generate=True
+            )
+        self.on_cancelled("chat", len(gone.seen))
         safety = safety_entries(getattr(output, "safety_assessment", None), num_rows=len(owners))
+        self._count_generated(output, inputs["input_ids"].shape[1])
         new_tokens = output.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         return [
@@ -161,14 +179,18 @@ class LocalEngine:
         usage = Usage(int(prompt_lengths[rows[0]]), sum(choice.completion_tokens for choice in choices))
         return ChatCompletionResult(choices=choices, usage=usage, safety=safety[rows[0]])
 
-    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
-        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+    def answer_tokens(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """A row's new tokens up to its first EOS (included), padding dropped, and whether an EOS ended it."""
         ended = False
         for position, token in enumerate(tokens):
             if token in self.eos_ids:
                 tokens, ended = tokens[: position + 1], True
                 break
-        tokens = [t for t in tokens if t != self.pad_id or t in self.eos_ids]
+        return [t for t in tokens if t != self.pad_id or t in self.eos_ids], ended
+
+    def choice(self, index: int, tokens: list[int], request: ChatRequest, refused: bool) -> Choice:
+        """One answer from its new tokens: cut after EOS, decoded, cut before a stop sequence."""
+        tokens, ended = self.answer_tokens(tokens)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         text, stopped = cut_at_stop(text, request.stop)
         if refused:
@@ -188,31 +210,49 @@ class LocalEngine:
         requests = [job.request for job in jobs]
         inputs, owners = self.batch_inputs(requests)
         streamer = _RowStreamer(self, jobs, owners, inputs["attention_mask"].sum(dim=1).tolist())
+        gone = _GoneRows(requests, owners)
         if requests[0].seed is not None:
             torch.manual_seed(requests[0].seed)
         try:
             with torch.inference_mode():
-                self.model.generate(**inputs, **self.generation_kwargs(requests[0]), streamer=streamer)
+                output = self.model.generate(**inputs, **self.generation_kwargs(requests[0], gone), streamer=streamer)
         except _RowByRow:
             for job in jobs:
                 self.stream_choice_by_choice(job)
             return
+        self.on_cancelled("stream", len(gone.seen))
+        self._count_generated(output, inputs["input_ids"].shape[1])
         streamer.finish()
+
+    def _count_generated(self, output, prompt_width: int):
+        """Reports the tokens a `generate` call generated (each row up to its EOS; a stopped row's padding not
+        counted)."""
+        sequences = getattr(output, "sequences", output)
+        if isinstance(sequences, torch.Tensor) and sequences.dim() == 2:
+            new_tokens = sequences[:, prompt_width:].tolist()
+            self.on_generated(sum(len(self.answer_tokens(tokens)[0]) for tokens in new_tokens))
 
     def stream_choice_by_choice(self, job: StreamJob) -> None:
         """One request, one `generate` call of one row per choice (a hint or a refusal streams only so)."""
         inputs, _ = self.batch_inputs([job.request], rows_per_request=1)
         prompt_tokens, completion_tokens = int(inputs["attention_mask"].sum()), 0
+        gone = _GoneRows([job.request], [0])
         for index in range(job.request.n):
+            if job.request.client_gone.is_set():
+                gone.seen.add(0)
+                break
             streamer = _RowStreamer(self, [job], [0], [prompt_tokens], choices=[index], usage=False)
             if job.request.seed is not None:
                 torch.manual_seed(job.request.seed + index)
             with torch.inference_mode():
-                self.model.generate(**inputs, **self.generation_kwargs(job.request), streamer=streamer)
+                output = self.model.generate(**inputs, **self.generation_kwargs(job.request, gone), streamer=streamer)
+            self._count_generated(output, inputs["input_ids"].shape[1])
             streamer.finish()
             completion_tokens += len(streamer.tokens[0])
+        self.on_cancelled("stream", len(gone.seen))
         if job.request.include_usage:
             job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
+            StreamJob.hand_over([job])
 
     # -- moderation -----------------------------------------------------------------------------------------
 
@@ -237,18 +277,60 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class StreamJob:
-    """One streamed request and where its events go; `emit` drops a second verdict (a batch's verdict stands when
-    the batch goes on request by request)."""
+    """One streamed request and where its events go.
 
-    def __init__(self, request: ChatRequest, emit):
-        self.request, self._emit, self.verdict_sent = request, emit, False
+    `emit(event)` keeps an event for the next hand-over (a second verdict is dropped: a batch's verdict stands when the
+    batch goes on request by request); `hand_over(jobs)` gives the kept events of every job to their `deliver`
+    callables, in one call on `loop` (thread-safe) when the jobs have one, so that a decoding step of a whole batch
+    costs the event loop one callback, not one per row and token.
+    """
+
+    def __init__(self, request: ChatRequest, deliver, loop: asyncio.AbstractEventLoop | None = None):
+        self.request, self.deliver, self.loop = request, deliver, loop
+        self.verdict_sent, self.kept = False, []
 
     def emit(self, event: StreamEvent):
         if event.kind == "verdict":
             if self.verdict_sent:
                 return
             self.verdict_sent = True
-        self._emit(event)
+        self.kept.append(event)
+
+    @staticmethod
+    def hand_over(jobs: list[StreamJob]):
+        pairs = [(job.deliver, event) for job in jobs for event in job.kept]
+        for job in jobs:
+            job.kept = []
+        if not pairs:
+            return
+        loop = jobs[0].loop
+        if loop is None:
+            _deliver_all(pairs)
+        else:
+            loop.call_soon_threadsafe(_deliver_all, pairs)
+
+
+def _deliver_all(pairs: list):
+    for deliver, event in pairs:
+        deliver(event)
+
+
+class _GoneRows(StoppingCriteria):
+    """Stops the rows of requests whose client went away (`ChatRequest.client_gone`) at the next decoding step; the
+    other rows go on, and `generate` ends once every row is done. `seen` holds the indexes of the requests it
+    stopped. In a sub-batch of a mixed plan (hinted or refused rows generated apart), whose rows it cannot map, it
+    stops only when every request is gone."""
+
+    def __init__(self, requests: list[ChatRequest], owners: list[int]):
+        self.requests, self.owners = requests, owners
+        self.seen: set[int] = set()
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        gone = [self.requests[owner].client_gone.is_set() for owner in self.owners]
+        self.seen.update(owner for owner, left in zip(self.owners, gone) if left)
+        rows = input_ids.shape[0]
+        flags = gone if rows == len(gone) else [all(gone)] * rows
+        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
 
 class _RowByRow(Exception):
@@ -259,7 +341,9 @@ class _RowStreamer(BaseStreamer):
     """
     Streams every row of one `generate` call as `StreamEvent`s, token by token: each request's verdict first, then
     per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
-    of a stop sequence), one finish per row, and usage per request (`usage=True`).
+    of a stop sequence), one finish per row, and usage per request (`usage=True`). Text is decoded incrementally
+    (`IncrementalDetokenizer`: a short window per step), stop sequences are looked for in the new text only, and each
+    step's events of every row go to the event loop in one hand-over.
 
     With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
     With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
@@ -268,10 +352,13 @@ class _RowStreamer(BaseStreamer):
     def __init__(self, engine, jobs, owners, prompt_lengths, choices=None, usage=True):
         self.engine, self.jobs, self.owners, self.prompt_lengths, self.usage = engine, jobs, owners, prompt_lengths, usage
         self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
-        self.tokens = [[] for _ in owners]
-        self.done, self.sent = [False] * len(owners), [0] * len(owners)
+        self.rows = [_RowText(engine, jobs[owner].request.stop) for owner in owners]
         self.actions = ["allow"] * len(owners)
         self.prompt_seen = False
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return [row.tokens for row in self.rows]
 
     def on_safety_assessment(self, assessment):
         self._give_verdicts(safety_entries(assessment))
@@ -285,6 +372,7 @@ class _RowStreamer(BaseStreamer):
             if not safety.get("judged"):  # as precise as the non-streamed reason
                 safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
             job.emit(StreamEvent(kind="verdict", safety=safety))
+        StreamJob.hand_over(self.jobs)
 
     def put(self, value):
         if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
@@ -293,48 +381,83 @@ class _RowStreamer(BaseStreamer):
             return
         tokens = value.reshape(-1).tolist()
         for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
-            for token in new:
-                if self.done[row]:
-                    break
-                self.tokens[row].append(token)
-                self.done[row] = token in self.engine.eos_ids
-            self._send_text(row, final=self.done[row])
+            if self.jobs[self.owners[row]].request.client_gone.is_set():
+                self.rows[row].done = True  # nobody reads it: no more text (the model stops the row at this step)
+                continue
+            self._send(row, self.rows[row].add(new))
+        StreamJob.hand_over(self.jobs)
 
-    def _send_text(self, row: int, final: bool):
-        request = self.jobs[self.owners[row]].request
-        text = self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        visible, stopped = cut_at_stop(text, request.stop)
-        self.done[row] = self.done[row] or stopped
-        incomplete = len(visible) - len(visible.rstrip("\ufffd"))  # a character whose bytes are still coming
-        hold = 0 if (final or stopped) else max(_held_back(visible, request.stop), incomplete)
-        ready = visible[self.sent[row] : len(visible) - hold]
-        if ready:
-            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=ready))
-            self.sent[row] += len(ready)
+    def _send(self, row: int, text: str):
+        if text:
+            self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=text))
 
     def end(self):
         """Called by `generate` after the last token; the finish events follow in `finish`."""
 
     def finish(self):
         for row in range(len(self.owners)):
-            self._send_text(row, final=True)
+            self._send(row, self.rows[row].finish())
             self.jobs[self.owners[row]].emit(StreamEvent(kind="finish", index=self.choices[row], finish_reason=self._reason(row)))
         for index, job in enumerate(self.jobs):
             if self.usage and job.request.include_usage:
                 rows = [row for row, owner in enumerate(self.owners) if owner == index]
-                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.tokens[row]) for row in rows))
+                usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.rows[row].tokens) for row in rows))
                 job.emit(StreamEvent(kind="usage", usage=usage))
+        StreamJob.hand_over(self.jobs)
 
     def _reason(self, row: int) -> str:
         if self.actions[row] == "refuse":
             return "content_filter"
-        ended = bool(self.tokens[row]) and self.tokens[row][-1] in self.engine.eos_ids
-        too_long = len(self.tokens[row]) >= self.jobs[self.owners[row]].request.max_new_tokens
-        return "length" if too_long and not ended and not self._stopped(row) else "stop"
+        text = self.rows[row]
+        ended = bool(text.tokens) and text.tokens[-1] in self.engine.eos_ids
+        too_long = len(text.tokens) >= self.jobs[self.owners[row]].request.max_new_tokens
+        return "length" if too_long and not ended and not text.stopped else "stop"
 
-    def _stopped(self, row: int) -> bool:
-        request = self.jobs[self.owners[row]].request
-        return cut_at_stop(self.engine.tokenizer.decode(self.tokens[row], skip_special_tokens=True), request.stop)[1]
+
+class _RowText:
+    """One streamed row's tokens and text: decoded incrementally, cut before the first stop sequence (looked for in
+    the new text and the few characters before it), with the possible start of a stop sequence held back."""
+
+    def __init__(self, engine, stops: list[str]):
+        self.eos_ids, self.stops = engine.eos_ids, [stop for stop in stops if stop]
+        self.detokenizer = IncrementalDetokenizer(engine.tokenizer)
+        self.tokens: list[int] = []
+        self.text, self.sent, self.done, self.stopped = "", 0, False, False
+        self.overlap = max((len(stop) for stop in self.stops), default=1) - 1
+
+    def add(self, new: list[int]) -> str:
+        """Takes the row's new tokens (those past EOS or a stop are ignored); returns the text ready to send."""
+        taken = []
+        for token in new:
+            if self.done:
+                break
+            taken.append(token)
+            self.done = token in self.eos_ids
+        self.tokens.extend(taken)
+        if not taken:
+            return ""
+        return self._ready(self.detokenizer.push(taken), final=self.done)
+
+    def finish(self) -> str:
+        """The rest of the text once the row has ended."""
+        self.done = True
+        return self._ready(self.detokenizer.flush(), final=True)
+
+    def _ready(self, piece: str, final: bool) -> str:
+        if not self.stopped:
+            searched_from = max(0, len(self.text) - self.overlap)
+            self.text += piece
+            self._cut_at_stop(searched_from)
+        hold = 0 if (final or self.stopped) else _held_back(self.text, self.stops)
+        ready = self.text[self.sent : len(self.text) - hold]
+        self.sent += len(ready)
+        return ready
+
+    def _cut_at_stop(self, searched_from: int):
+        positions = [self.text.find(stop, searched_from) for stop in self.stops]
+        positions = [position for position in positions if position >= 0]
+        if positions:
+            self.text, self.stopped, self.done = self.text[: min(positions)], True, True
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -383,19 +506,24 @@ class LocalBackend(ServingBackend):
         config = model.config
         super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
         self.engine = LocalEngine(model, processor)
+        self.engine.on_cancelled = lambda kind, count: self.record_cancelled(kind, "running", count)
+        self.engine.on_generated = self.record_generated_tokens
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-model")
         batching = {"executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue}
         self.chat = MicroBatcher(
             self._run_chat, key=chat_batch_key, max_batch_size=settings.max_batch_size, name="chat",
-            on_batch=lambda size: self.record_batch("chat", size), **batching,
+            on_batch=lambda size: self.record_batch("chat", size),
+            on_drop=lambda count: self.record_cancelled("chat", "queued", count), **batching,
         )
         self.streams = MicroBatcher(
-            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size, name="stream", on_batch=lambda size: self.record_batch("stream", size),
-            **batching,
+            self._run_streams, key=lambda job: chat_batch_key(job.request), max_batch_size=settings.max_batch_size,
+            name="stream", on_batch=lambda size: self.record_batch("stream", size),
+            on_drop=lambda count: self.record_cancelled("stream", "queued", count), **batching,
         )
         self.moderation = MicroBatcher(
             self._run_moderation, key=moderation_batch_key, max_batch_size=settings.max_batch_size,
-            name="moderation", on_batch=lambda size: self.record_batch("moderation", size), **batching,
+            name="moderation", on_batch=lambda size: self.record_batch("moderation", size),
+            on_drop=lambda count: self.record_cancelled("moderation", "queued", count), **batching,
         )
         self._closing = False
 
@@ -424,21 +552,22 @@ class LocalBackend(ServingBackend):
         fill = iter(results)
         return [verdict if verdict is not None else next(fill) for verdict in verdicts]
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamEvent]:
+    async def stream(self, request: ChatRequest) -> AsyncIterator[list[StreamEvent]]:
+        """The request's events, in lists: all those that are ready when the event loop comes to them."""
         self._check_open()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def emit(event):
-            loop.call_soon_threadsafe(queue.put_nowait, event)
-
-        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, emit)))
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, loop)))
         job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while True:
-                event = await queue.get()
-                if event is None:
+                ready = [await queue.get()]
+                while not queue.empty():  # the steps the event loop fell behind on go out together
+                    ready.append(queue.get_nowait())
+                events = [event for event in ready if event is not None]
+                if events:
+                    yield events
+                if len(events) < len(ready):
                     break
-                yield event
             job.result()  # raises the generation's error, if any
         finally:
             if not job.done():

@@ -13,6 +13,7 @@ OpenAI's schema, never a traceback:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -69,9 +70,9 @@ class UpstreamClient:
             raise UpstreamError("The upstream engine's answer is not a chat completion (no 'choices' list).")
         return answer
 
-    async def stream_chat(self, body: dict) -> AsyncIterator[dict]:
+    async def stream_chat(self, body: dict) -> UpstreamStream:
         """Opens a streamed chat completion; raises here (before any chunk) when the upstream refuses or fails. The
-        returned iterator yields each chunk's JSON and closes the connection when it ends or is closed."""
+        returned `UpstreamStream` yields each chunk's JSON and closes the connection when it ends or is closed."""
         # Token counts from the engine where it gives them (vLLM, SGLang); the gate sends usage on only when asked.
         body = {**body, "model": self.model, "stream": True, "stream_options": {"include_usage": True}}
         request = self._client.build_request("POST", f"{self.base_url}/chat/completions", json=body)
@@ -83,7 +84,7 @@ class UpstreamClient:
             content = await response.aread()
             await response.aclose()
             raise _status_error(response.status_code, response.headers, content)
-        return _chunks(response)
+        return UpstreamStream(response)
 
     async def health(self) -> bool:
         """Whether the upstream answers `GET /v1/models` (for `/health`'s description)."""
@@ -95,6 +96,22 @@ class UpstreamClient:
 
     async def close(self):
         await self._client.aclose()
+
+
+class UpstreamStream:
+    """One streamed answer of the engine: an async iterator of its chunks' JSON. `aclose()` closes the connection, read
+    to its end or not (even if never iterated), so that the engine sees its client leave and aborts the generation."""
+
+    def __init__(self, response):
+        self.response = response
+        self._chunks = _chunks(response)
+
+    def __aiter__(self) -> AsyncIterator[dict]:
+        return self._chunks
+
+    async def aclose(self):
+        await self._chunks.aclose()
+        await asyncio.shield(self.response.aclose())
 
 
 async def _chunks(response) -> AsyncIterator[dict]:
@@ -116,7 +133,7 @@ async def _chunks(response) -> AsyncIterator[dict]:
     except httpx2.HTTPError as error:
         raise _transport_error(error) from None
     finally:
-        await response.aclose()
+        await asyncio.shield(response.aclose())
 
 
 def _transport_error(error: Exception) -> ServingError:
