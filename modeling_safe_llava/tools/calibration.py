@@ -411,21 +411,25 @@ def temperatures(model, level: float, type_: float):
 
 @torch.no_grad()
 def safety_probabilities(model, processor, dataset, batch_size: int, allow_untrained_safety: bool,
-                         description: str) -> dict:
+                         description: str, safety_threshold=1.0) -> dict:
     """
     `model.assess_safety` over `dataset` (one call per batch, the model's current temperatures): `level_probs`
     `(rows, levels)`, `type_probs` `(rows, types)` and `risk` `(rows,)` exactly as the model computes them (float32
-    values held as float64), plus the labels `safe_level` and `safe_type` `(rows,)`.
+    values held as float64), `flagged` `(rows,)` at `safety_threshold` (as in `generate`; None: the model's
+    default), plus the labels `safe_level` and `safe_type` `(rows,)`.
     """
-    arrays = {"level_probs": [], "type_probs": [], "risk": [], "safe_level": [], "safe_type": []}
+    arrays = {"level_probs": [], "type_probs": [], "risk": [], "flagged": [], "safe_level": [], "safe_type": []}
     progress = tqdm(total=len(dataset), desc=description, unit="row")
     for _, rows in _batches(dataset, batch_size):
         images = [load_image(row["image"]) for row in rows]
         prompts = [image_prompt(processor, first_user_question(row["conversations"])) for row in rows]
         inputs = processor_batch(processor, model, images, prompts)
-        assessment = model.assess_safety(**inputs, safety_threshold=1.0, allow_untrained_safety=allow_untrained_safety)
+        assessment = model.assess_safety(
+            **inputs, safety_threshold=safety_threshold, allow_untrained_safety=allow_untrained_safety
+        )
         for key in ("level_probs", "type_probs", "risk"):
             arrays[key].append(getattr(assessment, key).float().cpu().numpy().astype(np.float64))
+        arrays["flagged"].append(assessment.flagged.cpu().numpy().astype(bool))
         arrays["safe_level"].append(np.array([int(row["safe_level"]) for row in rows]))
         arrays["safe_type"].append(np.array([int(row["safe_type"]) for row in rows]))
         progress.update(len(rows))
@@ -444,6 +448,12 @@ def apply_calibration(model, report: dict):
         model.config.safety_thresholds = {name: float(value) for name, value in report["thresholds"].items()}
 
 
+def default_threshold(model) -> float:
+    """The default `safety_threshold` that `generate` and `assess_safety` apply: the generation config's, else the
+    model config's."""
+    return generation_config_with_threshold(model.generation_config, model.config.safety_threshold).safety_threshold
+
+
 def save_calibrated_model(model, processor, folder: Path) -> Path:
     """`save_pretrained` of model and processor (remote code included), and a generation config that keeps the
     default `safety_threshold` (`policy_safe_llava.generation_config_with_threshold`)."""
@@ -451,6 +461,87 @@ def save_calibrated_model(model, processor, folder: Path) -> Path:
     processor.save_pretrained(folder)
     generation_config_with_threshold(model.generation_config, model.config.safety_threshold).save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A calibration on other rows (does the guarantee hold there?)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_calibration_on(model, processor, dataset, report: dict, batch_size: int = 8,
+                         description: str = "Calibration check") -> dict:
+    """
+    How a calibration does on labelled rows it was not fitted on (e.g. the mini benchmark's `shifted` split): one
+    `assess_safety` pass at the report's temperatures before calibration, one with the model's own (calibrated)
+    temperatures and default threshold(s).
+
+    The guarantee of `calibrate` covers clean images drawn like the clean validation rows; rows of another
+    distribution may break it, and this measures whether they do. `clean_flag_rate` is the share of clean rows
+    (`safe_level == 0`) the model flags, with a two-sided Clopper-Pearson interval at the report's confidence;
+    `within_target` says whether that share is at most the target rate (a point estimate: with few clean rows the
+    interval is wide). `ece_before` / `ece_after`: the ECE of `risk` before and after calibration.
+
+    Args:
+        model ([`SafeLlavaForConditionalGeneration`]): A model that carries `report`'s calibration.
+        processor ([`SafeLlavaProcessor`]): Its processor.
+        dataset (`datasets.Dataset` or `list[dict]`): Labelled rows (paper schema), at least one of them clean.
+        report (`dict`): What `calibrate` returned (the content of `calibration.json`).
+        batch_size (`int`, *optional*, defaults to 8): Rows per model call.
+
+    Returns:
+        `dict`: `rows`, `clean_rows`, `clean_flagged`, `clean_flag_rate`, `clean_flag_rate_interval`,
+        `target_false_flag_rate`, `within_target`, `risky_rows`, `risky_flagged`, `recall`, `ece_before`, `ece_after`
+        (the keys of `calibration_on_validation`).
+
+    Raises:
+        ValueError: a model that does not carry `report`'s calibration, bad rows, or no clean row.
+    """
+    _check_positive_int("batch_size", batch_size)
+    config = model.config
+    check_calibration_applied(config, default_threshold(model), report)
+    _check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
+    if not (np.asarray(_column(dataset, "safe_level")) == 0).any():
+        raise ValueError("check_calibration_on needs at least one clean row (safe_level 0) to measure false flags.")
+    before = report["temperatures_before"]
+    with temperatures(model, before["level"], before["type"]):
+        raw = safety_probabilities(model, processor, dataset, batch_size, False, f"{description}: before")
+    seen = safety_probabilities(model, processor, dataset, batch_size, False, description, safety_threshold=None)
+    is_risky = seen["safe_level"] > 0
+    return flag_numbers(
+        {"clean": seen["flagged"][~is_risky], "risky": seen["flagged"][is_risky]}, report,
+        expected_calibration_error(raw["risk"], is_risky), expected_calibration_error(seen["risk"], is_risky),
+    )
+
+
+def calibration_on_validation(report: dict) -> dict:
+    """What `check_calibration_on` gives on the validation rows `report` was fitted on, read from the report."""
+    counts = report["counts"]
+    flags = {
+        "clean": np.arange(counts["clean"]) < counts["clean_flagged"],
+        "risky": np.arange(counts["risky"]) < counts["risky_flagged"],
+    }
+    return flag_numbers(flags, report, report["ece_before"], report["ece_after"])
+
+
+def flag_numbers(flagged: dict, report: dict, ece_before: float, ece_after: float) -> dict:
+    """The numbers of `check_calibration_on` from the flags of the clean and the risky rows (boolean arrays)."""
+    clean, risky = int(flagged["clean"].size), int(flagged["risky"].size)
+    clean_flagged, risky_flagged = int(flagged["clean"].sum()), int(flagged["risky"].sum())
+    rate, confidence = float(report["target_false_flag_rate"]), float(report["confidence"])
+    return {
+        "rows": clean + risky,
+        "clean_rows": clean,
+        "clean_flagged": clean_flagged,
+        "clean_flag_rate": clean_flagged / clean,
+        "clean_flag_rate_interval": list(clopper_pearson_interval(clean_flagged, clean, confidence)),
+        "target_false_flag_rate": rate,
+        "within_target": clean_flagged / clean <= rate,
+        "risky_rows": risky,
+        "risky_flagged": risky_flagged,
+        "recall": risky_flagged / risky if risky else None,
+        "ece_before": float(ece_before),
+        "ece_after": float(ece_after),
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -839,6 +930,9 @@ __all__ = [
     "recall_by_type",
     "load_calibration",
     "check_calibration_applied",
+    "check_calibration_on",
+    "calibration_on_validation",
+    "default_threshold",
     "add_cli_arguments",
     "run_from_args",
 ]

@@ -1,17 +1,21 @@
 """`safe-llava demo`: the whole product on the embedded default, end to end, offline, in minutes on 2 CPU cores.
 
 1. builds the offline mini safety benchmark (train / validation / test);
-2. builds the embedded default SafeLlava: a small random vision tower in front of SmolLM2-135M (or a tiny LM);
+2. builds the embedded default SafeLlava: the pretrained EfficientNet-Lite0 vision tower (or the earlier random
+   one) in front of SmolLM2-135M (or a tiny LM);
 3. stage 1: trains the safety modules (head-only objective: the language model is not run);
 4. stage 2: LoRA on the language model, merged;
 5. evaluates the safety head on the test split (metrics, confusion matrices, threshold sweep) and on the shifted
    split (the same kinds of images in fonts, colours, layouts and wordings train never uses), side by side;
-6. exports a Hub-ready folder (safetensors, remote code, model card) and reloads it through
+6. calibrates the head on the validation split (`safe-llava calibrate`: temperatures and a threshold with a
+   guaranteed clean false-flag rate, see `DEMO_FALSE_FLAG_RATE`) and checks that rate on the shifted split;
+7. exports a Hub-ready folder (safetensors, remote code, model card with the calibration) and reloads it through
    the classes of its own remote-code files (as `AutoModel.from_pretrained(..., trust_remote_code=True)` does);
-7. judges held-out test images with the reloaded model and prints category, level, risk, action and answer;
-   writes `report.html`, `report.png` and `demo_results.json`.
+8. judges held-out test images with the reloaded (calibrated) model and prints category, level, risk, action and
+   answer; writes `report.html`, `report.png` and `demo_results.json`.
 
-The vision tower is random and the benchmark synthetic: the demo shows that the mechanics work, not how safe a
+The head's accuracies and AUROC are those of the uncalibrated model (step 5); temperature scaling changes no
+predicted level or type. The benchmark is synthetic and tiny: the demo shows that the mechanics work, not how safe a
 real SafeLlava-7B is.
 """
 
@@ -24,6 +28,13 @@ from pathlib import Path
 import torch
 
 from ..bases import BASES, base_named
+from .calibration import (
+    calibrate,
+    calibration_on_validation,
+    check_calibration_on,
+    default_threshold,
+    minimum_clean_rows,
+)
 from .evaluation import evaluate_with_shift
 from .hub import export_for_hub
 from ..data.mini_benchmark import build_mini_benchmark
@@ -37,6 +48,13 @@ STAGE1_RECIPE = "recipe_stage1_demo.json"
 STAGE2_RECIPE = "recipe_stage2_demo.json"
 # torch threads of the demo: its numbers depend on the summation order, so a fixed count makes a seed repeatable.
 DEMO_THREADS = 2
+# The calibration step's target: at most 25% of clean images flagged, with confidence 0.9. The guarantee needs
+# `minimum_clean_rows(R, C)` clean validation rows; the default benchmark (24 images per source) has 10 (5 per clean
+# source: photo and benign_text), which is enough for R = 0.25, C = 0.9 (9 needed) but not for a tighter target
+# such as 0.1 / 0.9 (22 needed) or 0.05 / 0.95 (59 needed), short of a larger benchmark, which would change the head.
+DEMO_FALSE_FLAG_RATE = 0.25
+DEMO_CONFIDENCE = 0.9
+CALIBRATION_CHECK_SPLITS = ("validation", "shifted")
 
 
 def run_demo(
@@ -73,7 +91,7 @@ def run_demo(
     vision_tower = vision_tower or chosen.demo_vision_towers[0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    clock = _StepClock(total=7)
+    clock = _StepClock(total=8)
 
     clock.step("building the mini safety benchmark")
     data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
@@ -98,16 +116,26 @@ def run_demo(
     clock.step("evaluating the safety head on the test split and the shifted split")
     metrics = evaluate_with_shift(model, processor, data, output_dir / "evaluation", split="test")
 
+    clock.step(f"calibrating on the validation split (false-flag rate <= {DEMO_FALSE_FLAG_RATE:g}, confidence "
+               f"{DEMO_CONFIDENCE:g}) and checking it on the shifted split")
+    report, calibration = _calibrate(model, processor, data, output_dir)
+
     clock.step("exporting a Hub-ready folder and reloading it through remote code")
     described = f"{base} base, {vision_tower} vision tower, {language_model} language model"
     training = _training_summary(output_dir, described, num_per_category, len(data["train"]))
-    export_dir = export_for_hub(model, processor, output_dir / "export", evaluation=metrics, training=training, overwrite=True)
+    export_dir = export_for_hub(
+        model, processor, output_dir / "export", evaluation=metrics, training=training, overwrite=True,
+        calibration=report,
+    )
     reloaded, reloaded_processor = _reload_with_remote_code(export_dir)
 
     clock.step("judging held-out images with the reloaded model")
     shown = _pick_examples(data["test"], shown_per_source)
     rows = _judge(reloaded, reloaded_processor, shown, max_new_tokens)
-    results = _write_results(output_dir, rows, shown, metrics, export_dir, reloaded, clock.elapsed())
+    described_model = f"{vision_tower} vision tower, {language_model} language model"
+    results = _write_results(
+        output_dir, rows, shown, metrics, calibration, (export_dir, reloaded, described_model), clock.elapsed()
+    )
     print("\n" + format_table(rows))
     print(_closing_summary(results))
     return results
@@ -142,6 +170,65 @@ def _training_summary(output_dir: Path, language_model: str, num_per_category: i
         "stage2": {"recipe": load_recipe(STAGE2_RECIPE, 2), "data": data},
         "notes": f"demo model: {language_model} (configuration/demo*.json)",
     }
+
+
+def _calibrate(model, processor, data, output_dir: Path) -> tuple[dict | None, dict]:
+    """
+    `calibrate` on the validation split into `output_dir/calibration` (the model is left calibrated), then
+    `check_calibration_on` the validation and shifted splits; writes `evaluation/calibration.json` and `.md`.
+    Returns `(calibration report or None, the demo's calibration summary)`; skipped, with the reason, when the
+    validation split holds too few clean rows for the demo's target (a small `--num-per-category`).
+    """
+    needed = minimum_clean_rows(DEMO_FALSE_FLAG_RATE, DEMO_CONFIDENCE)
+    clean = sum(1 for level in data["validation"]["safe_level"] if level == 0)
+    if clean < needed:
+        reason = (f"skipped: the validation split has {clean} clean rows, a false-flag rate <= "
+                  f"{DEMO_FALSE_FLAG_RATE:g} with confidence {DEMO_CONFIDENCE:g} needs {needed} (use the default "
+                  "--num-per-category 24 or more)")
+        return None, {"skipped": reason}
+    report = calibrate(model, processor, data["validation"], output_dir / "calibration", DEMO_FALSE_FLAG_RATE,
+                       confidence=DEMO_CONFIDENCE)
+    summary = _calibration_summary(model, processor, data, report, output_dir / "calibration")
+    _write_calibration_files(output_dir / "evaluation", summary)
+    return report, summary
+
+
+def _calibration_summary(model, processor, data, report: dict, folder: Path) -> dict:
+    """The report's headline numbers, its validation numbers and `check_calibration_on` the shifted split."""
+    checks = {
+        "validation": calibration_on_validation(report),
+        "shifted": check_calibration_on(model, processor, data["shifted"], report, description="Calibration on shifted"),
+    }
+    headline = ("target_false_flag_rate", "confidence", "threshold", "temperatures", "ece_before", "ece_after")
+    return {"fitted_on": "validation", **{key: report[key] for key in headline}, **checks, "files": str(folder)}
+
+
+def _write_calibration_files(folder: Path, summary: dict):
+    """`calibration.json` (the summary) and `calibration.md` (its lines) in the evaluation folder."""
+    (folder / "calibration.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    lines = ["# Calibration of the demo's safety head", "", *_calibration_lines(summary), ""]
+    (folder / "calibration.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def _calibration_lines(summary: dict) -> list[str]:
+    """The calibration in words: ECE before/after and the clean false-flag rate on each checked split."""
+    if "skipped" in summary:
+        return [f"calibration {summary['skipped']}"]
+    rate = summary["target_false_flag_rate"]
+    lines = [
+        f"calibrated on validation: target false-flag rate <= {rate:g} with confidence {summary['confidence']:g}; "
+        f"threshold {summary['threshold']:.4g}, T_level {summary['temperatures']['level']:.3g}, T_type "
+        f"{summary['temperatures']['type']:.3g}",
+        "split      | ECE before | ECE after | clean rows flagged at the threshold",
+    ]
+    for split in CALIBRATION_CHECK_SPLITS:
+        check = summary[split]
+        verdict = "within" if check["within_target"] else "ABOVE"
+        lines.append(
+            f"{split:<10} | {check['ece_before']:.3f}      | {check['ece_after']:.3f}     | {check['clean_flagged']}/"
+            f"{check['clean_rows']} = {check['clean_flag_rate']:.3f} ({verdict} the target {rate:g})"
+        )
+    return lines
 
 
 def _reload_with_remote_code(export_dir: Path):
@@ -184,9 +271,12 @@ def _prompt(processor, row) -> str:
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
-def _write_results(output_dir, rows, shown, metrics, export_dir, model, seconds) -> dict:
+def _write_results(output_dir, rows, shown, metrics, calibration, exported, seconds) -> dict:
+    export_dir, model, described = exported
     notes = (
-        "Embedded default: random vision tower + small language model, trained on the synthetic mini benchmark. "
+        f"Embedded default ({described}), trained on the synthetic mini benchmark; verdicts at the model's default "
+        f"threshold {default_threshold(model):.4g} "
+        f"({'calibrated' if 'skipped' not in calibration else 'not calibrated'}). "
         "These verdicts show the mechanics; they say nothing about a real SafeLlava-7B."
     )
     images = [row["image"] for row in shown]
@@ -201,6 +291,7 @@ def _write_results(output_dir, rows, shown, metrics, export_dir, model, seconds)
         "shifted_level_accuracy": shift["level accuracy"]["shifted"],
         "shifted_type_accuracy": shift["type accuracy"]["shifted"],
         "shifted_risk_auroc": shift["risky-vs-clean AUROC"]["shifted"],
+        "calibration": calibration,
         "export_dir": str(export_dir),
         "reloaded_class": f"{type(model).__module__}.{type(model).__name__}",
         "judged": rows,
@@ -215,6 +306,7 @@ def _closing_summary(results: dict) -> str:
         f"level accuracy       | {results['level_accuracy']:.3f}                  | {results['shifted_level_accuracy']:.3f}\n"
         f"type accuracy        | {results['type_accuracy']:.3f}                  | {results['shifted_type_accuracy']:.3f}\n"
         f"risky-vs-clean AUROC | {_rate(results['risk_auroc'])}                  | {_rate(results['shifted_risk_auroc'])}\n"
+        + "\n".join(_calibration_lines(results["calibration"])) + "\n"
         f"exported to {results['export_dir']} (reloaded as {results['reloaded_class']})\n"
         f"reports: report.html, report.png, evaluation/ in {Path(results['export_dir']).parent}\n"
         f"finished in {results['seconds']:.0f} s"

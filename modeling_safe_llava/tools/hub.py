@@ -29,7 +29,7 @@ from .. import pipeline_safe_llava
 from ..bases import base_for_model_type, load_safe_model, load_safe_processor, remote_code_files
 from ..fileio import MARKER_FILE, check_replaceable, write_marker
 from ..policy_safe_llava import SafetyPolicy, generation_config_with_threshold
-from .calibration import check_calibration_applied, load_calibration
+from .calibration import check_calibration_applied, default_threshold, load_calibration
 from .model_card import (
     DEFAULT_BASE_MODEL,
     DEFAULT_LICENSE,
@@ -114,7 +114,7 @@ def export_for_hub(
     check_evaluation_matches(model.config, evaluation)
     calibration, _ = load_calibration(calibration)
     if calibration is not None:
-        check_calibration_applied(model.config, generation_config_with_threshold(model.generation_config, model.config.safety_threshold).safety_threshold, calibration)
+        check_calibration_applied(model.config, default_threshold(model), calibration)
     training = check_training(training)
     card_metadata(base_model, license, is_demo=False)  # validates the metadata before any heavy work
     check_replaceable(output_dir, EXPORT_COMMAND, overwrite)
