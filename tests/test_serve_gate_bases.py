@@ -187,11 +187,17 @@ def test_errors_name_the_bases_stock_model(setup, tmp_path):
 
 @pytest.mark.parametrize(
     "base_name, gate_gb, full_gb",
-    [("llava", (1.0, 1.2), (14.0, 14.6)), ("llava-next", (1.0, 1.2), (15.0, 15.7)), ("gemma3", (2.2, 2.4), (8.5, 8.9))],
+    [
+        ("llava", (1.0, 1.2), (14.0, 14.6)),
+        ("llava-next", (1.0, 1.2), (15.0, 15.7)),
+        ("gemma3", (2.2, 2.4), (8.5, 8.9)),
+        ("qwen2_5_vl", (2.6, 2.75), (16.6, 17.0)),
+    ],
 )
 def test_gate_memory_at_each_bases_7b_class_preset(base_name, gate_gb, full_gb):
     """README's numbers (bf16, counted on meta): LLaVA-1.5-7B and LLaVA-NeXT-Mistral-7B gates hold ~1.1 GB (7 % of
-    the model); Gemma 3 4B's ~2.3 GB (26 %), more than half of it its 262k-token embedding table."""
+    the model); Gemma 3 4B's ~2.3 GB (26 %), more than half of it its 262k-token embedding table; Qwen2.5-VL-7B's
+    ~2.65 GB (16 %): its 670M-parameter vision tower and 152k-token embedding table."""
     from benchmarks.serve import gate_memory
 
     memory = gate_memory(base_name)
