@@ -12,6 +12,7 @@ from typing import Callable
 from modeling_safe_llava.bases import base_named
 from modeling_safe_llava.tiny import build_tiny_llava_next_processor, build_tiny_llava_processor, build_tiny_tokenizer
 from modeling_safe_llava.tiny_gemma3 import build_tiny_gemma3_processor, build_tiny_gemma3_tokenizer
+from modeling_safe_llava.tiny_qwen2_5_vl import build_tiny_qwen2_5_vl_tokenizer, build_tiny_qwen2_5_vl_processor
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,16 @@ def _image_token_id(tokenizer) -> dict:
     return {"image_token_id": tokenizer.convert_tokens_to_ids("<image>")}
 
 
+def _qwen2_5_vl_image_tokens(tokenizer) -> dict:
+    ids = tokenizer.convert_tokens_to_ids
+    return {
+        "image_token_id": ids("<|image_pad|>"),
+        "video_token_id": ids("<|video_pad|>"),
+        "vision_start_token_id": ids("<|vision_start|>"),
+        "vision_end_token_id": ids("<|vision_end|>"),
+    }
+
+
 def _gemma3_image_tokens(tokenizer) -> dict:
     return {
         "boi_token_index": tokenizer.convert_tokens_to_ids("<start_of_image>"),
@@ -87,6 +98,8 @@ BENCHMARK_BASES = (
     ),
     BenchmarkBase("llava-next", build_tiny_tokenizer, build_tiny_llava_next_processor, _image_token_id),
     BenchmarkBase("gemma3", build_tiny_gemma3_tokenizer, build_tiny_gemma3_processor, _gemma3_image_tokens),
+    # Images of any size: a config gives `image_size` (Qwen2.5-VL's vision config has none).
+    BenchmarkBase("qwen2_5_vl", build_tiny_qwen2_5_vl_tokenizer, build_tiny_qwen2_5_vl_processor, _qwen2_5_vl_image_tokens),
 )
 
 

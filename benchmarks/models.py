@@ -242,8 +242,9 @@ def make_training_batch(bm: BenchmarkModels, model, batch_size: int, answer_toke
     batch = dict(inputs)
     batch["input_ids"] = torch.cat([inputs["input_ids"], answers], dim=1)
     batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(answers)], dim=1)
-    if "token_type_ids" in inputs:  # answer tokens are text
-        batch["token_type_ids"] = torch.cat([inputs["token_type_ids"], torch.zeros_like(answers)], dim=1)
+    for name in ("token_type_ids", "mm_token_type_ids"):  # answer tokens are text
+        if name in inputs:
+            batch[name] = torch.cat([inputs[name], torch.zeros_like(answers, dtype=inputs[name].dtype)], dim=1)
     batch["labels"] = torch.cat([torch.full_like(inputs["input_ids"], -100), answers], dim=1)
     if getattr(model.config, "num_llm_safety_tokens", None) is not None:
         rows = torch.arange(batch_size)

@@ -192,7 +192,7 @@ def _metadata(config, config_path, bm, command, load_before) -> dict:
     width, height = bm.image_size
     summary = (
         f"{bm.base.stock_class.__name__} with random weights: {vision.model_type} {vision.num_hidden_layers} layers x "
-        f"{vision.hidden_size} ({vision.image_size} px input, {vision.patch_size} px patches; {width}x{height} px "
+        f"{vision.hidden_size} ({getattr(vision, 'image_size', None) or 'any'} px input, {vision.patch_size} px patches; {width}x{height} px "
         f"images); {text.model_type} {text.num_hidden_layers} layers x {text.hidden_size} (MLP "
         f"{text.intermediate_size}, vocab {text.vocab_size}); C-Abstractor "
         f"{bm.safe.config.safety_projector_hidden_size} channels x depth {bm.safe.config.safety_projector_depth}; "

@@ -51,7 +51,7 @@ def gate_memory(base_name: str, bytes_per_value: int = 2, embedding_rows: int | 
     registry (`safe-llava demo --base` names)."""
     from modeling_safe_llava.bases import base_named
     from modeling_safe_llava.presets import load_json_preset
-    from modeling_safe_llava.safety_loading_safe_llava import VERDICT_PATH_PREFIXES
+    from modeling_safe_llava.safety_loading_safe_llava import verdict_parts
 
     base = base_named(base_name)
     preset = load_json_preset("configuration", base.large_preset)
@@ -59,7 +59,7 @@ def gate_memory(base_name: str, bytes_per_value: int = 2, embedding_rows: int | 
     with torch.device("meta"):
         model = base.model_class(base.config_class(**{**fields, "num_llm_safety_tokens": 0}))
     size = lambda module: sum(p.numel() for p in module.parameters()) * bytes_per_value  # noqa: E731
-    parts = {prefix.rstrip(".").rsplit(".", 1)[-1]: size(model.get_submodule(prefix.rstrip("."))) for prefix in VERDICT_PATH_PREFIXES}
+    parts = {name: size(model.get_submodule(prefix.rstrip("."))) for name, prefix in verdict_parts(model).items()}
     if embedding_rows is not None:
         table = model.get_input_embeddings().weight
         parts["embed_tokens"] = embedding_rows * table.shape[1] * bytes_per_value

@@ -36,6 +36,15 @@ from .modeling_safe_llava import (
 )
 from .policy_safe_llava import SafeLlavaSafetyAssessment, SafetyPolicy, decide_safety_actions
 from .processing_safe_llava import SafeLlavaProcessor
+from .qwen2_5_vl_safe_llava import (
+    SafeQwen2_5_VLCausalLMOutputWithPast,
+    SafeQwen2_5_VLConfig,
+    SafeQwen2_5_VLForConditionalGeneration,
+    SafeQwen2_5_VLModel,
+    SafeQwen2_5_VLModelOutputWithPast,
+    SafeQwen2_5_VLPreTrainedModel,
+    SafeQwen2_5_VLProcessor,
+)
 from .safety_config_safe_llava import SafetyConfigMixin
 from .safety_loading_safe_llava import SafetyPreTrainedMixin
 from .safety_model_safe_llava import SafetyForConditionalGenerationMixin, SafetyModelMixin
@@ -77,6 +86,13 @@ __all__ = [
     "SafeGemma3CausalLMOutputWithPast",
     "SafeGemma3ModelOutputWithPast",
     "SafeGemma3Processor",
+    "SafeQwen2_5_VLConfig",
+    "SafeQwen2_5_VLPreTrainedModel",
+    "SafeQwen2_5_VLModel",
+    "SafeQwen2_5_VLForConditionalGeneration",
+    "SafeQwen2_5_VLCausalLMOutputWithPast",
+    "SafeQwen2_5_VLModelOutputWithPast",
+    "SafeQwen2_5_VLProcessor",
     "SafeLlavaNextConfig",
     "SafeLlavaNextPreTrainedModel",
     "SafeLlavaNextModel",

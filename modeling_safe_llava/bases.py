@@ -16,6 +16,7 @@ from .gemma3_safe_llava import SafeGemma3Config, SafeGemma3ForConditionalGenerat
 from .llava_next_safe_llava import SafeLlavaNextConfig, SafeLlavaNextForConditionalGeneration, SafeLlavaNextProcessor
 from .modeling_safe_llava import SafeLlavaForConditionalGeneration
 from .processing_safe_llava import SafeLlavaProcessor
+from .qwen2_5_vl_safe_llava import SafeQwen2_5_VLConfig, SafeQwen2_5_VLForConditionalGeneration, SafeQwen2_5_VLProcessor
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Files every export ships whatever the classes import: the pipeline `config.json` names in `custom_pipelines`.
@@ -138,6 +139,17 @@ BASES = (
         large_preset="gemma3-4b.json",
         head_reads="SigLIP's last hidden state average-pooled as Gemma 3 pools it: the 16x16 grid the language model reads",
         demo_builder="modeling_safe_llava.tiny_gemma3:build_demo_safe_gemma3",
+    ),
+    Base(
+        SafeQwen2_5_VLConfig,
+        SafeQwen2_5_VLForConditionalGeneration,
+        SafeQwen2_5_VLProcessor,
+        name="qwen2_5_vl",
+        stock_checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",
+        large_preset="qwen2_5_vl-7b.json",
+        head_reads="each image's merged vision features as its own grid (images of any size; the head attends over "
+        "each image's own tokens); a row's verdict is its riskiest image",
+        demo_builder="modeling_safe_llava.tiny_qwen2_5_vl:build_demo_safe_qwen2_5_vl",
     ),
 )
 

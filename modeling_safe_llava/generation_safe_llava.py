@@ -92,6 +92,10 @@ class SafetyGenerationModel(Protocol):
     def prompt_inputs(self, input_ids, attention_mask) -> dict:
         """Model inputs that follow from the token ids of a prompt the plan rebuilt (Gemma 3: `token_type_ids`)."""
 
+    def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
+        """The call's per-image arguments (`kwargs`) for the images of `rows` alone (Qwen2.5-VL: `image_grid_thw`);
+        `images_per_row` maps images to rows."""
+
 
 def generate_with_safety(
     model: SafetyGenerationModel, stock_generate, args, kwargs, rule: SafetyCallRule, allow_untrained_safety: bool
@@ -216,8 +220,10 @@ class SafetyGenerationPlan:
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt) :] = prompt
             mask[i, width - len(prompt) :] = 1
-        images = select_images(image_outputs, assessment.images_per_row.tolist(), rows)
+        images_per_row = assessment.images_per_row.tolist()
+        images = select_images(image_outputs, images_per_row, rows)
         kwargs = {**self.kwargs, "input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": images}}
+        kwargs.update(self.model.select_image_inputs(self.kwargs, images_per_row, rows))
         kwargs.update(self.model.prompt_inputs(ids, mask))
         if len(images.pooler_output) == 0:  # only text-only rows reach the language model
             kwargs.pop("mm_encoder_outputs")
@@ -413,8 +419,7 @@ def select_images(image_outputs, images_per_row: list[int], rows: list[int]) -> 
     gives them. Vision hidden states are left out: the verdict was given already, and the language model never
     reads them.
     """
-    starts = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
-    chosen = [starts[row] + i for row in rows for i in range(images_per_row[row])]
+    chosen = selected_image_indices(images_per_row, rows)
     features = image_outputs.pooler_output
     if isinstance(features, torch.Tensor):
         selected = features[torch.tensor(chosen, dtype=torch.long, device=features.device)]
@@ -422,6 +427,12 @@ def select_images(image_outputs, images_per_row: list[int], rows: list[int]) -> 
         selected = [features[i] for i in chosen]
     return BaseModelOutputWithPooling(pooler_output=selected)
 
+
+
+def selected_image_indices(images_per_row: list[int], rows: list[int]) -> list[int]:
+    """The numbers of the images of `rows` (images numbered in row order, `images_per_row` of them per row)."""
+    starts = [sum(images_per_row[:row]) for row in range(len(images_per_row))]
+    return [starts[row] + i for row in rows for i in range(images_per_row[row])]
 
 
 __all__ = [
@@ -434,4 +445,5 @@ __all__ = [
     "cut_at_stop_strings",
     "run_governed",
     "select_images",
+    "selected_image_indices",
 ]

@@ -31,6 +31,9 @@ logger = logging.get_logger(__name__)
 
 # Weights the verdict depends on: a checkpoint lacking any of them cannot be a trained safety classifier.
 VERDICT_PATH_PREFIXES = (*SAFETY_PARAMETER_PREFIXES, "model.vision_tower.", "model.language_model.embed_tokens.")
+# Where a base keeps its vision tower (a class attribute `safety_vision_tower_prefix` overrides it; Qwen2.5-VL:
+# "model.visual.").
+DEFAULT_VISION_TOWER_PREFIX = "model.vision_tower."
 # On-disk (flat) name -> in-memory name of the safety parameters. SafeLlava has always saved the flat names; the head's
 # projections were renamed in memory so that language-model LoRA targets (`q_proj`, ...) do not match them.
 _FLAT_SAFETY_NAMES = {
@@ -48,17 +51,53 @@ _LOAD_KWARGS = ("dtype", "device_map", "revision", "cache_dir", "local_files_onl
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
-def safety_checkpoint_mapping(config, stock_model_type: str) -> list:
+def safety_checkpoint_mapping(config, stock_model_type: str, stock_class_name: str | None = None) -> list:
     """
-    The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...), then the
-    flat safety names. A rule exists only for parameters this config creates (no LLM safety tokens rule in head-only
-    mode), so that every rule matches a key, both when loading and, reversed, when saving.
+    The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...; registered by
+    stock class name, which transformers prefers, or by `model_type`), then the flat safety names. A rule exists only
+    for parameters this config creates (no LLM safety tokens rule in head-only mode), so that every rule matches a
+    key, both when loading and, reversed, when saving.
     """
     renamings = dict(_FLAT_SAFETY_NAMES)
     if config.num_llm_safety_tokens > 0:
         renamings[_FLAT_LLM_TOKENS[0]] = _FLAT_LLM_TOKENS[1]
-    stock = get_checkpoint_conversion_mapping(stock_model_type) or []
+    by_class = get_checkpoint_conversion_mapping(stock_class_name) if stock_class_name else None
+    stock = [_sparing_safety_keys(rule) for rule in by_class or get_checkpoint_conversion_mapping(stock_model_type) or []]
     return [*stock, *(WeightRenaming(source_patterns=s, target_patterns=t) for s, t in renamings.items())]
+
+
+def _sparing_safety_keys(rule):
+    """A stock renaming that would also move SafeLlava's own keys (Qwen2.5-VL's `^model(?!...)` -> `model.language_model`
+    matches `model.safety_tokens`), kept off them by a leading negative lookahead; every other rule unchanged."""
+    if not isinstance(rule, WeightRenaming) or not _moves_a_safety_key(rule):
+        return rule
+    sources = [f"^{_NOT_SAFETY_KEY}{p[1:]}" if p.startswith("^") else p for p in rule._original_source_patterns]
+    return WeightRenaming(source_patterns=sources, target_patterns=list(rule._original_target_patterns))
+
+
+def _moves_a_safety_key(rule) -> bool:
+    probe = copy.deepcopy(rule)  # renaming marks a rule used
+    return any(probe.rename_source_key(key)[0] != key for key in _SAFETY_KEYS)
+
+
+# SafeLlava's keys, as saved (flat) and in memory: no stock renaming may move them.
+_SAFETY_KEYS = ("model.safety_tokens", "model.safety_projector.x", "model.llm_safety_tokens", "model.safety_module.tokens")
+_NOT_SAFETY_KEY = r"(?!model\.(?:safety_|llm_safety_tokens))"
+
+
+def verdict_parts(model) -> dict[str, str]:
+    """The parts of `model` a verdict reads, by name, as checkpoint prefixes: the safety module, the base's vision
+    tower (`safety_vision_tower_prefix`, default `model.vision_tower.`) and the input embeddings."""
+    return {
+        "safety_module": SAFETY_PARAMETER_PREFIXES[0],
+        "vision_tower": getattr(model, "safety_vision_tower_prefix", DEFAULT_VISION_TOWER_PREFIX),
+        "embed_tokens": "model.language_model.embed_tokens.",
+    }
+
+
+def verdict_path_prefixes(model) -> tuple[str, ...]:
+    """`VERDICT_PATH_PREFIXES` of `model`'s base: what `verdict_parts` names."""
+    return tuple(verdict_parts(model).values())
 
 
 def safetensors_only(load_kwargs: dict) -> dict:
@@ -83,7 +122,8 @@ class SafetyPreTrainedMixin:
         # The mapping depends on the config, so it is registered for this class when a model is built (transformers
         # looks it up by class name when loading, and when saving a model that was not loaded).
         if self.stock_class is not None:
-            mapping = safety_checkpoint_mapping(self.config, self.stock_class.config_class.model_type)
+            stock = self.stock_class
+            mapping = safety_checkpoint_mapping(self.config, stock.config_class.model_type, stock.__name__)
             register_checkpoint_conversion_mapping(type(self).__name__, mapping, overwrite=True)
         super().post_init()
 
@@ -143,7 +183,7 @@ class SafetyPreTrainedMixin:
             if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
                 raise
             cls._raise_safety_shape_error(pretrained_model_name_or_path, args, kwargs, error)
-        missing = sorted(k for k in info["missing_keys"] if k.startswith(VERDICT_PATH_PREFIXES))
+        missing = sorted(k for k in info["missing_keys"] if k.startswith(verdict_path_prefixes(model)))
         if missing and model.config.safety_modules_trained:
             logger.warning(
                 "The checkpoint lacks weights the safety verdict depends on, which were freshly initialised: %s. "
@@ -237,4 +277,11 @@ def _check_only_safety_weights_missing(missing, unexpected, stock_name: str):
         )
 
 
-__all__ = ["SafetyPreTrainedMixin", "safety_checkpoint_mapping", "safetensors_only", "VERDICT_PATH_PREFIXES"]
+__all__ = [
+    "SafetyPreTrainedMixin",
+    "safety_checkpoint_mapping",
+    "safetensors_only",
+    "VERDICT_PATH_PREFIXES",
+    "verdict_parts",
+    "verdict_path_prefixes",
+]

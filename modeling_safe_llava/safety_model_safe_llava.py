@@ -30,7 +30,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .generation_safe_llava import generate_with_safety
 from .policy_safe_llava import SafetyCallRule
-from .safety_module_safe_llava import check_input_ids, check_model_inputs, safety_loss
+from .safety_module_safe_llava import check_image_grid, check_input_ids, check_model_inputs, safety_loss
 
 
 # Fields of the headless model's output that the causal-LM output does not carry.
@@ -84,16 +84,32 @@ class SafetyModelMixin:
         return inputs_embeds[rows, first]
 
     def images_per_row(self, input_ids, inputs_embeds, image_outputs) -> torch.LongTensor:
-        """Images in each row, `(batch_size,)`, from its image placeholders (in `input_ids` or, as stock finds them,
-        in `inputs_embeds`): `config.image_seq_length` placeholders per image. Bases whose images take a varying
-        number of placeholders override this (they can read the images' sizes from `image_outputs`)."""
+        """Images in each row, `(batch_size,)`, from its image placeholders: `config.image_seq_length` placeholders
+        per image. Bases whose images take a varying number of placeholders override this (they can read the images'
+        sizes from `image_outputs`)."""
+        placeholders = self.image_placeholder_mask(input_ids, inputs_embeds).sum(dim=1)
+        return placeholders // self.config.image_seq_length
+
+    def image_placeholder_mask(self, input_ids, inputs_embeds) -> torch.BoolTensor:
+        """`(batch_size, sequence_length)`: where the image placeholders are, in `input_ids` or, as stock finds them,
+        in `inputs_embeds`."""
         image_token_id = self.config.image_token_id
         if input_ids is not None:
-            placeholders = (input_ids == image_token_id).sum(dim=1)
-        else:
-            image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-            placeholders = (inputs_embeds == image_embedding).all(-1).sum(dim=1)
-        return placeholders // self.config.image_seq_length
+            return input_ids == image_token_id
+        image_embedding = self.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def check_image_inputs(self, pixel_values, **image_kwargs):
+        """Rejects images this base cannot read, naming the expected layout (`pixel_values` is already known to be a
+        floating-point tensor on the model's device). Default: LLaVA's `(num_images, channels, height, width)`, with
+        an optional crop dimension. `image_kwargs` are the call's other arguments (e.g. a base's image sizes)."""
+        check_image_grid(self.config, pixel_values)
+
+    def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
+        """The call's per-image arguments (`kwargs`, the `generate` call's) for the images of `rows` alone, when the
+        generation plan passes a subset of rows to stock `generate`; `images_per_row` maps images to rows. Default:
+        none (the images arrive pre-encoded, and the language model reads no other per-image argument)."""
+        return {}
 
     def safety_units_per_image(self, image_outputs) -> torch.LongTensor | None:
         """Vision grids per image, `(num_images,)`, when `safety_vision_states` gives several per image (crops);
@@ -141,7 +157,7 @@ class SafetyModelMixin:
         vision_states = self.safety_vision_states(image_outputs)
         images_per_row = self.images_per_row(input_ids, inputs_embeds, image_outputs)
         units_per_image = self.safety_units_per_image(image_outputs)
-        num_images = vision_states.shape[0] if units_per_image is None else units_per_image.shape[0]
+        num_images = len(vision_states) if units_per_image is None else units_per_image.shape[0]
         if not torch.compiler.is_compiling():  # a host sync: skipped under torch.compile
             check_images_match(images_per_row, num_images, self.config)
         units_per_row = images_per_row
@@ -335,7 +351,7 @@ class SafetyForConditionalGenerationMixin:
 
     def _judge_pixels(self, input_ids, pixel_values, attention_mask, image_kwargs):
         """Inputs validated once, images encoded for the verdict alone, then `judge`."""
-        check_model_inputs(self, input_ids, pixel_values, attention_mask)
+        check_model_inputs(self, input_ids, pixel_values, attention_mask, image_kwargs)
         image_outputs = self.model.encode_images_for_safety(pixel_values, **image_kwargs)
         return self.model.judge(image_outputs, input_ids, None, attention_mask)
 
@@ -368,7 +384,7 @@ class SafetyGenerationView:
         type_logits, images_per_row)`."""
         check_safety_ready(self.config, allow_untrained_safety)
         if pixel_values is not None and input_ids is not None:
-            check_model_inputs(self.model, input_ids, pixel_values, attention_mask)
+            check_model_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
         elif input_ids is not None:
             check_input_ids(self.config, input_ids)
         headless = self.model.model
@@ -379,6 +395,10 @@ class SafetyGenerationView:
     def prompt_inputs(self, input_ids, attention_mask) -> dict:
         """The headless model's `prompt_inputs`: inputs that follow from a rebuilt prompt's token ids."""
         return self.model.model.prompt_inputs(input_ids, attention_mask)
+
+    def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
+        """The headless model's `select_image_inputs`: the call's per-image arguments for the images of `rows`."""
+        return self.model.model.select_image_inputs(kwargs, images_per_row, rows)
 
 
 def check_safety_ready(config, allow_untrained_safety: bool = False):

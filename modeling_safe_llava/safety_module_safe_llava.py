@@ -155,11 +155,15 @@ class SafeLlavaSafetyHead(nn.Module):
         self.level_classifier = nn.Linear(hidden, len(config.safety_level_labels))
         self.category_classifier = nn.Linear(hidden, len(config.safety_type_labels))
 
-    def forward(self, query: torch.Tensor, keys_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, query: torch.Tensor, keys_values: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             query: `(num_images, hidden)`, the text embedding each image is judged with.
             keys_values: `(num_images, num_keys, hidden)`.
+            key_mask: `(num_images, num_keys)` bool, `True` at each image's own keys (its grid's tokens; the padding
+                of smaller grids is `False`), or `None`: every key is the image's.
 
         Returns:
             level logits `(num_images, num_levels)` and type logits `(num_images, num_types)`.
@@ -168,7 +172,8 @@ class SafeLlavaSafetyHead(nn.Module):
         q = self.query_projection(query).view(num_images, self.num_heads, 1, self.head_dim)
         k = self.key_projection(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.value_projection(keys_values).view(num_images, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
-        attended = F.scaled_dot_product_attention(q, k, v)  # (N, heads, 1, head_dim)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, 1, head_dim)
         pooled = self.output_projection(attended.reshape(num_images, hidden))
         return self.level_classifier(pooled), self.category_classifier(pooled)
 
@@ -198,8 +203,9 @@ class SafeLlavaSafetyModule(nn.Module):
     def forward(self, vision_states, query_embeds, images_per_row) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            vision_states (`torch.FloatTensor` of shape `(num_units, grid_height, grid_width, vision_dim)`): what the
-                base's `safety_vision_states` gives, in row order (a unit is an image, or one of its crops).
+            vision_states (`torch.FloatTensor` of shape `(num_units, grid_height, grid_width, vision_dim)`, or a list
+                of `(grid_height_i, grid_width_i, vision_dim)` tensors, one per unit, for grids of different sizes):
+                what the base's `safety_vision_states` gives, in row order (a unit is an image, or one of its crops).
             query_embeds (`torch.FloatTensor` of shape `(batch_size, hidden)`): the base's `safety_query`.
             images_per_row (`torch.LongTensor` of shape `(batch_size,)`): units per row, units in row order.
 
@@ -207,15 +213,34 @@ class SafeLlavaSafetyModule(nn.Module):
             Level logits `(batch_size, num_levels)` and type logits `(batch_size, num_types)` of each row's riskiest
             unit; a row without images gets a certain "level 0, clean" verdict (there is nothing to judge).
         """
-        safety_features = self.projector(vision_states.to(self.tokens.dtype))
+        safety_features, feature_mask = self.project(vision_states)
         num_images = safety_features.shape[0]
         keys_values = torch.cat([self.tokens.unsqueeze(0).expand(num_images, -1, -1), safety_features], dim=1)
+        key_mask = None
+        if feature_mask is not None:  # each image attends over the safety tokens and its own grid's features
+            token_mask = feature_mask.new_ones(num_images, self.tokens.shape[0])
+            key_mask = torch.cat([token_mask, feature_mask], dim=1)
         batch_size = images_per_row.shape[0]
         rows = torch.arange(batch_size, device=images_per_row.device)
         image_rows = torch.repeat_interleave(rows, images_per_row, output_size=num_images)
         query = query_embeds.to(keys_values.dtype)[image_rows.to(query_embeds.device)]
-        level_logits, type_logits = self.head(query, keys_values)
+        level_logits, type_logits = self.head(query, keys_values, key_mask)
         return riskiest_image_per_row(level_logits, type_logits, image_rows.to(level_logits.device), batch_size)
+
+    def project(self, vision_states) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        The safety projector on every grid: `(num_units, max_tokens, hidden)` and, for a list of grids, the mask
+        `(num_units, max_tokens)` of each unit's own tokens (`None` for one stacked grid: all tokens are real).
+        """
+        if isinstance(vision_states, torch.Tensor):
+            return self.projector(vision_states.to(self.tokens.dtype)), None
+        features = [self.projector(grid.unsqueeze(0).to(self.tokens.dtype))[0] for grid in vision_states]
+        if not features:
+            return self.tokens.new_zeros(0, 0, self.tokens.shape[-1]), self.tokens.new_zeros(0, 0, dtype=torch.bool)
+        lengths = torch.tensor([len(tokens) for tokens in features], device=self.tokens.device)
+        padded = nn.utils.rnn.pad_sequence(features, batch_first=True)
+        mask = torch.arange(padded.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+        return padded, mask
 
 
 def riskiest_image_per_row(level_logits, type_logits, image_rows, batch_size: int):
@@ -255,15 +280,18 @@ def _certain_clean(level_logits, type_logits, batch_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None):
+def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None, image_kwargs=None):
     """
     Rejects, with a message naming the bad input, what would give a silently wrong verdict or crash deep inside torch.
 
     Args:
+        model: a SafeLlava ForConditionalGeneration; its headless model's `check_image_inputs` checks the images'
+            shape (each base owns its image layout).
         input_ids: `(batch_size, sequence_length)` int64/int32 ids of this model's tokenizer.
-        pixel_values: `(..., num_channels, height, width)` floating point, as the processor returns them (LLaVA:
-            `(num_images, 3, 336, 336)`; bases with crops add a crop dimension).
+        pixel_values: floating point, as the processor returns them (LLaVA: `(num_images, 3, 336, 336)`; bases with
+            crops add a crop dimension; flat-patch bases give `(num_patches, patch_dim)`).
         attention_mask: `(batch_size, sequence_length)`, every row attending to at least one token.
+        image_kwargs: the call's other arguments, of which the base's check reads its image fields.
     """
     if input_ids is None or pixel_values is None:
         raise ValueError("A safety verdict needs input_ids and pixel_values (the processor's output).")
@@ -282,12 +310,18 @@ def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=
     check_input_ids(model.config, input_ids)
     if attention_mask is not None:
         _check_attention_mask(input_ids, attention_mask)
-    num_channels = model.config.vision_config.num_channels
     if not pixel_values.is_floating_point():
         raise ValueError(
             f"pixel_values must be a floating-point tensor normalised by the processor, got {pixel_values.dtype}; "
             "raw integer pixels would give wrong safety verdicts."
         )
+    model.model.check_image_inputs(pixel_values, **(image_kwargs or {}))
+
+
+def check_image_grid(config, pixel_values):
+    """The image layout of LLaVA-style bases: `(num_images, num_channels, height, width)`, or with crops
+    `(num_images, num_crops, num_channels, height, width)`."""
+    num_channels = config.vision_config.num_channels
     if pixel_values.ndim < 4 or pixel_values.shape[-3] != num_channels:
         raise ValueError(
             f"pixel_values must have shape (num_images, {num_channels}, height, width) (with crops: (num_images, "

@@ -16,7 +16,7 @@ from PIL import Image
 
 import modeling_safe_llava
 from modeling_safe_llava.presets import load_safety_policy
-from modeling_safe_llava import tiny, tiny_gemma3
+from modeling_safe_llava import tiny, tiny_gemma3, tiny_qwen2_5_vl
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,12 @@ class TestBase:
         prompt_fields: processor outputs besides `input_ids` / `attention_mask` that follow the prompt's tokens
             (Gemma 3: `token_type_ids`); they go wherever `input_ids` is replaced by `inputs_embeds`.
         generates_from_inputs_embeds: whether stock's `generate` takes `inputs_embeds` (stock Gemma 3 raises).
+        embeds_match_ids: whether stock's logits from `inputs_embeds` equal those from `input_ids` (Qwen2.5-VL: its
+            multimodal RoPE positions need the token ids; from embeddings alone stock uses text positions).
+        takes_4d_attention_mask: whether stock's forward runs with a custom 4D attention mask (Qwen2.5-VL's
+            `get_rope_index` reads a 2D mask).
+        image_selector: `(inputs, images) -> dict`, the image fields of the images numbered `images`, where they are
+            not indexed by image (Qwen2.5-VL: flat patches); default: index every image field by image.
     """
 
     name: str
@@ -49,6 +55,9 @@ class TestBase:
     compiles_fullgraph: bool = True
     prompt_fields: tuple = ()
     generates_from_inputs_embeds: bool = True
+    embeds_match_ids: bool = True
+    takes_4d_attention_mask: bool = True
+    image_selector: Callable | None = None
 
     __test__ = False  # not a pytest test class
 
@@ -81,6 +90,8 @@ class TestBase:
 
     def select_images(self, inputs, images: list[int]) -> dict:
         """The image fields of `inputs` for the images numbered `images` (in image order)."""
+        if self.image_selector is not None:
+            return self.image_selector(inputs, images)
         index = torch.tensor(images, dtype=torch.long)
         return {name: inputs[name][index] for name in self.image_fields if name in inputs}
 
@@ -98,6 +109,14 @@ def _llava_next_crops(inputs) -> list[int]:
     pinpoints = tiny.load_model_preset("llava-next-tiny.json")["image_grid_pinpoints"]
     crop = inputs["pixel_values"].shape[-1]
     return [image_size_to_num_patches(size, pinpoints, crop) for size in inputs["image_sizes"]]
+
+
+def _qwen_images(inputs, images: list[int]) -> dict:
+    """Qwen2.5-VL: the flat patches of the images numbered `images` (each image `image_grid_thw.prod()` patches)."""
+    patches = inputs["image_grid_thw"].prod(-1).tolist()
+    starts = [sum(patches[:i]) for i in range(len(patches))]
+    rows = [row for i in images for row in range(starts[i], starts[i] + patches[i])]
+    return {"pixel_values": inputs["pixel_values"][rows], "image_grid_thw": inputs["image_grid_thw"][images]}
 
 
 BASES = {
@@ -129,6 +148,23 @@ BASES = {
         preset="tiny-gemma3.json",
         prompt_fields=("token_type_ids",),  # bidirectional attention within each image
         generates_from_inputs_embeds=False,  # Gemma3ForConditionalGeneration: "doesn't have its forwarding implemented"
+    ),
+    "qwen2_5_vl": TestBase(
+        name="qwen2_5_vl",
+        build_stock=lambda seed: tiny_qwen2_5_vl.build_tiny_qwen2_5_vl(seed=seed),
+        model_class="SafeQwen2_5_VLForConditionalGeneration",
+        processor_class="SafeQwen2_5_VLProcessor",
+        preset="tiny-qwen2_5_vl.json",
+        image_fields=("pixel_values", "image_grid_thw"),
+        # 20x20 -> a 16x24 image (2x3 merged tokens), 44x30 -> 32x48 (4x6), 17x40 -> 16x40 (2x5): every image its own
+        # token count.
+        image_shapes=((20, 20), (44, 30), (17, 40)),
+        units_per_image=lambda inputs: [1] * len(inputs["image_grid_thw"]),
+        compiles_fullgraph=False,  # each image's grid (window attention, rope index) is data-dependent
+        prompt_fields=("mm_token_type_ids",),  # get_rope_index reads it
+        embeds_match_ids=False,
+        takes_4d_attention_mask=False,
+        image_selector=_qwen_images,
     ),
 }
 BASE_NAMES = tuple(BASES)

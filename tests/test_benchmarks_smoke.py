@@ -206,7 +206,11 @@ def test_calibration_item_compares_the_same_generation(micro_results):
 
 # -- every base ---------------------------------------------------------------------------------------------------
 
-OTHER_BASES = {"micro-llava-next": "LlavaNextForConditionalGeneration", "micro-gemma3": "Gemma3ForConditionalGeneration"}
+OTHER_BASES = {
+    "micro-llava-next": "LlavaNextForConditionalGeneration",
+    "micro-gemma3": "Gemma3ForConditionalGeneration",
+    "micro-qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+}
 
 
 @pytest.fixture(scope="module", params=sorted(OTHER_BASES))

@@ -67,10 +67,10 @@ def assert_forward_mirrors_stock(stock, safe, kwargs, what, stock_must_run=True)
 
 
 @torch.no_grad()
-def test_custom_4d_attention_mask(pair, inputs):
+def test_custom_4d_attention_mask(pair, inputs, base):
     stock, safe, _ = pair
     inputs["attention_mask"] = causal_4d_mask(inputs["attention_mask"])
-    assert_forward_mirrors_stock(stock, safe, inputs, "a custom 4D attention mask")
+    assert_forward_mirrors_stock(stock, safe, inputs, "a custom 4D attention mask", base.takes_4d_attention_mask)
 
 
 @torch.no_grad()
@@ -79,7 +79,8 @@ def test_inputs_embeds_in_place_of_input_ids(pair, inputs, base):
     embeds = stock.get_input_embeddings()(inputs["input_ids"])
     kwargs = {"inputs_embeds": embeds, **image_kwargs(inputs, base), "attention_mask": inputs["attention_mask"]}
     actual = assert_forward_mirrors_stock(stock, safe, kwargs, "inputs_embeds")
-    assert_same(stock(**inputs).logits, actual.logits, "inputs_embeds vs input_ids")
+    if base.embeds_match_ids:
+        assert_same(stock(**inputs).logits, actual.logits, "inputs_embeds vs input_ids")
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 `SafetyJudge.from_pretrained(folder)` builds the checkpoint's model class (any base: its `model_type` picks the class in
 `bases.py`) on the `meta` device, then gives real weights to the parts a verdict reads
-(`safety_loading_safe_llava.VERDICT_PATH_PREFIXES`), the same for every base:
+(`safety_loading_safe_llava.verdict_path_prefixes`: the same parts for every base, its vision tower where it keeps it):
 
 - the vision tower (the safety head reads its hidden states: LLaVA-1.5's and LLaVA-NeXT's CLIP layer, every anyres
   crop for LLaVA-NeXT; SigLIP's last state for Gemma 3, average-pooled as Gemma 3 pools it, which needs no weights);
@@ -34,7 +34,7 @@ from torch import nn
 from ..bases import base_for_model_type, load_safe_processor
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF
 from ..policy_safe_llava import decide_safety_actions
-from ..safety_loading_safe_llava import VERDICT_PATH_PREFIXES
+from ..safety_loading_safe_llava import verdict_parts, verdict_path_prefixes
 from ..safety_model_safe_llava import check_safety_ready
 
 
@@ -202,7 +202,7 @@ def query_token_ids(processor, config) -> list[int] | None:
 
 def build_judge_model(config, path: str, revision=None, device=None, dtype=None, embedding_rows=None):
     """The model class of `config`'s base on `meta`, with real vision tower, safety module and input embeddings
-    (`VERDICT_PATH_PREFIXES`) loaded from `path`'s safetensors; with `embedding_rows` (token ids), only those rows of
+    (`verdict_path_prefixes`) loaded from `path`'s safetensors; with `embedding_rows` (token ids), only those rows of
     the embedding table (`keep_embedding_rows`). Raises `ValueError` naming any of those weights the checkpoint
     lacks."""
     device = torch.device(device or "cpu")
@@ -213,7 +213,7 @@ def build_judge_model(config, path: str, revision=None, device=None, dtype=None,
     if embedding_rows is not None:
         keep_embedding_rows(model.get_input_embeddings(), embedding_rows)
         rows = {EMBEDDING_KEY: embedding_rows}
-    wanted = {name for name in model.state_dict() if name.startswith(VERDICT_PATH_PREFIXES)}
+    wanted = {name for name in model.state_dict() if name.startswith(verdict_path_prefixes(model))}
     state = read_verdict_weights(path, wanted, model, revision=revision, rows=rows)
     missing = sorted(wanted - set(state))
     if missing:
@@ -226,7 +226,7 @@ def build_judge_model(config, path: str, revision=None, device=None, dtype=None,
     for module in verdict_modules(model):
         module.to(device=device, dtype=dtype)
     # Placed by module, as a dispatched model is: `model.device` (its first parameter) may be one left on `meta`.
-    model.hf_device_map = {prefix.rstrip("."): str(device) for prefix in VERDICT_PATH_PREFIXES}
+    model.hf_device_map = {prefix.rstrip("."): str(device) for prefix in verdict_path_prefixes(model)}
     return model.eval()
 
 
@@ -258,8 +258,8 @@ def _to_kept_rows(embedding, args):
 
 
 def verdict_modules(model) -> list[nn.Module]:
-    """The modules a verdict reads (`VERDICT_PATH_PREFIXES`): vision tower, safety module, input embeddings."""
-    return [model.get_submodule(prefix.rstrip(".")) for prefix in VERDICT_PATH_PREFIXES]
+    """The modules a verdict reads (`verdict_path_prefixes`): vision tower, safety module, input embeddings."""
+    return [model.get_submodule(prefix.rstrip(".")) for prefix in verdict_path_prefixes(model)]
 
 
 def _materialize_verdict_buffers(model, device):
@@ -370,12 +370,13 @@ def _resolve_file(path: str, name: str, revision=None) -> str:
 def judge_memory_bytes(model) -> dict[str, int]:
     """Bytes held by the judge's parts (parameters and buffers not on `meta`), and by the parts left on `meta`."""
     held = {"vision_tower": 0, "safety_module": 0, "embed_tokens": 0, "other": 0}
+    parts = verdict_parts(model)
     on_meta = 0
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         size = tensor.numel() * tensor.element_size()
         if tensor.device.type == "meta":
             on_meta += size
             continue
-        part = next((p for p in ("vision_tower", "safety_module", "embed_tokens") if f".{p}." in f".{name}"), "other")
+        part = next((p for p, prefix in parts.items() if name.startswith(prefix)), "other")
         held[part] += size
     return {**held, "total": sum(held.values()), "not_loaded": on_meta}

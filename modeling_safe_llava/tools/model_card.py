@@ -172,8 +172,9 @@ def detail_rows(config, facts: ModelFacts, base_model: str, threshold: float) ->
 def vision_tower_description(vision) -> str:
     """The vision tower's family and sizes, and where its pretrained weights come from when its config says so."""
     layers = getattr(vision, "num_hidden_layers", None)
+    image_size = getattr(vision, "image_size", None)  # None: images of any size (Qwen2.5-VL)
     parts = [vision.model_type, *([f"{layers} layers"] if layers is not None else []), f"hidden {vision.hidden_size}",
-             f"{vision.image_size}px images", f"patch {vision.patch_size}"]  # fmt: skip
+             f"{image_size}px images" if image_size else "images of any size", f"patch {vision.patch_size}"]  # fmt: skip
     source = getattr(vision, "pretrained_weights", None)
     return ", ".join(parts) + (f"; weights: {source}" if source else "")
 

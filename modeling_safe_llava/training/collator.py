@@ -187,10 +187,16 @@ class SafeLlavaPromptCollator:
         }
 
 
+# Processor outputs that follow the tokens, one entry per token (cut with the text): the modality of each token, which
+# multimodal RoPE reads (Qwen2.5-VL's `get_rope_index`).
+TOKEN_FIELDS = ("mm_token_type_ids",)
+
+
 def image_fields(encoded) -> dict:
     """The processor's image outputs, whatever the base returns: `pixel_values`, and e.g. LLaVA-NeXT's `image_sizes`
-    (one entry per image, never cut with the text)."""
-    return {key: value for key, value in encoded.items() if key.startswith(("pixel_values", "image_"))}
+    or Qwen2.5-VL's `image_grid_thw` (one entry per image, never cut with the text), and the `TOKEN_FIELDS` it
+    returns."""
+    return {key: value for key, value in encoded.items() if key.startswith(("pixel_values", "image_", *TOKEN_FIELDS))}
 
 
 def _checked_max_length(max_length) -> int:
@@ -213,7 +219,7 @@ def _truncate_right(batch: dict, max_length: int, image_token_id: int) -> dict:
             "raise max_length."
         )
     return {
-        key: value[:, :max_length] if key in ("input_ids", "attention_mask", "labels") else value
+        key: value[:, :max_length] if key in ("input_ids", "attention_mask", "labels", *TOKEN_FIELDS) else value
         for key, value in batch.items()
     }
 
