@@ -228,16 +228,18 @@ class SafetyCallRule:
         actions (`dict[str, list[str]]`): the call's action per risky type and level.
 
     `safety_off` (`bool`) is set from `thresholds`: `risk <= 1` is never `> 1`, so with every threshold at 1 nothing
-    can be flagged.
+    can be flagged. `allows_everything` (`bool`): every action is `allow`, so a flag changes no answer.
     """
 
     policy: SafetyPolicy
     thresholds: torch.Tensor
     actions: dict
     safety_off: bool = field(init=False)
+    allows_everything: bool = field(init=False)
 
     def __post_init__(self):
         self.safety_off = bool((self.thresholds >= 1.0).all())
+        self.allows_everything = all(action == "allow" for levels in self.actions.values() for action in levels)
 
     @classmethod
     def from_config(cls, config, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":

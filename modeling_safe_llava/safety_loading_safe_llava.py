@@ -48,17 +48,26 @@ _LOAD_KWARGS = ("dtype", "device_map", "revision", "cache_dir", "local_files_onl
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
-def safety_checkpoint_mapping(config, stock_model_type: str) -> list:
+def safety_checkpoint_mapping(config, stock_name: str) -> list:
     """
-    The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...), then the
-    flat safety names. A rule exists only for parameters this config creates (no LLM safety tokens rule in head-only
-    mode), so that every rule matches a key, both when loading and, reversed, when saving.
+    The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...; `stock_name`
+    is the stock class's name or its `model_type`, as transformers looks them up), then the flat safety names. A rule
+    exists only for parameters this config creates (no LLM safety tokens rule in head-only mode), so that every rule
+    matches a key, both when loading and, reversed, when saving. The rules name the generation class's keys
+    (`model.safety_projector.*`); a headless class loads them too, as transformers then strips the `model.` prefix.
     """
     renamings = dict(_FLAT_SAFETY_NAMES)
     if config.num_llm_safety_tokens > 0:
         renamings[_FLAT_LLM_TOKENS[0]] = _FLAT_LLM_TOKENS[1]
-    stock = get_checkpoint_conversion_mapping(stock_model_type) or []
+    stock = get_checkpoint_conversion_mapping(stock_name) or []
     return [*stock, *(WeightRenaming(source_patterns=s, target_patterns=t) for s, t in renamings.items())]
+
+
+def _stock_mapping_name(stock_class) -> str:
+    """Where transformers finds a stock class's checkpoint renamings: under its class name (`LlavaModel`), else under
+    its `model_type` (`llava`)."""
+    name = stock_class.__name__
+    return name if get_checkpoint_conversion_mapping(name) is not None else stock_class.config_class.model_type
 
 
 def safetensors_only(load_kwargs: dict) -> dict:
@@ -74,8 +83,9 @@ def safetensors_only(load_kwargs: dict) -> dict:
 class SafetyPreTrainedMixin:
     """Put in front of a base's stock `PreTrainedModel`: loading, saving and initialisation of every SafeLlava class.
 
-    A ForConditionalGeneration class sets `stock_class` (e.g. `LlavaForConditionalGeneration`): it names the stock
-    checkpoints `from_base` accepts and the stock conversion mapping its own extends."""
+    The headless and the ForConditionalGeneration class of a base set `stock_class` (e.g. `LlavaModel`,
+    `LlavaForConditionalGeneration`): it names the stock conversion mapping their own extends (and, for the latter,
+    the stock checkpoints `from_base` accepts)."""
 
     stock_class = None
 
@@ -83,7 +93,7 @@ class SafetyPreTrainedMixin:
         # The mapping depends on the config, so it is registered for this class when a model is built (transformers
         # looks it up by class name when loading, and when saving a model that was not loaded).
         if self.stock_class is not None:
-            mapping = safety_checkpoint_mapping(self.config, self.stock_class.config_class.model_type)
+            mapping = safety_checkpoint_mapping(self.config, _stock_mapping_name(self.stock_class))
             register_checkpoint_conversion_mapping(type(self).__name__, mapping, overwrite=True)
         super().post_init()
 
@@ -143,7 +153,9 @@ class SafetyPreTrainedMixin:
             if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
                 raise
             cls._raise_safety_shape_error(pretrained_model_name_or_path, args, kwargs, error)
-        missing = sorted(k for k in info["missing_keys"] if k.startswith(VERDICT_PATH_PREFIXES))
+        # A headless model's keys lack the `model.` of the generation class's, which the prefixes name.
+        prefix = f"{model.base_model_prefix}." if model.base_model is model else ""
+        missing = sorted(k for k in info["missing_keys"] if f"{prefix}{k}".startswith(VERDICT_PATH_PREFIXES))
         if missing and model.config.safety_modules_trained:
             logger.warning(
                 "The checkpoint lacks weights the safety verdict depends on, which were freshly initialised: %s. "
