@@ -247,7 +247,7 @@ class SafetyGenerationPlan:
                     "(config.safety_text_token_ids is empty). Call model.tokenize_safety_texts(processor) once, or "
                     "pass tokenizer=... to generate."
                 )
-            self.policy.tokenize(tokenizer)
+            return copy.copy(self.policy).tokenize(tokenizer)  # the policy is shared: tokenized for this call only
         return self.policy.text_token_ids
 
     def _refusal_tokens(self, texts, category, input_ids) -> list[int]:

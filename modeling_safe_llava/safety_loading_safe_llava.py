@@ -118,8 +118,9 @@ class SafetyPreTrainedMixin:
 
     @property
     def safety_policy(self) -> SafetyPolicy:
-        """The [`SafetyPolicy`] saved in this model's config."""
-        return SafetyPolicy.from_config(self.config)
+        """The [`SafetyPolicy`] saved in this model's config (validated once per set of config values; a copy of the
+        validated one, so that setting its attributes, e.g. `tokenize`, changes nothing else)."""
+        return copy.copy(SafetyPolicy.from_config(self.config))
 
     def tokenize_safety_texts(self, processor) -> dict:
         """Stores the policy texts as token ids of `processor` in the config, so that `generate` needs no tokenizer."""

@@ -87,3 +87,26 @@ def test_the_headless_class_loads_a_checkpoint_with_its_safety_weights(base, tmp
     expected = safe.model.state_dict()
     for name, value in headless.state_dict().items():
         assert torch.equal(value, expected[name]), name
+
+
+def test_no_decoding_step_inspects_a_signature(base, monkeypatch):
+    # transformers reads `inspect.signature(self.forward)` on every step of a remote-code model; the package computes
+    # the signature of each SafeLlava `forward` once, so a longer generation inspects no more functions.
+    _, safe, processor = base.build_pair()
+    inputs = image_inputs(processor, base=base)
+    inspected = []
+    original = inspect._signature_from_function
+
+    def counting(*args, **kwargs):
+        if args[1].__name__ != "__call__":  # stock's logits processors inspect themselves on every step, as on stock
+            inspected.append(args[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inspect, "_signature_from_function", counting)
+    counts = []
+    for max_new_tokens in (2, 6):
+        inspected.clear()
+        safe.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, safety_threshold=1.0)
+        counts.append(len(inspected))
+    assert counts[0] == counts[1], counts
+    assert not [f for f in inspected if f.__name__ == "forward" and f.__module__.startswith("modeling_safe_llava")]
