@@ -170,6 +170,22 @@ def optimizer_state_bytes(optimizer) -> int:
     )
 
 
+class OpSeconds(TorchDispatchMode):
+    """CPU seconds of the calling thread spent inside torch ops (each op's dispatch timed with `time.thread_time`,
+    which other processes on shared cores do not inflate), and the number of ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds, self.ops = 0.0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.thread_time()
+        out = func(*args, **(kwargs or {}))
+        self.seconds += time.thread_time() - start
+        self.ops += 1
+        return out
+
+
 class LiveTensorBytes(TorchDispatchMode):
     """
     Bytes of the tensor storages that operators created inside the block and that are still alive: `live` now,

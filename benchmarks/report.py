@@ -56,6 +56,13 @@ def evaluate_targets(results: dict, config: dict) -> list[dict]:
             ratios["end_to_end_head_only_vs_stock"], f"<= {limit:.2f}", ratios["end_to_end_head_only_vs_stock"] <= limit,
             flops_config["generate_head_only_vs_stock"], flops_7b["generate_head_only_vs_stock"],
             spread["end_to_end_head_only_vs_stock"])
+    call = results.get("call_overhead")
+    for variant, label, key in (("safe", f"{tokens} LLM safety tokens", "call_overhead_safe_max"),
+                                ("head_only", "head only", "call_overhead_head_only_max")):  # fmt: skip
+        if call is not None and key in targets:
+            ratio = call["ratios"][f"{variant}_vs_stock"]
+            add("1b", f"per-call generate time (issue 25's shape), {label} / stock, batch 1", ratio,
+                f"<= {targets[key]:.2f}", ratio <= targets[key], spread=call["ratio_spread"][f"{variant}_vs_stock"])
     limit = targets.get("calibration_ratio_max")
     for entry in results.get("calibration", {}).values() if limit is not None else ():
         ratio, batch = entry["ratios"]["calibrated_vs_uncalibrated"], entry["batch_size"]
@@ -224,6 +231,7 @@ def _sections():
     """`(results key, renderer)` in the order the markdown shows them."""
     return (
         ("generate_overhead", _generate_section),
+        ("call_overhead", _call_overhead_section),
         ("generate_memory", _generate_memory_section),
         ("paper_way", _paper_way_section),
         ("refusal", _refusal_section),
@@ -302,6 +310,31 @@ def _generate_section(results):
         f"Head-only SafeLlava generated exactly stock LLaVA's tokens: {', '.join(checks)}.",
         "",
     ]
+    return lines
+
+
+def _call_overhead_section(results):
+    e = results["call_overhead"]
+    lines = [
+        "## 1b. Per-call overhead: `generate`, batch 1, nothing judged (`safety_threshold=1.0`)",
+        "",
+        f"{e['new_tokens']} new tokens, {e['repeats']} interleaved repeats. Python outside torch ops: the calling "
+        "thread's CPU time of a call minus its CPU time inside torch ops (each op timed by a dispatch mode, whose own "
+        "per-op cost is counted on the Python side alike for every variant), median of 5 more calls each.",
+        "",
+        "| model | median s | ratio vs stock (min-max) | Python outside torch ops, ms per call | torch ops per call |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("stock", "safe", "head_only"):
+        ratio = "1" if name == "stock" else (
+            f"{_fmt(e['ratios'][f'{name}_vs_stock'])} ({_fmt(e['ratio_spread'][f'{name}_vs_stock'][0])}-"
+            f"{_fmt(e['ratio_spread'][f'{name}_vs_stock'][1])})"
+        )  # fmt: skip
+        lines.append(
+            f"| {_variant_label(name, results)} | {e['end_to_end'][name]['median_s']:.4f} | {ratio} | "
+            f"{1000 * e['python_outside_ops_s'][name]:.2f} | {e['torch_ops_per_call'][name]} |"
+        )
+    lines += ["", f"Safety head calls during the timed SafeLlava calls: {e['checks']['safety_head_calls']}.", ""]
     return lines
 
 

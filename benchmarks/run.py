@@ -30,13 +30,15 @@ BENCHMARK_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = BENCHMARK_DIR / "configs"
 DEFAULT_OUTPUT_DIR = BENCHMARK_DIR / "results"
 ITEMS = (
-    "generate_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "calibration", "audit_scaling",
-    "training",
+    "generate_overhead", "call_overhead", "generate_memory", "paper_way", "refusal", "assess_throughput", "calibration",
+    "audit_scaling", "training",
 )  # fmt: skip
 # What a config runs unless it names its own "items" (or --only overrides): generate_memory repeats
 # generate_overhead's memory part, for shapes too slow to time here; audit_scaling launches torchrun (configs that
 # measure it name it: cpu-audit, gpu-7b).
-DEFAULT_ITEMS = ("generate_overhead", "paper_way", "refusal", "assess_throughput", "calibration", "training")
+DEFAULT_ITEMS = (
+    "generate_overhead", "call_overhead", "paper_way", "refusal", "assess_throughput", "calibration", "training",
+)  # fmt: skip
 REQUIRED_KEYS = (
     "name", "device", "dtype", "timer", "seed", "reference_preset", "model", "prompt", "new_tokens", "generate_batch_sizes",
     "paper_way_batch_sizes", "refusal_batch_size", "throughput_batch_sizes", "train_batch_size",
@@ -116,6 +118,7 @@ def run_benchmark(config: dict, config_path: Path, items=None, command: str = ""
 
     steps = {
         "generate_overhead": (scenarios.generate_overhead, scenarios.generate_steps),
+        "call_overhead": (scenarios.call_overhead, scenarios.call_overhead_steps),
         "generate_memory": (scenarios.generate_memory, scenarios.generate_memory_steps),
         "paper_way": (scenarios.paper_way, scenarios.paper_way_steps),
         "refusal": (scenarios.refusal, scenarios.refusal_steps),

@@ -9,6 +9,7 @@ vision-tower passes, rows refused).
 import contextlib
 import copy
 import functools
+import statistics
 import time
 
 import torch
@@ -17,7 +18,7 @@ from transformers import GenerationMixin
 from modeling_safe_llava.tools.calibration import temperatures
 
 from .flops import count_flops
-from .measure import model_bytes, optimizer_state_bytes, peak_memory, time_interleaved
+from .measure import OpSeconds, model_bytes, optimizer_state_bytes, peak_memory, time_interleaved
 from .models import NOTHING_FLAGGED, make_inputs, make_training_batch
 from .training import prepare_training
 
@@ -140,6 +141,68 @@ def generate_steps(config: dict) -> int:
         3 * (repeats_for(config, "generate", b) + repeats_for(config, "prefill", b)) + 3
         for b in config["generate_batch_sizes"]
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1b. per-call overhead: one short `generate`, nothing judged, and the Python time outside torch ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def call_overhead(bm, config: dict, bar) -> dict:
+    """
+    Issue 25's per-call shape: `generate` of batch 1, nothing judged (`safety_threshold=1.0`), stock vs SafeLlava vs
+    head-only SafeLlava, timed interleaved; then each call 5 more times under a mode that times every torch op
+    (`OpSeconds`): the Python time per call outside torch ops is the calling thread's CPU time of the call minus its
+    CPU time inside torch ops, median of the 5. The mode's own per-op cost is counted on the Python side, alike for
+    every variant (their op counts are recorded): compare the variants. The safety head must not run.
+    """
+    device = config["device"]
+    repeats = config["repeats"].get("call_overhead") or repeats_for(config, "generate", 1)
+    models = {"stock": bm.stock, "safe": bm.safe, "head_only": bm.head_only}
+    inputs = {name: make_inputs(bm, model, 1) for name, model in models.items()}
+
+    def call(name):
+        extra = {} if name == "stock" else NOTHING_FLAGGED
+        return lambda: models[name].generate(**inputs[name], **extra)
+
+    with count_calls(bm.safe.model.safety_module) as head_calls:
+        variants = {name: call(name) for name in models}
+        timing = time_interleaved(variants, repeats, config["warmup"], device, config["timer"], bar)
+    python = {name: [] for name in models}
+    ops = {}
+    for repeat in range(5):
+        for name in models if repeat % 2 == 0 else list(models)[::-1]:
+            mode = OpSeconds()
+            started = time.thread_time()
+            with mode:
+                call(name)()
+            python[name].append(time.thread_time() - started - mode.seconds)
+            ops[name] = mode.ops
+    bar.update(5 * len(models))
+    python_s = {name: statistics.median(values) for name, values in python.items()}
+    return {
+        "batch_size": 1,
+        "new_tokens": config["new_tokens"],
+        "repeats": repeats,
+        "end_to_end": timing.to_dict(),
+        "ratios": {
+            "safe_vs_stock": timing.ratio("safe", "stock"),
+            "head_only_vs_stock": timing.ratio("head_only", "stock"),
+        },
+        "ratio_spread": {
+            "safe_vs_stock": timing.ratio_spread("safe", "stock"),
+            "head_only_vs_stock": timing.ratio_spread("head_only", "stock"),
+        },
+        "python_outside_ops_s": python_s,
+        "python_outside_ops_runs_s": python,
+        "torch_ops_per_call": ops,
+        "checks": {"safety_head_calls": head_calls[0]},
+    }
+
+
+def call_overhead_steps(config: dict) -> int:
+    repeats = config["repeats"].get("call_overhead") or repeats_for(config, "generate", 1)
+    return 3 * repeats + 15
 
 
 def memory_ratios(memory: dict) -> dict:

@@ -5,6 +5,8 @@ classes: `AutoConfig`, `AutoModel` and `AutoModelForImageTextToText` (both give 
 ForConditionalGeneration class) and `AutoProcessor`.
 """
 
+import inspect
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_safe_llava import SafeLlavaConfig
@@ -64,6 +66,24 @@ for _base in BASES:
     _base.config_class.register_for_auto_class()
     _base.model_class.register_for_auto_class("AutoModelForImageTextToText")
     _base.processor_class.register_for_auto_class("AutoProcessor")
+
+
+def _compute_forward_signatures(cls):
+    """
+    transformers' `prepare_inputs_for_generation` calls `inspect.signature(self.forward)` on every decoding step of a
+    remote-code model (`is_remote_code()`: a class registered for an auto class, as above) to look for
+    `cache_position`; stock classes skip it. Each SafeLlava `forward`'s signature is computed here once, so that a step
+    reads it instead of inspecting the function again. (Remote code may not import `inspect`: a checkpoint run from
+    its Hub files without this package inspects on every step, as any remote-code model does.)
+    """
+    for subclass in cls.__subclasses__():
+        forward = subclass.__dict__.get("forward")
+        if forward is not None and "__signature__" not in vars(forward):
+            forward.__signature__ = inspect.signature(forward)
+        _compute_forward_signatures(subclass)
+
+
+_compute_forward_signatures(SafetyPreTrainedMixin)
 # As stock Gemma 3, whose AutoModelForCausalLM is its ForConditionalGeneration class.
 AutoModelForCausalLM.register(SafeGemma3Config, SafeGemma3ForConditionalGeneration, exist_ok=True)
 

@@ -3,11 +3,11 @@ them branches on a base.
 
 A base is its config, model and processor classes (one remote-code file each or together, built on the seam:
 `docs/bases.md`). Adding one is one `Base(...)` entry in `BASES`; the package registers it with the Auto classes, and
-demo, evaluate, calibrate, audit, export, serve and training then take it.
+evaluate, calibrate, audit, export, serve and training then take it. This file holds the model registry only: what the
+demo builds for each base is the demo's (`tools/demo.py`, `DEMO_MODELS`).
 """
 
 import ast
-import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +34,6 @@ class Base:
         name: the name the command line takes (`--base`).
         stock_checkpoint: the stock checkpoint of the base's 7B-class preset.
         large_preset: that preset, in `configuration/`.
-        head_reads: what the safety head judges, in a few words (README's table of bases).
-        demo_builder: `"module:function"` building the demo's model and processor, `(language_model, seed=...)`.
-        demo_language_models: the `--language-model` choices of the demo on this base (the first is the default).
-        demo_vision_towers: the `--vision-tower` choices of the demo on this base (the first is the default); with
-            more than one, the builder takes `vision_tower=`.
     """
 
     config_class: type
@@ -47,10 +42,6 @@ class Base:
     name: str
     stock_checkpoint: str
     large_preset: str
-    head_reads: str
-    demo_builder: str
-    demo_language_models: tuple = ("tiny",)
-    demo_vision_towers: tuple = ("random",)
 
     @property
     def model_type(self) -> str:
@@ -89,22 +80,6 @@ class Base:
     def classes(self) -> tuple[type, type, type]:
         return self.config_class, self.model_class, self.processor_class
 
-    def build_demo_model(self, language_model: str | None = None, seed: int = 0, vision_tower: str | None = None):
-        """The demo's model (safety modules untrained) and processor, paper policy texts tokenized."""
-        language_model = _demo_choice("--language-model", language_model, self.demo_language_models, self.name)
-        vision_tower = _demo_choice("--vision-tower", vision_tower, self.demo_vision_towers, self.name)
-        options = {"vision_tower": vision_tower} if len(self.demo_vision_towers) > 1 else {}
-        module_name, function_name = self.demo_builder.split(":")
-        return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed, **options)
-
-
-def _demo_choice(flag: str, value: str | None, accepted: tuple, base_name: str) -> str:
-    """`value`, or the first accepted one when `None`; a clear error for one the base does not offer."""
-    value = value or accepted[0]
-    if value not in accepted:
-        raise ValueError(f"{flag} {value!r} is not available with --base {base_name}; accepted: {', '.join(accepted)}.")
-    return value
-
 
 BASES = (
     Base(
@@ -114,10 +89,6 @@ BASES = (
         name="llava",
         stock_checkpoint="llava-hf/llava-1.5-7b-hf",
         large_preset="7b.json",
-        head_reads="CLIP's vision_feature_layer (-2), CLS dropped: the 24x24 grid the language model reads",
-        demo_builder="modeling_safe_llava.tools.embedded:build_embedded_default",
-        demo_language_models=("smollm2", "tiny"),
-        demo_vision_towers=("efficientnet-lite0", "random"),
     ),
     Base(
         SafeLlavaNextConfig,
@@ -126,9 +97,6 @@ BASES = (
         name="llava-next",
         stock_checkpoint="llava-hf/llava-v1.6-mistral-7b-hf",
         large_preset="llava-next-7b.json",
-        head_reads="every anyres crop (the base image and each high-resolution crop: 24x24 grids at vision_feature_layer "
-        "-2, CLS dropped); a row's verdict is its riskiest crop",
-        demo_builder="modeling_safe_llava.tiny:build_demo_safe_llava_next",
     ),
     Base(
         SafeGemma3Config,
@@ -137,8 +105,6 @@ BASES = (
         name="gemma3",
         stock_checkpoint="google/gemma-3-4b-it",
         large_preset="gemma3-4b.json",
-        head_reads="SigLIP's last hidden state average-pooled as Gemma 3 pools it: the 16x16 grid the language model reads",
-        demo_builder="modeling_safe_llava.tiny_gemma3:build_demo_safe_gemma3",
     ),
     Base(
         SafeQwen2_5_VLConfig,
@@ -147,9 +113,6 @@ BASES = (
         name="qwen2_5_vl",
         stock_checkpoint="Qwen/Qwen2.5-VL-7B-Instruct",
         large_preset="qwen2_5_vl-7b.json",
-        head_reads="each image's merged vision features as its own grid (images of any size; the head attends over "
-        "each image's own tokens); a row's verdict is its riskiest image",
-        demo_builder="modeling_safe_llava.tiny_qwen2_5_vl:build_demo_safe_qwen2_5_vl",
     ),
 )
 

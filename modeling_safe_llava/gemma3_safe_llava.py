@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, Gemma3Config, Gemma3Processor
+from transformers.cache_utils import Cache
 from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3CausalLMOutputWithPast,
     Gemma3ForConditionalGeneration,
@@ -37,6 +38,8 @@ from transformers.models.gemma3.modeling_gemma3 import (
     Gemma3MultiModalProjector,
     Gemma3PreTrainedModel,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .safety_config_safe_llava import SafetyConfigMixin
@@ -168,6 +171,7 @@ class SafeGemma3Model(SafetyModelMixin, Gemma3Model, SafeGemma3PreTrainedModel):
 
     config: SafeGemma3Config
     config_class = SafeGemma3Config
+    stock_class = Gemma3Model
     safety_output_class = SafeGemma3ModelOutputWithPast
     safety_image_kwargs = ()
     safety_passes_output_flags = False  # stock Gemma 3 encodes images without the caller's output flags
@@ -215,18 +219,34 @@ class SafeGemma3Model(SafetyModelMixin, Gemma3Model, SafeGemma3PreTrainedModel):
         return {"token_type_ids": (input_ids == self.config.image_token_id).long()}
 
     @can_return_tuple
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, mm_encoder_outputs=None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SafeGemma3ModelOutputWithPast:
         r"""
-        [`SafetyModelMixin.forward`] (stock Gemma 3's plus the safety logits). Images the generation plan selected per
-        row arrive as a list of per-image tensors; stock Gemma 3 takes one `(num_images, tokens, hidden)` tensor.
+        Stock `Gemma3Model.forward` restated (docs/bases.md, "What a `forward` names"), plus the safety logits
+        ([`SafetyModelMixin.forward`], `output_safety`). Images the generation plan selected per row arrive as a list
+        of per-image tensors; stock Gemma 3 takes one `(num_images, tokens, hidden)` tensor.
         """
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is not None and isinstance(image_outputs.pooler_output, (list, tuple)):
             image_outputs.pooler_output = torch.stack(list(image_outputs.pooler_output))
         return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
-        )
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=output_safety, token_type_ids=token_type_ids, labels=labels, use_cache=use_cache, **kwargs,
+        )  # fmt: skip
 
 
 class SafeGemma3ForConditionalGeneration(
@@ -262,45 +282,35 @@ class SafeGemma3ForConditionalGeneration(
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        cache=None,
+        past_key_values: Cache | None = None,
         token_type_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.FloatTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        safety_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        safety_labels: torch.LongTensor | None = None,
         output_safety: bool | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SafeGemma3CausalLMOutputWithPast:
         r"""
-        [`SafetyForConditionalGenerationMixin.forward`] with Gemma 3's own arguments named, so that `generate` passes
-        them as it does to stock (`cache` is transformers 5.24+'s name of `past_key_values`).
+        Stock `Gemma3ForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
+        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`). `cache` is
+        transformers 5.24+'s name of `past_key_values`.
 
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 at image placeholders (the LLM safety tokens' included): bidirectional attention within each image.
         """
         return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            token_type_ids=token_type_ids,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            safety_labels=safety_labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            output_safety=output_safety,
-            **({} if cache is None else {"cache": cache}),
-            **kwargs,
-        )
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
+            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
+            token_type_ids=token_type_ids, use_cache=use_cache, **({} if cache is None else {"cache": cache}), **kwargs,
+        )  # fmt: skip
 
 
 __all__ = [

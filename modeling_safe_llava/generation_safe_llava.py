@@ -75,6 +75,10 @@ class SafetyGenerationModel(Protocol):
     config: PreTrainedConfig
     generation_config: GenerationConfig
 
+    def check_for_generation(self, input_ids, attention_mask, pixel_values, allow_untrained_safety, **kwargs) -> None:
+        """The checks `judge_for_generation` makes before judging (safety modules ready, inputs valid), alone: for a
+        call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
+
     def judge_for_generation(
         self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **kwargs
     ) -> tuple:
@@ -139,6 +143,12 @@ class SafetyGenerationPlan:
         pre_encoded = (self.kwargs.get("mm_encoder_outputs") or {}).get("image")
         if pixel_values is None and pre_encoded is None:
             return self._run_text_only(stock_generate, args, input_ids, inputs_embeds)
+        if self.rule.allows_everything and not self._verdict_wanted():
+            # Nothing to judge: every row is stock's whatever the verdict, and nobody reads it. Stock `generate`
+            # encodes the images itself (`forward` names `mm_encoder_outputs`), and the safety head never runs.
+            image_kwargs = self._image_kwargs()
+            self.model.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
+            return run_governed(stock_generate, *args, **self.kwargs)
         image_kwargs = self._image_kwargs()
         image_outputs, *logits = self.model.judge_for_generation(
             input_ids, inputs_embeds, attention_mask, pixel_values, pre_encoded, allow_untrained_safety, **image_kwargs
@@ -163,6 +173,10 @@ class SafetyGenerationPlan:
         batch_size = output.sequences.shape[0] // (self.config.num_return_sequences or 1)
         no_image = no_image_logits(self.model.config, batch_size)
         return self._with_assessment(output, self.rule.assess(self.model.config, *no_image, None))
+
+    def _verdict_wanted(self) -> bool:
+        """Whether the caller reads the verdict: in the output (`return_dict_in_generate`) or from the streamer."""
+        return bool(self.config.return_dict_in_generate) or hasattr(self.kwargs.get("streamer"), "on_safety_assessment")
 
     def _image_kwargs(self) -> dict:
         """The call's arguments besides the verdict's named inputs; the model keeps those its image encoder takes.
@@ -240,7 +254,7 @@ class SafetyGenerationPlan:
                     "(config.safety_text_token_ids is empty). Call model.tokenize_safety_texts(processor) once, or "
                     "pass tokenizer=... to generate."
                 )
-            self.policy.tokenize(tokenizer)
+            return copy.copy(self.policy).tokenize(tokenizer)  # the policy is shared: tokenized for this call only
         return self.policy.text_token_ids
 
     def _refusal_tokens(self, texts, category, input_ids) -> list[int]:

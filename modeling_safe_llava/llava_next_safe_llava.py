@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, LlavaNextConfig, LlavaNextProcessor
+from transformers.cache_utils import Cache
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextCausalLMOutputWithPast,
@@ -36,6 +38,8 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextPreTrainedModel,
     image_size_to_num_patches,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .safety_processing_safe_llava import SafetyProcessorMixin
@@ -214,6 +218,7 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
 
     config: SafeLlavaNextConfig
     config_class = SafeLlavaNextConfig
+    stock_class = LlavaNextModel
     safety_output_class = SafeLlavaNextModelOutputWithPast
     # Stock LLaVA-NeXT's forward never hands `output_hidden_states` / `output_attentions` to its vision tower: its
     # image outputs hold only the vision layer(s) it reads (transformers 5.25 returns them), and so do these.
@@ -260,6 +265,31 @@ class SafeLlavaNextModel(SafetyModelMixin, LlavaNextModel, SafeLlavaNextPreTrain
             crops_per_image=self.crops_per_image(image_sizes, device),
             tokens_per_image=torch.tensor([len(f) for f in features], dtype=torch.long, device=device),
         )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        use_cache: bool | None = None,
+        mm_encoder_outputs: dict | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[FlashAttentionKwargs],
+    ) -> SafeLlavaNextModelOutputWithPast:
+        r"""Stock `LlavaNextModel.forward` restated (docs/bases.md, "What a `forward` names"), plus the safety logits
+        ([`SafetyModelMixin.forward`], `output_safety`)."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=output_safety, image_sizes=image_sizes, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache, **kwargs,
+        )  # fmt: skip
 
     def encode_images_for_safety(self, pixel_values, image_sizes=None, **image_kwargs):
         """
@@ -379,38 +409,35 @@ class SafeLlavaNextForConditionalGeneration(
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         labels: torch.LongTensor | None = None,
-        **kwargs,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict | None = None,
+        safety_labels: torch.LongTensor | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SafeLlavaNextCausalLMOutputWithPast:
         r"""
-        Stock LLaVA-NeXT's forward plus the safety fields ([`SafetyForConditionalGenerationMixin.forward`]: also
-        `safety_labels`, `output_safety`, `logits_to_keep`, `mm_encoder_outputs`), with stock's arguments named in
-        stock's order: `generate` passes `image_sizes` and computes left-padding-aware `position_ids` only for a
-        `forward` that names them.
+        Stock `LlavaNextForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
+        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`).
 
         image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): each image's `(height, width)` before anyres.
         """
         return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            labels=labels,
-            **kwargs,
-        )
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
+            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
+            image_sizes=image_sizes, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache, **kwargs,
+        )  # fmt: skip
 
 
 def _as_list(layers) -> list[int]:

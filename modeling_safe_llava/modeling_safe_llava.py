@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel
+from transformers.cache_utils import Cache
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -33,6 +34,8 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_safe_llava import SafeLlavaConfig
@@ -89,6 +92,7 @@ class SafeLlavaModel(SafetyModelMixin, LlavaModel, SafeLlavaPreTrainedModel):
 
     config: SafeLlavaConfig
     config_class = SafeLlavaConfig
+    stock_class = LlavaModel
     safety_output_class = SafeLlavaModelOutputWithPast
 
     def __init__(self, config: SafeLlavaConfig):
@@ -118,6 +122,30 @@ class SafeLlavaModel(SafetyModelMixin, LlavaModel, SafeLlavaPreTrainedModel):
         )
         image_outputs.pooler_output = self.add_llm_safety_tokens(image_outputs.pooler_output)
         return image_outputs
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_sizes: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SafeLlavaModelOutputWithPast:
+        r"""Stock `LlavaModel.forward` restated (docs/bases.md, "What a `forward` names"), plus the safety logits
+        ([`SafetyModelMixin.forward`], `output_safety`)."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=output_safety, vision_feature_layer=vision_feature_layer, image_sizes=image_sizes,
+            vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
+        )  # fmt: skip
 
     def encode_images_for_safety(self, pixel_values, **image_kwargs):
         """The vision tower alone: the head reads its hidden states, LLaVA's projection is not needed for a verdict."""
@@ -181,29 +209,30 @@ class SafeLlavaForConditionalGeneration(
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         labels: torch.LongTensor | None = None,
-        safety_labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         image_sizes: torch.Tensor | None = None,
-        **kwargs,
+        mm_encoder_outputs: dict | None = None,
+        safety_labels: torch.LongTensor | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SafeLlavaCausalLMOutputWithPast:
-        r"""
-        Stock LLaVA's forward (stock's arguments by name, as `generate` reads them), plus the safety logits whenever
-        this call encodes `pixel_values`; `safety_labels` and `output_safety` as in the mixin's `forward`.
-        """
+        r"""Stock `LlavaForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
+        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`)."""
         return super().forward(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
-            logits_to_keep=logits_to_keep, vision_feature_layer=vision_feature_layer, image_sizes=image_sizes,
-            vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
-        )
+            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            image_sizes=image_sizes, **kwargs,
+        )  # fmt: skip
 
 
 __all__ = [

@@ -13,6 +13,7 @@ The generation plan that carries a verdict out (hints, refusals, row handling) i
 This file is remote code: it imports only torch, transformers and its sibling files.
 """
 
+import copy
 import numbers
 from dataclasses import dataclass, field, replace
 
@@ -67,6 +68,16 @@ def paper_safety_texts(risky_types: list[str]) -> tuple[dict, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# The config fields a policy is made of, and the policies last validated from them (`SafetyPolicy.from_config`):
+# `id(config) -> (copy of the fields, policy)`. A reused id is harmless: the fields are compared too.
+_POLICY_FIELDS = (
+    "safety_type_labels", "safety_threshold", "safety_thresholds", "safety_actions", "safety_hints",
+    "safety_refusals", "safety_text_token_ids",
+)  # fmt: skip
+_VALIDATED_POLICIES: dict = {}
+_MAX_VALIDATED_POLICIES = 16
+
+
 @dataclass
 class SafetyPolicy:
     """
@@ -113,15 +124,30 @@ class SafetyPolicy:
 
     @classmethod
     def from_config(cls, config) -> "SafetyPolicy":
-        return cls(
-            type_names=list(config.safety_type_labels),
-            threshold=config.safety_threshold,
-            thresholds=config.safety_thresholds,
-            actions=config.safety_actions,
-            hints=config.safety_hints,
-            refusals=config.safety_refusals,
-            text_token_ids=config.safety_text_token_ids,
+        """
+        The policy saved in `config`, validated once per set of field values: the policies last validated are kept,
+        each keyed on its config and on a copy of the config's policy fields, so that a changed field (in place too)
+        is validated again. The policy is shared by the calls that read it: treat it as read-only (`copy.copy` it
+        before setting an attribute, e.g. before `tokenize`).
+        """
+        fields = tuple(getattr(config, name) for name in _POLICY_FIELDS)
+        cached = _VALIDATED_POLICIES.get(id(config))
+        if cached is not None and cached[0] == fields:
+            return cached[1]
+        type_names, threshold, thresholds, actions, hints, refusals, text_token_ids = fields
+        policy = cls(
+            type_names=list(type_names),
+            threshold=threshold,
+            thresholds=thresholds,
+            actions=actions,
+            hints=hints,
+            refusals=refusals,
+            text_token_ids=text_token_ids,
         )
+        if len(_VALIDATED_POLICIES) >= _MAX_VALIDATED_POLICIES:
+            _VALIDATED_POLICIES.pop(next(iter(_VALIDATED_POLICIES)))
+        _VALIDATED_POLICIES[id(config)] = (copy.deepcopy(fields), policy)
+        return policy
 
     def config_fields(self) -> dict:
         """The policy as `SafeLlavaConfig` fields."""
@@ -228,16 +254,18 @@ class SafetyCallRule:
         actions (`dict[str, list[str]]`): the call's action per risky type and level.
 
     `safety_off` (`bool`) is set from `thresholds`: `risk <= 1` is never `> 1`, so with every threshold at 1 nothing
-    can be flagged.
+    can be flagged. `allows_everything` (`bool`): every action is `allow`, so a flag changes no answer.
     """
 
     policy: SafetyPolicy
     thresholds: torch.Tensor
     actions: dict
     safety_off: bool = field(init=False)
+    allows_everything: bool = field(init=False)
 
     def __post_init__(self):
         self.safety_off = bool((self.thresholds >= 1.0).all())
+        self.allows_everything = all(action == "allow" for levels in self.actions.values() for action in levels)
 
     @classmethod
     def from_config(cls, config, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":

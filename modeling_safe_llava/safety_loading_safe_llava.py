@@ -57,6 +57,8 @@ def safety_checkpoint_mapping(config, stock_model_type: str, stock_class_name: s
     stock class name, which transformers prefers, or by `model_type`), then the flat safety names. A rule exists only
     for parameters this config creates (no LLM safety tokens rule in head-only mode), so that every rule matches a
     key, both when loading and, reversed, when saving.
+    The rules name the generation class's keys (`model.safety_projector.*`); a headless class loads them too, as
+    transformers then strips the `model.` prefix.
     """
     renamings = dict(_FLAT_SAFETY_NAMES)
     if config.num_llm_safety_tokens > 0:
@@ -113,8 +115,9 @@ def safetensors_only(load_kwargs: dict) -> dict:
 class SafetyPreTrainedMixin:
     """Put in front of a base's stock `PreTrainedModel`: loading, saving and initialisation of every SafeLlava class.
 
-    A ForConditionalGeneration class sets `stock_class` (e.g. `LlavaForConditionalGeneration`): it names the stock
-    checkpoints `from_base` accepts and the stock conversion mapping its own extends."""
+    The headless and the ForConditionalGeneration class of a base set `stock_class` (e.g. `LlavaModel`,
+    `LlavaForConditionalGeneration`): it names the stock conversion mapping their own extends (and, for the latter,
+    the stock checkpoints `from_base` accepts)."""
 
     stock_class = None
 
@@ -148,8 +151,9 @@ class SafetyPreTrainedMixin:
 
     @property
     def safety_policy(self) -> SafetyPolicy:
-        """The [`SafetyPolicy`] saved in this model's config."""
-        return SafetyPolicy.from_config(self.config)
+        """The [`SafetyPolicy`] saved in this model's config (validated once per set of config values; a copy of the
+        validated one, so that setting its attributes, e.g. `tokenize`, changes nothing else)."""
+        return copy.copy(SafetyPolicy.from_config(self.config))
 
     def tokenize_safety_texts(self, processor) -> dict:
         """Stores the policy texts as token ids of `processor` in the config, so that `generate` needs no tokenizer."""
@@ -183,7 +187,9 @@ class SafetyPreTrainedMixin:
             if "ignore_mismatched_sizes" not in str(error) or kwargs.get("ignore_mismatched_sizes"):
                 raise
             cls._raise_safety_shape_error(pretrained_model_name_or_path, args, kwargs, error)
-        missing = sorted(k for k in info["missing_keys"] if k.startswith(verdict_path_prefixes(model)))
+        # A headless model's keys lack the `model.` of the generation class's, which the prefixes name.
+        prefix = f"{model.base_model_prefix}." if model.base_model is model else ""
+        missing = sorted(k for k in info["missing_keys"] if f"{prefix}{k}".startswith(verdict_path_prefixes(model)))
         if missing and model.config.safety_modules_trained:
             logger.warning(
                 "The checkpoint lacks weights the safety verdict depends on, which were freshly initialised: %s. "

@@ -369,6 +369,16 @@ class SafetyGenerationView:
         self.model = model
         self.config, self.generation_config = model.config, model.generation_config
 
+    def check_for_generation(
+        self, input_ids, attention_mask, pixel_values, allow_untrained_safety: bool, **image_kwargs
+    ) -> None:
+        """`SafetyGenerationModel.check_for_generation`: the safety modules ready, the inputs valid."""
+        check_safety_ready(self.config, allow_untrained_safety)
+        if pixel_values is not None and input_ids is not None:
+            check_model_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
+        elif input_ids is not None:
+            check_input_ids(self.config, input_ids)
+
     def judge_for_generation(
         self,
         input_ids,
@@ -382,11 +392,7 @@ class SafetyGenerationView:
         """`SafetyGenerationModel.judge_for_generation`: readiness and inputs checked once, `pixel_values` encoded once
         for the language model and the head (`encode_images`), then `judge`; `(image_outputs, level_logits,
         type_logits, images_per_row)`."""
-        check_safety_ready(self.config, allow_untrained_safety)
-        if pixel_values is not None and input_ids is not None:
-            check_model_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
-        elif input_ids is not None:
-            check_input_ids(self.config, input_ids)
+        self.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
         headless = self.model.model
         if pixel_values is not None:
             image_outputs = headless.encode_images(pixel_values, **image_kwargs)

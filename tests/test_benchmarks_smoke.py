@@ -92,6 +92,9 @@ def test_compared_calls_do_what_they_claim(micro_results):
     for entry in results["paper_way"].values():
         assert entry["checks"]["vision_tower_calls"] == {"ours": 1, "paper_way": 2}
         assert entry["checks"]["same_tokens"] is True
+    call = results["call_overhead"]
+    assert call["checks"]["safety_head_calls"] == 0  # nothing judged: the head never runs
+    assert set(call["python_outside_ops_s"]) == set(call["torch_ops_per_call"]) == {"stock", "safe", "head_only"}
     refusal = results["refusal"]["checks"]
     assert refusal["all_rows_refused"] is True
     assert refusal["language_model_calls_when_refused"] == 0

@@ -191,16 +191,17 @@ def test_registry_entry_builds_the_demo_model():
     from PIL import Image
 
     from modeling_safe_llava.bases import base_named
+    from modeling_safe_llava.tools.demo import build_demo_model
 
     entry = base_named("llava-next")
     assert entry.model_class is SafeLlavaNextForConditionalGeneration and entry.large_preset == "llava-next-7b.json"
-    model, processor = entry.build_demo_model()
+    model, processor = build_demo_model("llava-next")
     assert type(model) is SafeLlavaNextForConditionalGeneration and model.config.num_llm_safety_tokens == 8
     inputs = processor(images=[Image.new("RGB", (48, 48), "red")], text=[chat_prompt(processor)], return_tensors="pt")
     assert inputs["pixel_values"].shape[1] == 3  # the base image and two anyres crops
     assert model(**inputs).safety_level_logits.shape == (1, 4)
     with pytest.raises(ValueError, match="tiny"):
-        entry.build_demo_model("smollm2")
+        build_demo_model("llava-next", "smollm2")
 
 
 def test_pixel_values_without_image_sizes_get_a_clear_error(pair):

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +51,21 @@ def test_readme_table_of_bases_is_the_registry():
         assert row is not None, f"README's table of bases has no row for {base.name!r}"
         for fact in (base.model_class.__name__, base.processor_class.__name__, base.large_preset, base.stock_checkpoint):
             assert fact in row, (base.name, fact)
+
+
+# The depth README points to (issue 25: README is a landing page; each of these was one of its sections).
+DOCS_PAGES = ("usage", "training", "calibration", "auditing", "serving", "gate_mode", "bases", "benchmarks", "layout")
+
+
+def test_readme_is_a_landing_page_that_links_the_docs():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    for page in DOCS_PAGES:
+        assert f"](docs/{page}.md" in readme and (ROOT / "docs" / f"{page}.md").is_file(), page
+
+
+@pytest.mark.parametrize("page", ["README.md", *(f"docs/{page}.md" for page in DOCS_PAGES)])
+def test_relative_links_resolve(page):
+    path = ROOT / page
+    for target in re.findall(r"\]\((?!https?://|#)([^)#\s]+)", path.read_text()):
+        assert (path.parent / target).exists(), f"{page} links {target}, which does not exist"

@@ -161,16 +161,27 @@ def test_stock_and_safellava_model_types_resolve_through_the_registry_and_others
 
 def test_bases_are_picked_by_name_for_the_command_line():
     from modeling_safe_llava.bases import base_named
+    from modeling_safe_llava.tools.demo import build_demo_model
 
     llava = base_named("llava")
     assert llava.model_class is SafeLlavaForConditionalGeneration and llava.large_preset == "7b.json"
     with pytest.raises(ValueError, match="Unknown base 'llava2'; accepted: llava"):
         base_named("llava2")
     with pytest.raises(ValueError, match="--language-model 'gpt' is not available with --base llava"):
-        llava.build_demo_model("gpt")
+        build_demo_model("llava", "gpt")
     with pytest.raises(ValueError, match="--vision-tower 'clip' is not available with --base llava; accepted: "
                        "efficientnet-lite0, random"):  # fmt: skip
-        llava.build_demo_model("tiny", vision_tower="clip")
+        build_demo_model("llava", "tiny", vision_tower="clip")
+
+
+def test_every_base_has_a_demo_and_the_registry_holds_no_demo_metadata():
+    from dataclasses import fields
+
+    from modeling_safe_llava.bases import BASES, Base
+    from modeling_safe_llava.tools.demo import DEMO_MODELS
+
+    assert set(DEMO_MODELS) == {base.name for base in BASES}
+    assert not [field.name for field in fields(Base) if field.name.startswith("demo")]
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from ..checks import is_integer
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_json_preset
 from ..fileio import read_json_list
@@ -105,7 +106,7 @@ def _mapping_entry(origin: str, key: str, entry, risky: bool) -> tuple[int, int]
     type_name, level = entry["type"], entry["level"]
     if type_name not in SAFETY_TYPE_LABELS:
         raise ValueError(f"Mapping {origin}: entry {key!r} has type {type_name!r}; accepted: {SAFETY_TYPE_LABELS}.")
-    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < len(SAFETY_LEVEL_LABELS):
+    if not is_integer(level) or not 0 <= level < len(SAFETY_LEVEL_LABELS):
         raise ValueError(f"Mapping {origin}: entry {key!r} has level {level!r}; accepted: 0-{len(SAFETY_LEVEL_LABELS) - 1}.")
     if risky and (type_name == CLEAN_TYPE or level < 1):
         raise ValueError(
@@ -443,7 +444,7 @@ def load_holisafe_hub(name: str = HOLISAFE_HUB_NAME, split: str = "test") -> lis
 
 def _holisafe_label_name(row: dict, row_name: str, mapping: TaxonomyMapping) -> str:
     value = row.get("image_safety_label")
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_integer(value):
         if not 0 <= value < len(mapping.label_names):
             raise ValueError(
                 f"{row_name}: field 'image_safety_label' is {value}, outside the {len(mapping.label_names)} "

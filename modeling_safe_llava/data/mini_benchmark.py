@@ -61,6 +61,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
+from ..checks import check_integer, is_integer
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_safety_policy
 from ..fileio import check_replaceable, write_marker
@@ -698,15 +699,13 @@ def image_content_hash(image: Image.Image) -> str:
 
 
 def _check_arguments(seed, num_per_category, image_size):
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
-    if isinstance(num_per_category, bool) or not isinstance(num_per_category, int) or num_per_category < 3:
+    check_integer("seed", seed, 0)
+    if not is_integer(num_per_category) or num_per_category < 3:
         raise ValueError(
             f"num_per_category must be an integer >= 3 (one image each for train, validation and test), "
             f"got {num_per_category!r}."
         )
-    size_ok = isinstance(image_size, int) and not isinstance(image_size, bool)
-    if not size_ok or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
+    if not is_integer(image_size) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f"image_size must be an integer in [{MIN_IMAGE_SIZE}, {MAX_IMAGE_SIZE}], got {image_size!r}.")
 
 

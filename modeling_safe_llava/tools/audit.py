@@ -26,6 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..checks import check_integer
 from ..fileio import MARKER_FILE, has_marker, load_image, write_marker
 from ..safety_model_safe_llava import check_safety_ready
 from .audit_distributed import (
@@ -245,11 +246,6 @@ def write_reports(output_dir: Path, records: list[dict], num_ignored: int, confi
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
 def audit_images(
     model,
     processor,
@@ -295,8 +291,8 @@ def audit_images(
     Returns:
         `dict`: the content of `summary.json` (on every rank).
     """
-    _check_positive_int("batch_size", batch_size, 1)
-    _check_positive_int("contact_sheet_size", contact_sheet_size, 0)
+    check_integer("batch_size", batch_size, 1)
+    check_integer("contact_sheet_size", contact_sheet_size, 0)
     check_safety_ready(model.config, allow_untrained_safety)
     made = make_source(source, image_column, id_column)
     prompt = image_prompt(processor, question)

@@ -83,18 +83,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_integer, is_number
 from ..fileio import load_image
 from ..policy_safe_llava import generation_config_with_threshold
 from ..safety_model_safe_llava import check_safety_ready
-from .evaluation import (
-    _batches,
-    _check_dataset,
-    _check_positive_int,
-    _column,
-    _new_figure,
-    finish_flag_rate_plot,
-    load_evaluation_data,
-)
+from .evaluation import load_evaluation_data
+from .evaluation_common import batches, check_dataset, column, finish_flag_rate_plot, new_figure
 from .loading import first_user_question, image_prompt, load_model_and_processor, model_description
 from .loading import processor_batch
 
@@ -234,7 +228,7 @@ def risk_of(level_logits, temperature: float) -> np.ndarray:
 def check_rate_and_confidence(target_false_flag_rate, confidence):
     """Both must be numbers strictly between 0 and 1."""
     for name, value in (("target_false_flag_rate", target_false_flag_rate), ("confidence", confidence)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) < 1.0:
+        if not is_number(value) or not 0.0 < float(value) < 1.0:
             raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}.")
 
 
@@ -420,7 +414,7 @@ def safety_probabilities(model, processor, dataset, batch_size: int, allow_untra
     """
     arrays = {"level_probs": [], "type_probs": [], "risk": [], "flagged": [], "safe_level": [], "safe_type": []}
     progress = tqdm(total=len(dataset), desc=description, unit="row")
-    for _, rows in _batches(dataset, batch_size):
+    for _, rows in batches(dataset, batch_size):
         images = [load_image(row["image"]) for row in rows]
         prompts = [image_prompt(processor, first_user_question(row["conversations"])) for row in rows]
         inputs = processor_batch(processor, model, images, prompts)
@@ -654,7 +648,7 @@ def build_report(raw: dict, calibrated: dict, fitted: dict, before: dict, sectio
 
 def plot_reliability(path: Path, report: dict):
     """Two reliability diagrams (before, after): share of risky rows against mean risk per bin, bar width = bin."""
-    figure = _new_figure(9, 4)
+    figure = new_figure(9, 4)
     for position, when in enumerate(("before", "after"), start=1):
         axes = figure.add_subplot(1, 2, position)
         bins = [entry for entry in report["reliability"][when] if entry["count"]]
@@ -679,7 +673,7 @@ def plot_thresholds(path: Path, risk, is_risky, report: dict):
     chosen threshold(s)."""
     risk, is_risky = np.asarray(risk), np.asarray(is_risky, dtype=bool)
     grid = np.linspace(0.0, 1.0, 401)
-    figure = _new_figure(6.5, 4)
+    figure = new_figure(6.5, 4)
     axes = figure.add_subplot(1, 1, 1)
     for mask, label in ((~is_risky, "clean rows flagged"), (is_risky, "risky rows flagged (recall)")):
         if mask.any():
@@ -809,13 +803,13 @@ def calibrate(
         checked before the model runs (per category: after the first pass, which assigns the categories).
     """
     check_rate_and_confidence(target_false_flag_rate, confidence)
-    _check_positive_int("batch_size", batch_size)
+    check_integer("batch_size", batch_size)
     if not isinstance(per_category, bool):
         raise ValueError(f"per_category must be True or False, got {per_category!r}.")
     check_safety_ready(model.config, allow_untrained_safety)
     config = model.config
-    _check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
-    _check_clean_rows(_column(dataset, "safe_level"), target_false_flag_rate, confidence)
+    check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
+    _check_clean_rows(column(dataset, "safe_level"), target_false_flag_rate, confidence)
     before = {"level": float(config.safety_level_temperature), "type": float(config.safety_type_temperature)}
     with temperatures(model, 1.0, 1.0):
         raw = safety_probabilities(model, processor, dataset, batch_size, allow_untrained_safety, "Calibration: T = 1")

@@ -5,6 +5,8 @@ import importlib
 import logging
 import sys
 
+from ..checks import is_integer
+
 # subcommand -> (module, its options function, its run function, one-line help). Modules are imported lazily so
 # `--help` stays fast.
 SUBCOMMANDS = {
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print_error(args.command, "interrupted")
         return 130
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+    return result if is_integer(result) else 0
 
 
 def _expected_failures() -> tuple[type[BaseException], ...]:

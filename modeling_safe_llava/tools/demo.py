@@ -20,9 +20,11 @@ real SafeLlava-7B is.
 """
 
 import argparse
+import importlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -57,6 +59,54 @@ DEMO_CONFIDENCE = 0.9
 CALIBRATION_CHECK_SPLITS = ("validation", "shifted")
 
 
+@dataclass(frozen=True)
+class DemoModels:
+    """
+    What the demo builds on one base.
+
+    Args:
+        builder: `"module:function"` building the demo's model (safety modules untrained) and processor, paper policy
+            texts tokenized: `(language_model, seed=...)`, plus `vision_tower=` when `vision_towers` offers several.
+        language_models: the `--language-model` choices on this base (the first is the default).
+        vision_towers: the `--vision-tower` choices on this base (the first is the default).
+    """
+
+    builder: str
+    language_models: tuple = ("tiny",)
+    vision_towers: tuple = ("random",)
+
+
+# The demo of each base (`bases.BASES`, by name).
+DEMO_MODELS = {
+    "llava": DemoModels(
+        "modeling_safe_llava.tools.embedded:build_embedded_default",
+        language_models=("smollm2", "tiny"),
+        vision_towers=("efficientnet-lite0", "random"),
+    ),
+    "llava-next": DemoModels("modeling_safe_llava.tiny:build_demo_safe_llava_next"),
+    "gemma3": DemoModels("modeling_safe_llava.tiny_gemma3:build_demo_safe_gemma3"),
+    "qwen2_5_vl": DemoModels("modeling_safe_llava.tiny_qwen2_5_vl:build_demo_safe_qwen2_5_vl"),
+}
+
+
+def build_demo_model(base: str, language_model: str | None = None, seed: int = 0, vision_tower: str | None = None):
+    """The demo's model and processor on the base named `base`; `None` picks the base's default choice."""
+    demo = DEMO_MODELS[base_named(base).name]
+    language_model = _demo_choice("--language-model", language_model, demo.language_models, base)
+    vision_tower = _demo_choice("--vision-tower", vision_tower, demo.vision_towers, base)
+    options = {"vision_tower": vision_tower} if len(demo.vision_towers) > 1 else {}
+    module_name, function_name = demo.builder.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(language_model, seed=seed, **options)
+
+
+def _demo_choice(flag: str, value: str | None, accepted: tuple, base_name: str) -> str:
+    """`value`, or the first accepted one when `None`; a clear error for one the base does not offer."""
+    value = value or accepted[0]
+    if value not in accepted:
+        raise ValueError(f"{flag} {value!r} is not available with --base {base_name}; accepted: {', '.join(accepted)}.")
+    return value
+
+
 def run_demo(
     output_dir="outputs/demo",
     language_model: str | None = None,
@@ -75,7 +125,7 @@ def run_demo(
     Args:
         output_dir: where everything goes (`stage1/`, `stage2/`, `evaluation/`, `export/`, reports).
         language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM);
-            `None`: the base's default (`Base.demo_language_models`; LLaVA: `"smollm2"`).
+            `None`: the base's default (`DEMO_MODELS`; LLaVA: `"smollm2"`).
         seed: seed of the benchmark, the random vision tower and training.
         num_per_category: benchmark images per source (6 sources, 60/20/20 split).
         stage1_epochs, stage2_steps: override the demo recipes (e.g. smaller for CI).
@@ -84,11 +134,11 @@ def run_demo(
         base: the base model family (`modeling_safe_llava.bases.BASES`, by name): `"llava"` (the embedded default) or
             another base, built as a tiny random model of that family.
         vision_tower: `"efficientnet-lite0"` (pretrained, from its wheel; LLaVA's default) or `"random"` (a small
-            random CLIP-style tower, for comparison); `None`: the base's default (`Base.demo_vision_towers`).
+            random CLIP-style tower, for comparison); `None`: the base's default (`DEMO_MODELS`).
     """
-    chosen = base_named(base)
-    language_model = language_model or chosen.demo_language_models[0]
-    vision_tower = vision_tower or chosen.demo_vision_towers[0]
+    demo = DEMO_MODELS[base_named(base).name]
+    language_model = language_model or demo.language_models[0]
+    vision_tower = vision_tower or demo.vision_towers[0]
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     clock = _StepClock(total=8)
@@ -97,7 +147,7 @@ def run_demo(
     data = build_mini_benchmark(seed=seed, num_per_category=num_per_category)
 
     clock.step(f"building the demo model: base {base}, {vision_tower} vision tower, {language_model} language model")
-    model, processor = chosen.build_demo_model(language_model, seed=seed, vision_tower=vision_tower)
+    model, processor = build_demo_model(base, language_model, seed=seed, vision_tower=vision_tower)
 
     clock.step("stage 1: training the safety projector, safety tokens and safety head")
     stage1_overrides = {"seed": seed, **({"num_train_epochs": stage1_epochs} if stage1_epochs else {})}

@@ -43,9 +43,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from ..checks import check_integer
 from ..fileio import load_image
 from ..policy_safe_llava import check_probability
 from ..safety_model_safe_llava import check_safety_ready
+from .evaluation_common import REQUIRED_COLUMNS, batches, check_dataset, column, finish_flag_rate_plot, new_figure
 from .loading import (
     add_model_cli_arguments,
     describe_thresholds,
@@ -62,7 +64,6 @@ from .report import spreadsheet_safe
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLDS = tuple(round(step / 20, 2) for step in range(21))  # 0.0, 0.05, ..., 1.0
-REQUIRED_COLUMNS = ("image", "conversations", "safe_level", "safe_type")
 REFUSAL_RULE = (
     "refused iff the action was 'refuse', or the answer starts with a configured refusal text (any category), or "
     "the answer was cut by max_new_tokens while still a beginning of such a text, or the answer contains a phrase "
@@ -298,48 +299,6 @@ def refusal_rates(true_types, refused, type_names) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_dataset(dataset, num_levels: int, num_types: int):
-    import datasets
-
-    if isinstance(dataset, datasets.DatasetDict):
-        raise ValueError(f"Pass one split of the DatasetDict (one of {list(dataset)}), not the whole DatasetDict.")
-    if not isinstance(dataset, (datasets.Dataset, list)):
-        raise ValueError(f"dataset must be a datasets.Dataset or a list of dicts, got {type(dataset).__name__}.")
-    if len(dataset) == 0:
-        raise ValueError("dataset is empty.")
-    columns = dataset.column_names if isinstance(dataset, datasets.Dataset) else list(dataset[0])
-    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
-    if missing:
-        raise ValueError(
-            f"dataset lacks the column(s) {missing}; needed: {list(REQUIRED_COLUMNS)} (plus optional id, source)."
-        )
-    levels, types = _column(dataset, "safe_level"), _column(dataset, "safe_type")
-    for row, (level, type_index) in enumerate(zip(levels, types)):
-        level_ok = isinstance(level, int) and 0 <= level < num_levels
-        if not (level_ok and isinstance(type_index, int) and 0 <= type_index < num_types):
-            raise ValueError(
-                f"Row {row} has safe_level={level!r}, safe_type={type_index!r}; accepted: levels 0-{num_levels - 1}, "
-                f"types 0-{num_types - 1}."
-            )
-
-
-def _column(dataset, name: str) -> list:
-    if isinstance(dataset, list):
-        return [row.get(name) for row in dataset]
-    return dataset[name] if name in dataset.column_names else [None] * len(dataset)
-
-
-def _batches(dataset, batch_size: int):
-    """Lists of row dicts, `batch_size` at a time (the last one may be shorter)."""
-    for start in range(0, len(dataset), batch_size):
-        stop = min(start + batch_size, len(dataset))
-        if isinstance(dataset, list):
-            yield start, dataset[start:stop]
-        else:
-            columns = dataset[start:stop]
-            yield start, [{name: values[i] for name, values in columns.items()} for i in range(stop - start)]
-
-
 def _prediction_record(row_index: int, row: dict, record: dict, pred_level: int, pred_type: int) -> dict:
     """One row's labels, the head's argmax predictions and the decision at the model's threshold."""
     return {
@@ -393,7 +352,7 @@ def predict_safety(
     refusal_phrases = load_refusal_phrases() if generate_answers else []
     predictions = []
     progress = tqdm(total=len(dataset), desc="Evaluating safety head", unit="row")
-    for start, rows in _batches(dataset, batch_size):
+    for start, rows in batches(dataset, batch_size):
         images = [load_image(row["image"]) for row in rows]
         prompts = [image_prompt(processor, first_user_question(row["conversations"])) for row in rows]
         inputs = processor_batch(processor, model, images, prompts)
@@ -540,21 +499,11 @@ def write_predictions_csv(path: Path, predictions: list[dict], level_names: list
             writer.writerow({name: spreadsheet_safe(value) for name, value in values.items()})  # no formulas
 
 
-def _new_figure(width: float, height: float):
-    # An explicit Agg canvas: no pyplot, no global backend switch in the caller's process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def plot_confusion_matrix(path: Path, confusion: list[list[int]], names: list[str], title: str):
     """A confusion-matrix heat map with counts (rows = true class, columns = predicted class)."""
     matrix = np.asarray(confusion)
     size = 2.5 + 0.7 * len(names)
-    figure = _new_figure(size + 1, size)
+    figure = new_figure(size + 1, size)
     axes = figure.add_subplot(1, 1, 1)
     image = axes.imshow(matrix, cmap="Blues")
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
@@ -573,7 +522,7 @@ def plot_confusion_matrix(path: Path, confusion: list[list[int]], names: list[st
 
 def plot_threshold_sweep(path: Path, sweep: list[dict], model_threshold: float | None, suggested: dict | None):
     """Flag rate of risky and clean rows against the threshold."""
-    figure = _new_figure(6, 4)
+    figure = new_figure(6, 4)
     axes = figure.add_subplot(1, 1, 1)
     thresholds = [entry["threshold"] for entry in sweep]
     curves = (
@@ -591,18 +540,6 @@ def plot_threshold_sweep(path: Path, sweep: list[dict], model_threshold: float |
     finish_flag_rate_plot(
         figure, axes, path, "safety_threshold (flag iff 1 - P(level 0) > threshold)", "share of rows flagged", 8
     )
-
-
-def finish_flag_rate_plot(figure, axes, path: Path, xlabel: str, ylabel: str, legend_size: int):
-    """Axes of a flag-rate-against-threshold plot (both in [0, 1]), legend and grid; saves the PNG to `path`."""
-    axes.set_xlim(0, 1)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.legend(fontsize=legend_size, loc="best")
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
 
 
 def _format_rate(value) -> str:
@@ -730,11 +667,6 @@ def write_reports(output_dir: Path, predictions: list[dict], metrics: dict) -> d
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _check_positive_int(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-
-
 def evaluate_safety_head(
     model,
     processor,
@@ -772,13 +704,13 @@ def evaluate_safety_head(
     Returns:
         `dict`: the content of `metrics.json`.
     """
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("max_new_tokens", max_new_tokens)
+    check_integer("batch_size", batch_size)
+    check_integer("max_new_tokens", max_new_tokens)
     thresholds = check_thresholds(thresholds)
     check_safety_ready(model.config, allow_untrained_safety)
     resolved_thresholds(model, safety_threshold)  # a bad threshold or policy fails before any work
     model.safety_policy.resolve_actions(safety_actions)
-    _check_dataset(dataset, len(model.config.safety_level_labels), len(model.config.safety_type_labels))
+    check_dataset(dataset, len(model.config.safety_level_labels), len(model.config.safety_type_labels))
     predictions = predict_safety(
         model, processor, dataset, batch_size, safety_threshold, generate_answers, max_new_tokens,
         allow_untrained_safety, safety_actions,

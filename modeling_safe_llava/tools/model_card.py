@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import jinja2
 from huggingface_hub import ModelCardData
 
+from ..checks import is_number
 from ..bases import base_for_model_type
 from ..safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES
 from ..presets import preset_path
@@ -122,7 +123,7 @@ def _is_number(value) -> bool:
 
 
 def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return is_number(value)
 
 
 # -- metadata, model details, taxonomy and policy ----------------------------------------------------------------

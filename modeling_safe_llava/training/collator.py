@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..checks import is_integer
 from .data import load_image, to_chat_messages
 
 
@@ -200,7 +201,7 @@ def image_fields(encoded) -> dict:
 
 
 def _checked_max_length(max_length) -> int:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+    if not is_integer(max_length) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
     return max_length
 

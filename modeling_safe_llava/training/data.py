@@ -33,6 +33,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..checks import is_integer
 from ..fileio import load_image, read_json_list
 
 
@@ -168,7 +169,7 @@ def _storable_record(record) -> tuple[dict, str | None]:
         value = record.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             stored[name], problem = None, problem or f"{name}={value!r} is not an integer"
         elif not _INT64_RANGE[0] <= value < _INT64_RANGE[1]:
             stored[name], problem = None, problem or f"{name}={value} is out of range"
@@ -267,7 +268,7 @@ def check_record(
         value = record.get(name)
         if value is None:
             return f"{name} is missing"
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_integer(value):
             return f"{name}={value!r} is not an integer"
         if not 0 <= value < num_classes:
             return f"{name}={value} is out of range [0, {num_classes - 1}]"
@@ -435,7 +436,7 @@ def subsample_clean_rows(
     The paper keeps 3,000 of ~82k clean rows for stage 1 (seed 42), about the size of one risky class. With fewer
     clean rows than `target` all are kept. The choice depends only on `seed` and the dataset.
     """
-    if isinstance(target, bool) or not isinstance(target, int) or target < 0:
+    if not is_integer(target) or target < 0:
         raise ValueError(f"The clean-row target must be an integer >= 0, got {target!r}.")
     types = dataset["safe_type"]
     clean = [index for index, value in enumerate(types) if value == clean_type]
