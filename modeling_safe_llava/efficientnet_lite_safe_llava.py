@@ -25,7 +25,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForImageClassification, PreTrainedConfig
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutputWithNoAttention
 
@@ -316,11 +317,20 @@ class SafeLlavaEfficientNetLiteForImageClassification(SafeLlavaEfficientNetLiteP
         return output if return_dict is not False else output.to_tuple()
 
 
-AutoConfig.register(SafeLlavaEfficientNetLiteConfig.model_type, SafeLlavaEfficientNetLiteConfig, exist_ok=True)
-AutoModel.register(SafeLlavaEfficientNetLiteConfig, SafeLlavaEfficientNetLiteModel, exist_ok=True)
-AutoModelForImageClassification.register(
-    SafeLlavaEfficientNetLiteConfig, SafeLlavaEfficientNetLiteForImageClassification, exist_ok=True
-)
+def _register_with_the_auto_classes() -> None:
+    """Registers this `model_type` unless a copy of this file already did in this process (the package's, or an
+    export's remote code): the first registration stays, so that configs built anywhere in the process have one class
+    and `isinstance` checks against it hold."""
+    if SafeLlavaEfficientNetLiteConfig.model_type in CONFIG_MAPPING:
+        return
+    AutoConfig.register(SafeLlavaEfficientNetLiteConfig.model_type, SafeLlavaEfficientNetLiteConfig)
+    AutoModel.register(SafeLlavaEfficientNetLiteConfig, SafeLlavaEfficientNetLiteModel)
+    AutoModelForImageClassification.register(
+        SafeLlavaEfficientNetLiteConfig, SafeLlavaEfficientNetLiteForImageClassification
+    )
+
+
+_register_with_the_auto_classes()
 
 
 __all__ = [

@@ -36,7 +36,9 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VLPreTrainedModel,
     Qwen2_5_VLTextModel,
 )
-from transformers.utils import is_torchvision_available
+from transformers.cache_utils import Cache
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, is_torchvision_available
 from transformers.utils.generic import can_return_tuple
 
 from .generation_safe_llava import selected_image_indices
@@ -227,6 +229,7 @@ class SafeQwen2_5_VLModel(SafetyModelMixin, Qwen2_5_VLModel, SafeQwen2_5_VLPreTr
 
     config: SafeQwen2_5_VLConfig
     config_class = SafeQwen2_5_VLConfig
+    stock_class = Qwen2_5_VLModel
     safety_output_class = SafeQwen2_5_VLModelOutputWithPast
     safety_image_kwargs = ("image_grid_thw",)
 
@@ -318,6 +321,36 @@ class SafeQwen2_5_VLModel(SafetyModelMixin, Qwen2_5_VLModel, SafeQwen2_5_VLPreTr
         types = image_token_types(input_ids, config.image_token_id, config.video_token_id, config.num_llm_safety_tokens)
         return {"mm_token_type_ids": types}
 
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        output_safety: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SafeQwen2_5_VLModelOutputWithPast:
+        r"""Stock `Qwen2_5_VLModel.forward` restated (docs/bases.md, "What a `forward` names"), plus the safety logits
+        ([`SafetyModelMixin.forward`], `output_safety`)."""
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
+            **_present(pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids, second_per_grid_ts=second_per_grid_ts),
+            **kwargs,
+        )  # fmt: skip
+
 
 class SafeQwen2_5_VLForConditionalGeneration(
     SafetyForConditionalGenerationMixin, Qwen2_5_VLForConditionalGeneration, SafeQwen2_5_VLPreTrainedModel
@@ -354,55 +387,46 @@ class SafeQwen2_5_VLForConditionalGeneration(
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        cache=None,
-        inputs_embeds: torch.FloatTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
-        safety_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        pixel_values_videos: torch.FloatTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         video_grid_thw: torch.LongTensor | None = None,
         mm_token_type_ids: torch.IntTensor | None = None,
         second_per_grid_ts: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict | None = None,
+        safety_labels: torch.LongTensor | None = None,
         output_safety: bool | None = None,
-        **kwargs,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> SafeQwen2_5_VLCausalLMOutputWithPast:
         r"""
-        [`SafetyForConditionalGenerationMixin.forward`] with Qwen2.5-VL's own arguments named, so that `generate`
-        passes them as it does to stock (`cache` is transformers 5.24+'s name of `past_key_values`).
+        Stock `Qwen2_5_VLForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
+        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`). `cache` is
+        transformers 5.24+'s name of `past_key_values`.
 
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`): each image's patch grid.
         mm_token_type_ids (`torch.IntTensor` of shape `(batch_size, sequence_length)`): 0 text (the LLM safety
             tokens included), 1 image, 2 video; `get_rope_index` reads it.
         """
-        stock_kwargs = {
-            "pixel_values_videos": pixel_values_videos,
-            "image_grid_thw": image_grid_thw,
-            "video_grid_thw": video_grid_thw,
-            "mm_token_type_ids": mm_token_type_ids,
-            "second_per_grid_ts": second_per_grid_ts,
-        }
         return super().forward(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            safety_labels=safety_labels,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            output_safety=output_safety,
-            **{name: value for name, value in stock_kwargs.items() if value is not None},
-            **({} if cache is None else {"cache": cache}),
-            **kwargs,
-        )
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
+            use_cache=use_cache, logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=output_safety, **_present(pixel_values_videos=pixel_values_videos,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts, cache=cache), **kwargs,
+        )  # fmt: skip
+
+
+def _present(**arguments) -> dict:
+    """The arguments that were given (not `None`): Qwen2.5-VL's own image and position inputs pass through the mixin's
+    `**kwargs` to the headless model only when the caller set them."""
+    return {name: value for name, value in arguments.items() if value is not None}
 
 
 __all__ = [

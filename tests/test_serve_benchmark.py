@@ -13,6 +13,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import run as benchmark_run  # noqa: E402
 from benchmarks.serve import SERVERS, summarize  # noqa: E402
+from modeling_safe_llava.bases import BASES  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -48,7 +49,7 @@ def test_serve_benchmark_writes_every_measurement(smoke):
     assert results["refusal"]["refuse"]["failed"] == results["refusal"]["allow"]["failed"] == 0
     assert results["moderation"]["failed"] == 0 and results["moderation"]["requests"] == 4
     assert results["metadata"]["server_exit_codes"]["safe"] == 0 and results["metadata"]["server_exit_codes"]["gate"] == 0
-    assert set(results["gate_memory"]) == {"llava", "llava-next", "gemma3"}
+    assert set(results["gate_memory"]) == {base.name for base in BASES}
     assert all(memory["gate_bytes"] < memory["full_bytes"] for memory in results["gate_memory"].values())
     assert all(results["process_memory"][name]["peak_rss_mib"] > 0 for name in SERVERS)
     assert 0 < results["verdict_flop_share"]["config"]["share"] < 1

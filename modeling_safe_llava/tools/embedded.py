@@ -147,12 +147,17 @@ def build_tiny_lm_llava(seed: int = 0, preset: str = "demo.json"):
     return LlavaForConditionalGeneration(config).eval(), tokenizer
 
 
+def is_efficientnet_lite(vision_config) -> bool:
+    """Whether `vision_config` is EfficientNet-Lite's, by `model_type` (the class may be an export's remote-code copy)."""
+    return getattr(vision_config, "model_type", None) == SafeLlavaEfficientNetLiteConfig.model_type
+
+
 def demo_image_processor(vision_config) -> CLIPImageProcessorPil:
     """The stock CLIP image processor (no torchvision) set to the tower's size and, for EfficientNet-Lite, its
     normalisation; a square image is resized to the tower's input, nothing cropped away."""
     size = vision_config.image_size
     normalisation = {}
-    if isinstance(vision_config, SafeLlavaEfficientNetLiteConfig):
+    if is_efficientnet_lite(vision_config):
         normalisation = {"image_mean": EFFICIENTNET_IMAGE_MEAN, "image_std": EFFICIENTNET_IMAGE_STD}
     return CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}, **normalisation)
 
@@ -175,7 +180,7 @@ def build_embedded_default(language_model: str = "smollm2", seed: int = 0, visio
     build = build_smollm2_llava if language_model == "smollm2" else build_tiny_lm_llava
     llava, tokenizer = build(seed, preset)
     vision_config = llava.config.vision_config
-    if isinstance(vision_config, SafeLlavaEfficientNetLiteConfig):
+    if is_efficientnet_lite(vision_config):
         llava.model.vision_tower.load_state_dict(load_efficientnet_lite0_tower(vision_config))
         vision_config.pretrained_weights = EFFICIENTNET_LITE0_SOURCE
     llava_processor = build_tiny_llava_processor(tokenizer, llava.config, image_processor=demo_image_processor(vision_config))
