@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers import modeling_outputs
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLForConditionalGeneration,
@@ -181,10 +182,20 @@ class SafeQwen2_5_VLImageOutput(BaseModelOutputWithPooling):
     image_grid_thw: torch.LongTensor | None = None
 
 
+# Stock Qwen2.5-VL's output classes: the multimodal ones where transformers has them (they add `image_outputs`,
+# `video_outputs`, ...), the plain ones before. Feature-detected: remote code runs on the user's transformers.
+_StockModelOutput = getattr(
+    modeling_outputs, "MultimodalBaseModelOutputWithPast", modeling_outputs.BaseModelOutputWithPast
+)
+_StockCausalLMOutput = getattr(
+    modeling_outputs, "MultimodalCausalLMOutputWithPast", modeling_outputs.CausalLMOutputWithPast
+)
+
+
 @dataclass
-class SafeQwen2_5_VLModelOutputWithPast(BaseModelOutputWithPast):
+class SafeQwen2_5_VLModelOutputWithPast(_StockModelOutput):
     r"""
-    [`BaseModelOutputWithPast`] (stock Qwen2.5-VL's) plus the safety head's verdict, computed when the call encodes
+    Stock Qwen2.5-VL's model output plus the safety head's verdict, computed when the call encodes
     `pixel_values`.
 
     safety_level_logits (`torch.FloatTensor` of shape `(batch_size, num_levels)`, *optional*): Risk-level logits.
@@ -198,9 +209,9 @@ class SafeQwen2_5_VLModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class SafeQwen2_5_VLCausalLMOutputWithPast(CausalLMOutputWithPast):
+class SafeQwen2_5_VLCausalLMOutputWithPast(_StockCausalLMOutput):
     r"""
-    [`CausalLMOutputWithPast`] (stock Qwen2.5-VL's) plus the safety fields (after stock's, also in the
+    Stock Qwen2.5-VL's causal-LM output plus the safety fields (after stock's, also in the
     `return_dict=False` tuple).
 
     lm_loss (`torch.FloatTensor` of shape `()`, *optional*): Next-token cross-entropy, when `labels` is given.
