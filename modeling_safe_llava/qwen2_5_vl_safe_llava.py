@@ -352,8 +352,9 @@ class SafeQwen2_5_VLModel(SafetyModelMixin, Qwen2_5_VLModel, SafeQwen2_5_VLPreTr
         **kwargs: Unpack[TransformersKwargs],
     ) -> SafeQwen2_5_VLModelOutputWithPast:
         r"""Stock `Qwen2_5_VLModel.forward` restated (docs/bases.md, "What a `forward` names"), plus the safety logits
-        ([`SafetyModelMixin.forward`], `output_safety`)."""
-        return super().forward(
+        ([`SafetyModelMixin.forward`], `output_safety`). Where stock's output carries `image_outputs` (transformers
+        5.24+), they are stock's fields only, so that `return_dict=False` gives stock's tuple."""
+        outputs = super().forward(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
@@ -361,6 +362,9 @@ class SafeQwen2_5_VLModel(SafetyModelMixin, Qwen2_5_VLModel, SafeQwen2_5_VLPreTr
             video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids, second_per_grid_ts=second_per_grid_ts),
             **kwargs,
         )  # fmt: skip
+        if isinstance(getattr(outputs, "image_outputs", None), SafeQwen2_5_VLImageOutput):
+            outputs.image_outputs = _stock_image_outputs(outputs.image_outputs)
+        return outputs
 
 
 class SafeQwen2_5_VLForConditionalGeneration(
@@ -432,6 +436,12 @@ class SafeQwen2_5_VLForConditionalGeneration(
             image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
             second_per_grid_ts=second_per_grid_ts, cache=cache), **kwargs,
         )  # fmt: skip
+
+
+def _stock_image_outputs(image_outputs: SafeQwen2_5_VLImageOutput) -> BaseModelOutputWithPooling:
+    """`image_outputs` without the fields only the safety head reads (`vision_features`, `image_grid_thw`)."""
+    own = ("vision_features", "image_grid_thw")
+    return BaseModelOutputWithPooling(**{name: value for name, value in image_outputs.items() if name not in own})
 
 
 def _present(**arguments) -> dict:
