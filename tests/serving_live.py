@@ -82,6 +82,31 @@ def assert_judge_holds_the_models_weights(judge_model, reference_state: dict):
         assert torch.equal(tensor, expected), name
 
 
+class HalfSentRequest:
+    """A POST whose body is sent in two parts on a raw socket. Until the rest is sent the server counts it as
+    arriving, so requests that come in meanwhile wait for it (batch company) and share its model call."""
+
+    def __init__(self, port: int, path: str, payload: dict, headers: dict | None = None):
+        data = json.dumps(payload).encode()
+        fields = {"Host": "127.0.0.1", "Content-Type": "application/json", "Content-Length": str(len(data)), **(headers or {})}
+        head = f"POST {path} HTTP/1.1\r\n" + "".join(f"{key}: {value}\r\n" for key, value in fields.items()) + "\r\n"
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.socket.sendall(head.encode() + data[:8])
+        self.rest = data[8:]
+
+    def finish(self):
+        """Sends the rest of the body; returns the response (`http.client.HTTPResponse`, headers read)."""
+        import http.client
+
+        self.socket.sendall(self.rest)
+        response = http.client.HTTPResponse(self.socket)
+        response.begin()
+        return response
+
+    def close(self):
+        self.socket.close()
+
+
 class LiveServer:
     """A `safe-llava serve` subprocess on a free port (a context manager)."""
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving_live import LiveServer, image_message, save_tiny_server_model
+from serving_live import HalfSentRequest, LiveServer, image_message, save_tiny_server_model
 
 from conftest import random_image
 
@@ -28,7 +28,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    args = ["--model", folder, "--max-tokens-limit", str(LONG), "--batch-wait-ms", "300", "--max-batch-size", "8"]
+    args = ["--model", folder, "--max-tokens-limit", str(LONG), "--batch-wait-ms", "5000", "--max-batch-size", "8"]
     with LiveServer(args) as live:
         yield live
 
@@ -108,29 +108,47 @@ def test_a_dropped_stream_stops_its_row_and_frees_the_model(server, client):
     assert 0 < generated < LONG  # the dropped row stopped long before its limit
 
 
+def leave_after_two_events(request: HalfSentRequest):
+    """Sends the rest of a half-sent stream request, reads the verdict chunk and the first words, then leaves."""
+    response, events = request.finish(), 0
+    while events < 2:
+        line = response.readline()
+        assert line, "the server closed the stream early"
+        events += line.startswith(b"data: ")
+    request.close()
+
+
 def test_the_other_rows_of_a_batch_go_on_when_one_client_leaves(server, client):
     kept_image, dropped_image = random_image(8, 32), random_image(11, 32)
     expected = runs_to_the_limit(client, server, kept_image)
     runs_to_the_limit(client, server, dropped_image)
     tokens = metric(server, "safe_llava_generated_tokens_total")
     batches = metric(server, "safe_llava_batch_size_count", kind="stream")
+    dropped = HalfSentRequest(server.port, "/v1/chat/completions", body(server, dropped_image, LONG, stream=True))
+    wait_for(lambda: metric(server, "safe_llava_arriving_requests") == 1, "the server reads the half-sent request")
 
     def kept():
         chunks = [c for c in chat(client, server, kept_image, LONG, stream=True) if c.choices]
         finishes = [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason]
         return "".join(c.choices[0].delta.content or "" for c in chunks), finishes
 
-    def dropped():
-        leave_after_two_chunks(chat(client, server, dropped_image, LONG, stream=True))
-
-    with ThreadPoolExecutor(2) as pool:
-        kept_answer, gone = pool.submit(kept), pool.submit(dropped)
-        gone.result()
+    with ThreadPoolExecutor(1) as pool:
+        kept_answer = pool.submit(kept)
+        wait_for(lambda: metric(server, "safe_llava_queue_depth") == 1, "the kept request waits for the arriving one")
+        leave_after_two_events(dropped)
         text, finish = kept_answer.result()
     assert metric(server, "safe_llava_batch_size_count", kind="stream") == batches + 1  # one call held both rows
     assert (text, finish) == (expected, ["length"])
     generated = metric(server, "safe_llava_generated_tokens_total") - tokens
     assert LONG < generated < 2 * LONG  # the kept row ran to its limit, the dropped one stopped early
+
+
+def test_a_lone_request_does_not_wait_for_company(server, client):
+    """The module's server waits up to 5 s for batch company, but only while another request is arriving: a lone
+    request on the idle server runs at once."""
+    start = time.monotonic()
+    chat(client, server, random_image(5, 32), 1)
+    assert time.monotonic() - start < 5.0
 
 
 def test_a_queued_request_whose_client_left_never_runs_and_a_plain_one_stops(server, client):

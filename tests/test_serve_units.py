@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from modeling_safe_llava.serving.app import moderation_result
-from modeling_safe_llava.serving.backend import Overloaded, ServiceUnavailable, ServingError
+from modeling_safe_llava.serving.backend import Arrivals, Overloaded, ServiceUnavailable, ServingError
 from modeling_safe_llava.serving.batching import MicroBatcher
 from modeling_safe_llava.serving.images import ImagePolicy, decode_image_url, is_public_address
 from modeling_safe_llava.serving.local import _held_back, cut_at_stop
@@ -368,6 +368,29 @@ def test_batch_wait_gathers_items_that_arrive_a_little_later():
     assert results == [0, 1, 2, 3] and sizes == [4] and waited < 0.2  # a full batch runs without waiting out the window
 
 
+def test_a_lone_item_runs_at_once_when_no_company_is_on_its_way():
+    """`company` (the app's `Arrivals.count`) ends the batch wait when nothing else is coming, and keeps it while
+    requests are still being read: a lone request on an idle server does not pay `batch_wait_ms`."""
+    sizes, executor, arrivals = [], ThreadPoolExecutor(1), Arrivals()
+
+    async def main():
+        batcher = MicroBatcher(lambda items: items, executor, max_batch_size=4, batch_wait_ms=2000, on_batch=sizes.append, company=arrivals.count)
+        start = time.monotonic()
+        assert await batcher.submit("alone") == "alone"
+        lone = time.monotonic() - start
+        with arrivals.admitted():  # a second request is still being read: the first waits for it
+            first = asyncio.ensure_future(batcher.submit("first"))
+            await asyncio.sleep(0.05)
+            assert not first.done()
+            second = asyncio.ensure_future(batcher.submit("second"))
+        results = await asyncio.gather(first, second)
+        await batcher.close()
+        return lone, results
+
+    lone, results = _run(main())
+    assert lone < 1.0 and results == ["first", "second"] and sizes == [1, 2]
+
+
 def test_the_model_card_tells_how_to_serve_the_model():
     from modeling_safe_llava.tiny import build_tiny_safe_llava
     from modeling_safe_llava.tools.model_card import model_facts, render_model_card
@@ -435,6 +458,7 @@ class _FakeBackend:
     """Stands in for a loaded backend (only what /health and /v1/models read)."""
 
     model_id, created, metrics = "fake", 0, None
+    arrivals = Arrivals()
 
     def queue_depth(self):
         return 0

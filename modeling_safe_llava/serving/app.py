@@ -107,6 +107,7 @@ async def _load(app, load_backend, metrics, on_load_error):
         return
     backend.metrics = metrics
     metrics.track_queue_depth(backend.queue_depth)
+    metrics.track_arrivals(backend.arrivals.count)
     app.state.backend = backend  # closed at shutdown, even when the shutdown began while it loaded
     if app.state.status == "loading":
         app.state.status = "ready"
@@ -340,8 +341,9 @@ def _add_routes(app: FastAPI):
     async def moderations(request: Request):
         backend = _ready_backend(request)
         config = request.app.state.config
-        body = await read_json(request)
-        inputs = await asyncio.to_thread(parse_moderation_request, body, backend.model_id, backend.risky_types, config.limits)
+        with backend.arrivals.admitted():
+            body = await read_json(request)
+            inputs = await asyncio.to_thread(parse_moderation_request, body, backend.model_id, backend.risky_types, config.limits)
         if config.log_requests:
             logger.info("moderation texts: %s", json.dumps([item.text for item in inputs]))
         watch = ClientWatch(request)
@@ -358,8 +360,9 @@ def _add_routes(app: FastAPI):
     async def chat_completions(request: Request):
         backend = _ready_backend(request)
         config = request.app.state.config
-        body = await read_json(request)
-        chat = await asyncio.to_thread(parse_chat_request, body, backend.model_id, backend.risky_types, config.limits)
+        with backend.arrivals.admitted():
+            body = await read_json(request)
+            chat = await asyncio.to_thread(parse_chat_request, body, backend.model_id, backend.risky_types, config.limits)
         if config.log_requests:
             logger.info("%s messages: %s", chat.request_id, json.dumps(chat.messages))
         if chat.stream:

@@ -52,6 +52,7 @@ that line and exits with code 2.
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -85,7 +86,8 @@ class BackendSettings:
         device (`str`, *optional*): `--device`, a torch device (default: CUDA when available, else CPU).
         dtype (`str`, *optional*): `--dtype`: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the checkpoint's).
         max_batch_size (`int`): `--max-batch-size`, rows per model call.
-        batch_wait_ms (`float`): `--batch-wait-ms`, how long the first request of a batch waits for company.
+        batch_wait_ms (`float`): `--batch-wait-ms`, how long the first request of a batch waits for company while
+            more requests are on their way (a lone request on an idle server never waits).
         max_queue (`int`): `--max-queue`, requests waiting at most; past it `Overloaded` (429).
         max_new_tokens_limit (`int`): the largest `max_tokens` a request may ask for.
         trust_remote_code (`bool`): load a Hub id's remote code (a local folder uses this package's classes).
@@ -348,6 +350,25 @@ class UpstreamError(ServingError):
 # ------------------------------------------------------------------------------------------------------------------
 
 
+class Arrivals:
+    """Counts requests on their way to a batcher: `with arrivals.admitted(): ...` around reading and parsing a
+    request; `count()` is what `MicroBatcher(company=...)` asks. Used from the event loop only."""
+
+    def __init__(self):
+        self._count = 0
+
+    def count(self) -> int:
+        return self._count
+
+    @contextlib.contextmanager
+    def admitted(self):
+        self._count += 1
+        try:
+            yield
+        finally:
+            self._count -= 1
+
+
 class ServingBackend(abc.ABC):
     """
     What answers chat and moderation requests (see the module docstring for the promises it keeps).
@@ -359,6 +380,8 @@ class ServingBackend(abc.ABC):
         level_names (`list[str]`): the level names (`config.safety_level_labels`).
         created (`int`): Unix time the backend was built (`/v1/models`' `created`).
         metrics (`ServingMetrics`, *optional*): set by the app; backends record batch sizes and queue depth in it.
+        arrivals (`Arrivals`): requests the app has admitted and not yet handed over; a backend's batchers wait for
+            company only while this is not zero.
     """
 
     model_id: str
@@ -373,6 +396,7 @@ class ServingBackend(abc.ABC):
         self.level_names = list(level_names)
         self.created = int(time.time())
         self.metrics = None
+        self.arrivals = Arrivals()
 
     @property
     def risky_types(self) -> list[str]:
@@ -423,6 +447,7 @@ class ServingBackend(abc.ABC):
 
 
 __all__ = [
+    "Arrivals",
     "BackendSettings",
     "ChatCompletionResult",
     "ChatRequest",

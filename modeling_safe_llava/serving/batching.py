@@ -8,6 +8,11 @@ If `run_batch` raises for a batch of several items, each item is run again alone
 another. Past `max_queue` waiting items `submit` raises `Overloaded` (429); after `close()` starts it raises
 `ServiceUnavailable` (503), while everything already accepted still runs. A waiting item whose `submit` is cancelled
 (its client went away) leaves the queue at once and never runs (`on_drop` counts it).
+
+The wait is only worth it when company can come: given `company` (a callable that says how many requests are on their
+way, e.g. `backend.Arrivals.count`: admitted by the HTTP layer, not yet submitted), the oldest item stops waiting as soon as
+none is. A lone request on an idle server then runs at once, as with `batch_wait_ms=0`, while requests that arrive
+together still share a call.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from .backend import Overloaded, ServiceUnavailable
 
 
 logger = logging.getLogger(__name__)
+
+_COMPANY_POLL_S = 0.002
 
 
 @dataclass
@@ -46,6 +53,8 @@ class MicroBatcher:
         on_batch (`Callable[[int], None]`, *optional*): called with each batch's size before it runs.
         on_drop (`Callable[[int], None]`, *optional*): called with the number of waiting items dropped because their
             `submit` was cancelled.
+        company (`Callable[[], int]`, *optional*): how many more items are on their way (see `backend.Arrivals`); the wait
+            ends when none is. Without it the oldest item always waits `batch_wait_ms`.
         name (`str`): for logs and error messages.
     """
 
@@ -59,6 +68,7 @@ class MicroBatcher:
         max_queue: int = 64,
         on_batch: Callable[[int], None] | None = None,
         on_drop: Callable[[int], None] | None = None,
+        company: Callable[[], int] | None = None,
         name: str = "batcher",
     ):
         if max_batch_size < 1 or max_queue < 1 or batch_wait_ms < 0:
@@ -70,6 +80,7 @@ class MicroBatcher:
         self.key = key or (lambda item: None)
         self.max_batch_size, self.batch_wait_s, self.max_queue = max_batch_size, batch_wait_ms / 1000.0, max_queue
         self.on_batch, self.on_drop, self.name = on_batch, on_drop, name
+        self.company = company
         self._pending: list[_Pending] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -121,19 +132,24 @@ class MicroBatcher:
         """Waits for company for the oldest item (up to `batch_wait_ms`), then takes its batch off the queue."""
         first = self._pending[0]
         deadline = first.enqueued + self.batch_wait_s
-        while self._count_like(first) < self.max_batch_size and not self._closing:
+        while self._count_like(first) < self.max_batch_size and not self._closing and self._company_coming():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._wakeup.clear()
+            if self.company is not None:  # look again soon: an arriving request may turn out bad and never come
+                remaining = min(remaining, _COMPANY_POLL_S)
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
             except asyncio.TimeoutError:
-                break
+                continue  # the loop's checks decide: the deadline, or no company on its way
         batch = [p for p in self._pending if p.key == first.key][: self.max_batch_size]
         taken = {id(p) for p in batch}
         self._pending = [p for p in self._pending if id(p) not in taken]
         return [p for p in batch if not p.future.done()]  # a cancelled request (client gone) is dropped
+
+    def _company_coming(self) -> bool:
+        return self.company is None or self.company() > 0
 
     def _count_like(self, first: _Pending) -> int:
         return sum(1 for p in self._pending if p.key == first.key)

@@ -85,7 +85,8 @@ class GateBackend(ServingBackend):
         self._processor = copy.deepcopy(judge.processor)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-judge")
         batching = dict(
-            max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue
+            max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue,
+            company=self.arrivals.count,
         )
         self._chat_judge = MicroBatcher(
             self.judge.judge,

@@ -509,7 +509,10 @@ class LocalBackend(ServingBackend):
         self.engine.on_cancelled = lambda kind, count: self.record_cancelled(kind, "running", count)
         self.engine.on_generated = self.record_generated_tokens
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-model")
-        batching = {"executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue}
+        batching = {
+            "executor": self.executor, "batch_wait_ms": settings.batch_wait_ms, "max_queue": settings.max_queue,
+            "company": self.arrivals.count,
+        }
         self.chat = MicroBatcher(
             self._run_chat, key=chat_batch_key, max_batch_size=settings.max_batch_size, name="chat",
             on_batch=lambda size: self.record_batch("chat", size),

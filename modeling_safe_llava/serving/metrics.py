@@ -7,6 +7,7 @@ tests, never share counters).
 - `safe_llava_request_latency_seconds{endpoint}`: time from the request to its last byte.
 - `safe_llava_time_to_first_token_seconds`: streamed chat, time from the request to its first content delta.
 - `safe_llava_queue_depth`: requests waiting for a model call.
+- `safe_llava_arriving_requests`: chat and moderation requests being read and parsed (batch company on its way).
 - `safe_llava_batch_size{kind}`: rows per model call (`chat`, `stream`, `moderation`).
 - `safe_llava_cancelled_requests_total{kind, stage}`: requests whose client went away before their answer was done,
   and whose work was stopped: `stage` is `queued` (dropped before it ran), `running` (its rows stopped at the next
@@ -47,6 +48,9 @@ class ServingMetrics:
             buckets=LATENCY_BUCKETS, registry=self.registry,
         )
         self.queue_depth = Gauge("safe_llava_queue_depth", "Requests waiting for a model call", registry=self.registry)
+        self.arriving = Gauge(
+            "safe_llava_arriving_requests", "Requests being read and parsed, not yet queued", registry=self.registry
+        )
         self.batch_size = Histogram(
             "safe_llava_batch_size", "Rows per model call", ["kind"], buckets=BATCH_BUCKETS, registry=self.registry
         )
@@ -62,6 +66,10 @@ class ServingMetrics:
     def track_queue_depth(self, depth: Callable[[], int]):
         """Reads the queue depth from `depth()` at each scrape."""
         self.queue_depth.set_function(depth)
+
+    def track_arrivals(self, count: Callable[[], int]):
+        """Reads the number of arriving requests from `count()` at each scrape."""
+        self.arriving.set_function(count)
 
     def observe_request(self, endpoint: str, status: int, seconds: float):
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()

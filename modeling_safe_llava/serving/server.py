@@ -47,7 +47,7 @@ def add_cli_arguments(parser):
     gen.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request names none (default: 256).")
     gen.add_argument("--max-n", type=int, default=8, help="largest n a request may ask (default: 8).")
     gen.add_argument("--max-batch-size", type=int, default=8, help="rows per model call at most (default: 8).")
-    gen.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch company (default: 5).")
+    gen.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch company while more requests are arriving (default: 5).")
     gen.add_argument("--max-queue", type=int, default=64, help="waiting requests at most; more get 429 (default: 64).")
     gen.add_argument("--shutdown-timeout", type=float, default=120.0, help="seconds to finish in-flight requests on SIGTERM (default: 120).")
     gate = parser.add_argument_group("gate mode (a head-only SafeLlava in front of an OpenAI-compatible engine)")
