@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -276,17 +277,38 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     return text[: min(positions)], True
 
 
+class LoopOutbox:
+    """Events from the model thread to the event loop: `send(pairs)` adds `(deliver, event)` pairs and wakes the loop
+    only when no wake-up is pending, so that a loop that falls behind the decoding steps gets them in one callback
+    (one wake-up, one GIL hand-over) instead of one per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self._lock, self._pairs = loop, threading.Lock(), []
+
+    def send(self, pairs: list):
+        with self._lock:
+            wake = not self._pairs
+            self._pairs.extend(pairs)
+        if wake:
+            self.loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self):
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        _deliver_all(pairs)
+
+
 class StreamJob:
     """One streamed request and where its events go.
 
     `emit(event)` keeps an event for the next hand-over (a second verdict is dropped: a batch's verdict stands when the
     batch goes on request by request); `hand_over(jobs)` gives the kept events of every job to their `deliver`
-    callables, in one call on `loop` (thread-safe) when the jobs have one, so that a decoding step of a whole batch
-    costs the event loop one callback, not one per row and token.
+    callables: through the jobs' `LoopOutbox` when they have one (the event loop then pays one callback per hand-over
+    at most, not one per row and token), else at once.
     """
 
-    def __init__(self, request: ChatRequest, deliver, loop: asyncio.AbstractEventLoop | None = None):
-        self.request, self.deliver, self.loop = request, deliver, loop
+    def __init__(self, request: ChatRequest, deliver, outbox: LoopOutbox | None = None):
+        self.request, self.deliver, self.outbox = request, deliver, outbox
         self.verdict_sent, self.kept = False, []
 
     def emit(self, event: StreamEvent):
@@ -303,11 +325,11 @@ class StreamJob:
             job.kept = []
         if not pairs:
             return
-        loop = jobs[0].loop
-        if loop is None:
+        outbox = jobs[0].outbox
+        if outbox is None:
             _deliver_all(pairs)
         else:
-            loop.call_soon_threadsafe(_deliver_all, pairs)
+            outbox.send(pairs)
 
 
 def _deliver_all(pairs: list):
@@ -528,6 +550,7 @@ class LocalBackend(ServingBackend):
             name="moderation", on_batch=lambda size: self.record_batch("moderation", size),
             on_drop=lambda count: self.record_cancelled("moderation", "queued", count), **batching,
         )
+        self._outbox: LoopOutbox | None = None
         self._closing = False
 
     def _run_chat(self, requests: list[ChatRequest]) -> list:
@@ -559,7 +582,9 @@ class LocalBackend(ServingBackend):
         """The request's events, in lists: all those that are ready when the event loop comes to them."""
         self._check_open()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, loop)))
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = LoopOutbox(loop)
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, self._outbox)))
         job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
         try:
             while True:
