@@ -378,11 +378,22 @@ def test_a_lone_item_runs_at_once_when_no_company_is_on_its_way():
         start = time.monotonic()
         assert await batcher.submit("alone") == "alone"
         lone = time.monotonic() - start
-        with arrivals.admitted():  # a second request is still being read: the first waits for it
-            first = asyncio.ensure_future(batcher.submit("first"))
-            await asyncio.sleep(0.05)
-            assert not first.done()
-            second = asyncio.ensure_future(batcher.submit("second"))
+        read, go = asyncio.Event(), asyncio.Event()
+
+        async def arriving():  # a request still being read until `go`; queued, it no longer counts as arriving
+            with arrivals.admitted():
+                read.set()
+                await go.wait()
+                result = await batcher.submit("second")
+                assert arrivals.count() == 0
+                return result
+
+        second = asyncio.ensure_future(arriving())
+        await read.wait()
+        first = asyncio.ensure_future(batcher.submit("first"))
+        await asyncio.sleep(0.05)
+        assert not first.done() and arrivals.count() == 1  # the first waits for the arriving one
+        go.set()
         results = await asyncio.gather(first, second)
         await batcher.close()
         return lone, results

@@ -344,13 +344,13 @@ def _add_routes(app: FastAPI):
         with backend.arrivals.admitted():
             body = await read_json(request)
             inputs = await asyncio.to_thread(parse_moderation_request, body, backend.model_id, backend.risky_types, config.limits)
-        if config.log_requests:
-            logger.info("moderation texts: %s", json.dumps([item.text for item in inputs]))
-        watch = ClientWatch(request)
-        try:
-            verdicts = await watch.run(backend.moderate(inputs))
-        finally:
-            watch.stop()
+            if config.log_requests:
+                logger.info("moderation texts: %s", json.dumps([item.text for item in inputs]))
+            watch = ClientWatch(request)
+            try:
+                verdicts = await watch.run(backend.moderate(inputs))
+            finally:
+                watch.stop()
         for verdict in verdicts:
             request.app.state.metrics.observe_verdict("/v1/moderations", verdict.safety)
         results = [moderation_result(verdict.safety, backend.risky_types, backend.type_names) for verdict in verdicts]
@@ -360,18 +360,18 @@ def _add_routes(app: FastAPI):
     async def chat_completions(request: Request):
         backend = _ready_backend(request)
         config = request.app.state.config
-        with backend.arrivals.admitted():
+        with backend.arrivals.admitted():  # company for the batchers until its work is queued
             body = await read_json(request)
             chat = await asyncio.to_thread(parse_chat_request, body, backend.model_id, backend.risky_types, config.limits)
-        if config.log_requests:
-            logger.info("%s messages: %s", chat.request_id, json.dumps(chat.messages))
-        if chat.stream:
-            return await _stream_response(request, backend, chat)
-        watch = ClientWatch(request, chat.client_gone)
-        try:
-            result = await watch.run(backend.complete(chat))
-        finally:
-            watch.stop()
+            if config.log_requests:
+                logger.info("%s messages: %s", chat.request_id, json.dumps(chat.messages))
+            if chat.stream:
+                return await _stream_response(request, backend, chat)
+            watch = ClientWatch(request, chat.client_gone)
+            try:
+                result = await watch.run(backend.complete(chat))
+            finally:
+                watch.stop()
         request.app.state.metrics.observe_verdict("/v1/chat/completions", result.safety)
         return completion_json(chat, result, backend.model_id)
 

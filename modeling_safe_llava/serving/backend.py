@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import contextvars
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -351,8 +352,13 @@ class UpstreamError(ServingError):
 
 
 class Arrivals:
-    """Counts requests on their way to a batcher: `with arrivals.admitted(): ...` around reading and parsing a
-    request; `count()` is what `MicroBatcher(company=...)` asks. Used from the event loop only."""
+    """Counts requests on their way to a batcher; `count()` is what `MicroBatcher(company=...)` asks.
+
+    `with arrivals.admitted(): ...` spans a request's handler. The request counts as arriving from its first byte
+    until its first item is queued (`MicroBatcher.submit` calls `landed()`, which finds the request through a context
+    variable that the tasks it starts inherit), or until the handler ends, whichever comes first. Used from the event
+    loop only.
+    """
 
     def __init__(self):
         self._count = 0
@@ -363,10 +369,33 @@ class Arrivals:
     @contextlib.contextmanager
     def admitted(self):
         self._count += 1
+        arrival = _Arrival(self)
+        token = _CURRENT_ARRIVAL.set(arrival)
         try:
             yield
         finally:
-            self._count -= 1
+            _CURRENT_ARRIVAL.reset(token)
+            arrival.land()
+
+    @staticmethod
+    def landed():
+        """The current request (if any) is queued: it no longer counts as arriving."""
+        arrival = _CURRENT_ARRIVAL.get()
+        if arrival is not None:
+            arrival.land()
+
+
+class _Arrival:
+    def __init__(self, arrivals: Arrivals):
+        self.arrivals, self.done = arrivals, False
+
+    def land(self):
+        if not self.done:
+            self.done = True
+            self.arrivals._count -= 1
+
+
+_CURRENT_ARRIVAL: contextvars.ContextVar[_Arrival | None] = contextvars.ContextVar("safe_llava_arrival", default=None)
 
 
 class ServingBackend(abc.ABC):
@@ -380,7 +409,7 @@ class ServingBackend(abc.ABC):
         level_names (`list[str]`): the level names (`config.safety_level_labels`).
         created (`int`): Unix time the backend was built (`/v1/models`' `created`).
         metrics (`ServingMetrics`, *optional*): set by the app; backends record batch sizes and queue depth in it.
-        arrivals (`Arrivals`): requests the app has admitted and not yet handed over; a backend's batchers wait for
+        arrivals (`Arrivals`): requests the app has admitted and not yet queued; a backend's batchers wait for
             company only while this is not zero.
     """
 

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Overloaded, ServiceUnavailable
+from .backend import Arrivals, Overloaded, ServiceUnavailable
 
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         pending = _Pending(item, self.key(item), loop.create_future())
         self._pending.append(pending)
+        Arrivals.landed()  # the request that submitted this is no longer on its way
         self._ensure_worker()
         self._wakeup.set()
         try:
