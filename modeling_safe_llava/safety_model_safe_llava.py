@@ -208,7 +208,21 @@ class SafetyModelMixin:
         if output_safety and image_outputs is not None:
             level, kind, images_per_row = self.judge(image_outputs, input_ids, inputs_embeds, attention_mask)
             safety = {"safety_level_logits": level, "safety_type_logits": kind, "images_per_row": images_per_row}
-        return self.safety_output_class(**outputs, **safety)
+        return _with_safety_fields(outputs, self.safety_output_class, safety)
+
+
+def _with_safety_fields(outputs, output_class, safety: dict):
+    """
+    Stock's output re-classed in place as `output_class` (stock's class plus the safety fields, which default to
+    None), with the `safety` fields set: the same object a fresh `output_class(**outputs, **safety)` would give, without
+    copying stock's fields into a new output on every decoding step.
+    """
+    if not issubclass(output_class, type(outputs)):
+        return output_class(**outputs, **safety)
+    outputs.__class__ = output_class
+    for name, value in safety.items():
+        outputs[name] = value
+    return outputs
 
 
 class SafetyForConditionalGenerationMixin:
