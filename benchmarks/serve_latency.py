@@ -315,7 +315,7 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
                        "safe-nowait": Target(nowait, "safe", allow)}  # fmt: skip
             images = _images(IMAGE_SIZE, 8, 0)
             results = {"latency": measure(targets, local, images, repeats, refuse)}
-            streamed = {"safe": targets["safe"]}
+            streamed = {"safe": targets["safe"], "stock": targets["stock"]}
             results["cancellation"] = {"safe": measure_after_drop(targets["safe"], images, max(1, repeats // 2))}
             if baseline is not None:
                 streamed["baseline"] = Target(baseline, "safe", allow)

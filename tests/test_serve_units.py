@@ -402,6 +402,34 @@ def test_a_lone_item_runs_at_once_when_no_company_is_on_its_way():
     assert lone < 1.0 and results == ["first", "second"] and sizes == [1, 2]
 
 
+def test_the_outbox_hands_fast_steps_over_together_and_a_slow_step_at_once():
+    from modeling_safe_llava.serving.local import LoopOutbox
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), []
+        outbox = LoopOutbox(loop, interval_s=0.2)
+        deliver = lambda event: got.append((event, loop.time()))  # noqa: E731
+        started = loop.time()
+        await loop.run_in_executor(None, outbox.send, [(deliver, "a")])  # the first hand-over: at once
+        await asyncio.sleep(0.01)
+        assert [event for event, _ in got] == ["a"] and got[0][1] - started < 0.2
+        for event in "bcd":  # three steps inside the interval: one hand-over when it is due
+            await loop.run_in_executor(None, outbox.send, [(deliver, event)])
+        await asyncio.sleep(0.01)
+        assert len(got) == 1
+        await asyncio.sleep(0.3)
+        whens = [when for _, when in got[1:]]
+        assert [event for event, _ in got] == list("abcd") and max(whens) - min(whens) < 0.01  # in one callback
+        assert min(whens) - got[0][1] >= 0.19  # when the interval since the first hand-over was up
+        await asyncio.sleep(0.25)  # longer than the interval since the last one: the next step goes at once
+        sent = loop.time()
+        await loop.run_in_executor(None, outbox.send, [(deliver, "e")])
+        await asyncio.sleep(0.01)
+        assert got[-1][0] == "e" and got[-1][1] - sent < 0.1
+
+    _run(main())
+
+
 def test_the_model_card_tells_how_to_serve_the_model():
     from modeling_safe_llava.tiny import build_tiny_safe_llava
     from modeling_safe_llava.tools.model_card import model_facts, render_model_card

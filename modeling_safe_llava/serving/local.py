@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -278,23 +279,31 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class LoopOutbox:
-    """Events from the model thread to the event loop: `send(pairs)` adds `(deliver, event)` pairs and wakes the loop
-    only when no wake-up is pending, so that a loop that falls behind the decoding steps gets them in one callback
-    (one wake-up, one GIL hand-over) instead of one per step."""
+    """Events from the model thread to the event loop. `send(pairs)` adds `(deliver, event)` pairs; the loop takes
+    them in one callback at most every `interval_s`: at once when the last hand-over is older, else when it is due.
+    A stream whose steps come slower than that (any large model) gets each step at once; a fast one (a tiny model on a
+    CPU, ~1 ms per step) gets a few steps per wake-up, each still its own chunk, so that the event loop's work per
+    step (wake-up, queue, HTTP write) does not hold the GIL against the decoding thread on every step."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self._lock, self._pairs = loop, threading.Lock(), []
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.005):
+        self.loop, self.interval_s = loop, interval_s
+        self._lock, self._pairs, self._last = threading.Lock(), [], 0.0
 
     def send(self, pairs: list):
         with self._lock:
-            wake = not self._pairs
+            due = not self._pairs  # else a hand-over is already on its way and takes these too
             self._pairs.extend(pairs)
-        if wake:
-            self.loop.call_soon_threadsafe(self._flush)
+        if due:
+            delay = self._last + self.interval_s - time.monotonic()
+            if delay > 0:
+                self.loop.call_soon_threadsafe(self.loop.call_later, delay, self._flush)
+            else:
+                self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self):
         with self._lock:
             pairs, self._pairs = self._pairs, []
+            self._last = time.monotonic()
         _deliver_all(pairs)
 
 
@@ -584,8 +593,10 @@ class LocalBackend(ServingBackend):
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         if self._outbox is None or self._outbox.loop is not loop:
             self._outbox = LoopOutbox(loop)
-        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, self._outbox)))
-        job.add_done_callback(lambda _: loop.call_soon(queue.put_nowait, None))
+        outbox = self._outbox
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, outbox)))
+        # The end mark goes through the outbox too, behind the events still waiting there.
+        job.add_done_callback(lambda _: outbox.send([(queue.put_nowait, None)]))
         try:
             while True:
                 ready = [await queue.get()]
