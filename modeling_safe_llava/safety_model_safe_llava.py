@@ -326,15 +326,12 @@ class SafetyForConditionalGenerationMixin:
         **image_kwargs,
     ):
         """
-        The verdict alone ([`SafeLlavaSafetyAssessment`]): vision tower, safety projector and safety head, never the
-        language model. Takes the processor's output (`**inputs`; fields the images do not need are ignored) and the
-        same `safety_threshold` / `safety_actions` as `generate`, or one rule per row: either may be a list with one
-        entry per row of the batch, each a form `generate` accepts (`SafetyPolicy.for_rows`); a row's verdict is then
-        the one a call with its own rule gives it.
+        The verdict alone ([`SafeLlavaSafetyAssessment`]) of the processor's output (`**inputs`, other fields ignored)
+        by vision tower, safety projector and head; `generate`'s safety arguments, or lists of one per row (`for_rows`).
         """
         check_safety_ready(self.config, allow_untrained_safety)
-        batch_size = None if input_ids is None else len(input_ids)
-        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config, batch_size)
+        rows = None if input_ids is None else len(input_ids)
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config, rows)
         level_logits, type_logits, images_per_row = self._pixel_safety_logits(input_ids, pixel_values, attention_mask, image_kwargs)
         return rule.assess(self.config, level_logits, type_logits, images_per_row)
 
