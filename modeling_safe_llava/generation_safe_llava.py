@@ -76,8 +76,8 @@ class SafetyGenerationModel(Protocol):
     generation_config: GenerationConfig
 
     def check_for_generation(self, input_ids, attention_mask, pixel_values, allow_untrained_safety, **kwargs) -> None:
-        """The checks `safety_logits_for_generation` makes before judging (safety modules ready, inputs valid), alone: for a
-        call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
+        """The checks `safety_logits_for_generation` makes before judging (safety modules ready, inputs valid), alone: for
+        a call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
 
     def safety_logits_for_generation(
         self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **kwargs

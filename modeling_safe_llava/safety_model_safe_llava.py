@@ -389,9 +389,9 @@ class SafetyGenerationView:
         allow_untrained_safety: bool,
         **image_kwargs,
     ) -> tuple:
-        """`SafetyGenerationModel.safety_logits_for_generation`: readiness and inputs checked once, `pixel_values` encoded once
-        for the language model and the head (`encode_images`), then `safety_logits`; `(image_outputs, level_logits,
-        type_logits, images_per_row)`."""
+        """`SafetyGenerationModel.safety_logits_for_generation`: readiness and inputs checked once, `pixel_values`
+        encoded once for the language model and the head (`encode_images`), then `safety_logits`; `(image_outputs,
+        level_logits, type_logits, images_per_row)`."""
         self.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
         headless = self.model.model
         if pixel_values is not None:

@@ -64,8 +64,8 @@ def test_llm_safety_tokens_sit_in_front_of_each_images_packed_features(pair):
 
 
 def test_the_verdict_encodes_with_the_vision_tower_alone(pair):
-    """`assess_safety` (and the gate's verdict model, which holds no projector) encodes with the vision tower alone: the same
-    crops' hidden states, crop counts and placeholder counts as `get_image_features`, so the same safety logits, and
+    """`assess_safety` (and the gate's verdict model, which holds no projector) encodes with the vision tower alone: the
+    same crops' hidden states, crop counts and placeholder counts as `get_image_features`, so the same safety logits, and
     the projector never runs."""
     _, safe, processor = pair
     images = [NEXT.random_image(i) for i in range(3)]

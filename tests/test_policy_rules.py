@@ -73,13 +73,14 @@ def test_a_rule_per_row_gives_each_row_the_verdict_of_its_own_rule():
     risky = model.safety_policy.risky_types
     thresholds = [0.0, None, {name: 0.0 for name in risky[:3]}, 1.0]
     actions = [{name: "refuse" for name in risky}, {"Privacy": "hint"}, None, {name: "hint" for name in risky}]
-    per_row = model.assess_safety(**inputs, safety_threshold=thresholds, safety_actions=actions, allow_untrained_safety=True)
+    assess = lambda **rule: model.assess_safety(**inputs, **rule, allow_untrained_safety=True)  # noqa: E731
+    per_row = assess(safety_threshold=thresholds, safety_actions=actions)
     for row, (threshold, action) in enumerate(zip(thresholds, actions)):
-        alone = model.assess_safety(**inputs, safety_threshold=threshold, safety_actions=action, allow_untrained_safety=True)
+        alone = assess(safety_threshold=threshold, safety_actions=action)
         assert per_row.to_records()[row] == alone.to_records()[row]
     assert per_row.actions[0] == "refuse" and per_row.actions[3] == "allow"  # the rules differ where it shows
-    one_list = model.assess_safety(**inputs, safety_threshold=0.0, safety_actions=[None] * 4, allow_untrained_safety=True)
-    assert one_list.to_records() == model.assess_safety(**inputs, safety_threshold=0.0, allow_untrained_safety=True).to_records()
+    one_list = assess(safety_threshold=0.0, safety_actions=[None] * 4)  # one list: the other argument for every row
+    assert one_list.to_records() == assess(safety_threshold=0.0).to_records()
 
 
 @pytest.mark.parametrize(

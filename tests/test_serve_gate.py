@@ -1,7 +1,8 @@
 """Gate mode against a REAL `transformers serve` (started here, stopped by its pid) that serves the stock LLaVA saved
 from the same weights as the head-only SafeLlava: allowed, hinted and safety-off answers equal in-process greedy
 `generate`, refusals never reach the upstream, streams carry the verdict first, upstream failures are OpenAI errors,
-and the verdict model holds no language model (loaded from each base's model class). The last tests drive `safe-llava serve --upstream` with the `openai` client."""
+and the verdict model holds no language model (loaded from each base's model class). The last tests drive
+`safe-llava serve --upstream` with the `openai` client."""
 
 import asyncio
 import json
@@ -433,7 +434,8 @@ def test_each_bases_model_class_loads_its_verdict_model(base_name, tmp_path):
     assert_verdict_model_holds_the_models_weights(verdict_model, model.state_dict())
     processor.tokenizer.padding_side = "left"
     prompt = processor.apply_chat_template(_messages(), add_generation_prompt=True)
-    inputs = processor(images=[base.random_image(i) for i in range(2)], text=[prompt] * 2, padding=True, return_tensors="pt")
+    images = [base.random_image(i) for i in range(2)]
+    inputs = processor(images=images, text=[prompt] * 2, padding=True, return_tensors="pt")
     rules = dict(safety_threshold=[0.0, {"Privacy": 0.0}], safety_actions=[None, _every(model, "refuse")])
     expected = model.assess_safety(**inputs, **rules, allow_untrained_safety=True).to_records()
     assert verdict_model.assess_safety(**inputs, **rules, allow_untrained_safety=True).to_records() == expected

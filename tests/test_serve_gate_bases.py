@@ -184,8 +184,8 @@ def test_errors_name_the_bases_stock_model(setup, tmp_path):
 
 
 def test_the_verdict_model_keeps_only_the_embedding_rows_its_verdict_reads(setup):
-    """Of the embedding table, the verdict model holds the rows of BOS (the first real token of every prompt the chat template
-    builds: the head's query) and of the image placeholder; the verdicts above equal the full model's. A query on
+    """Of the embedding table, the verdict model holds the rows of BOS (the first real token of every prompt the chat
+    template builds: the head's query) and of the image placeholder; the verdicts above equal the full model's. A query on
     another token fails loudly, never with a wrong embedding."""
     verdict_model, processor = setup["gate"].verdict_model, setup["processor"]
     embedding = verdict_model.model.get_input_embeddings()

@@ -3,10 +3,9 @@
 A head-only SafeLlava (`num_llm_safety_tokens=0`) of any base (LLaVA-1.5, LLaVA-NeXT, Gemma 3: `bases.BASES`) generates
 with its stock base's language model, unchanged. So generation can run on any OpenAI-compatible engine that serves the
 stock weights (vLLM, SGLang, `transformers serve`), with this process in front of it as a gate that loads only the
-verdict's parts (the verdict model, `serving/verdict.py`). Nothing here depends on the base: the checkpoint's `model_type` picks its classes
-in the registry. For each request the
-gate assesses the images (requests that arrive together share one `assess_safety` call, each under its own rule), then
-does what
+verdict's parts (the verdict model, `serving/verdict.py`). Nothing here depends on the base: the checkpoint's
+`model_type` picks its classes in the registry. For each request the gate assesses the images (requests that arrive
+together share one `assess_safety` call, each under its own rule), then does what
 `model.generate(..., safety_threshold=..., safety_actions=...)` would:
 
 - `refuse`: answers the configured refusal itself (`finish_reason: "content_filter"`); the upstream is never contacted;
