@@ -5,7 +5,7 @@
 - **stock**: `transformers serve` with the stock LLaVA (default settings);
 - **safe**: `safe-llava serve` with the head-only SafeLlava wrapping the same weights, safety on, every action `allow`
   (the verdict is computed for every request, and nothing changes the answer);
-- **gate**: `safe-llava serve --upstream` (the judge only) in front of the same `transformers serve`.
+- **gate**: `safe-llava serve --upstream` (the verdict model only) in front of the same `transformers serve`.
 
 Each server runs in its own process; the load generator (this process) sends chat completions with a data-URL image
 and streams them (so time to first token is measured), `concurrency` at a time, for a fixed number of requests.
@@ -44,8 +44,8 @@ SERVERS = ("stock", "safe", "gate")
 
 
 def gate_memory(base_name: str, bytes_per_value: int = 2, embedding_rows: int | None = 2) -> dict:
-    """Weights of one gate (the judge's verdict modules: vision tower, safety module, and of the input embeddings the
-    `embedding_rows` rows the judge keeps, `serving.judge.query_token_ids`: BOS and the image placeholder for every
+    """Weights of one gate (the verdict model's parts: vision tower, safety module, and of the input embeddings the
+    `embedding_rows` rows it keeps, `serving.verdict.query_token_ids`: BOS and the image placeholder for every
     registered base; None: the whole table) against the whole head-only SafeLlava at the base's 7B-class preset
     (`Base.large_preset`), in bytes at `bytes_per_value` (bf16: 2), counted on the meta device. Any base of the
     registry (`safe-llava demo --base` names)."""

@@ -44,7 +44,7 @@ class SafeLlavaGenerateBeamDecoderOnlyOutput(GenerateBeamDecoderOnlyOutput):
     safety_assessment: SafeLlavaSafetyAssessment | None = None
 
 
-# Arguments of `generate` that `judge_for_generation` takes by name, or that must not reach the image encoder.
+# Arguments of `generate` that `safety_logits_for_generation` takes by name, or that must not reach the image encoder.
 _NOT_IMAGE_KWARGS = (
     "input_ids", "inputs_embeds", "attention_mask", "pixel_values", "mm_encoder_outputs", "output_hidden_states",
     "output_attentions",
@@ -76,10 +76,10 @@ class SafetyGenerationModel(Protocol):
     generation_config: GenerationConfig
 
     def check_for_generation(self, input_ids, attention_mask, pixel_values, allow_untrained_safety, **kwargs) -> None:
-        """The checks `judge_for_generation` makes before judging (safety modules ready, inputs valid), alone: for a
-        call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
+        """The checks `safety_logits_for_generation` makes before judging (safety modules ready, inputs valid), alone: for
+        a call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
 
-    def judge_for_generation(
+    def safety_logits_for_generation(
         self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **kwargs
     ) -> tuple:
         """
@@ -150,7 +150,7 @@ class SafetyGenerationPlan:
             self.model.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
             return run_governed(stock_generate, *args, **self.kwargs)
         image_kwargs = self._image_kwargs()
-        image_outputs, *logits = self.model.judge_for_generation(
+        image_outputs, *logits = self.model.safety_logits_for_generation(
             input_ids, inputs_embeds, attention_mask, pixel_values, pre_encoded, allow_untrained_safety, **image_kwargs
         )
         assessment = self.rule.assess(self.model.config, *logits)

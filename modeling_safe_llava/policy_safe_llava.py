@@ -221,11 +221,29 @@ class SafetyPolicy:
                 "model.tokenize_safety_texts(processor) after the last change of the policy texts."
             )
 
-    def for_call(self, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":
-        """What one `generate` / `assess_safety` call applies: its thresholds and actions, resolved once. The default
-        threshold is `generation_config.safety_threshold` when set, else the policy's."""
+    def for_call(self, safety_threshold=None, safety_actions=None, generation_config=None, batch_size=None):
+        """What one `generate` / `assess_safety` call applies (a [`SafetyCallRule`]): its thresholds and actions,
+        resolved once. The default threshold is `generation_config.safety_threshold` when set, else the policy's.
+        With `batch_size` (`assess_safety`), either may be a list with one entry per row: see `for_rows`."""
+        if batch_size is not None and (isinstance(safety_threshold, list) or isinstance(safety_actions, list)):
+            return self.for_rows(safety_threshold, safety_actions, generation_config, batch_size)
         default = getattr(generation_config, "safety_threshold", None)
         return SafetyCallRule(self, self.resolve_thresholds(safety_threshold, default), self.resolve_actions(safety_actions))
+
+    def for_rows(self, safety_threshold, safety_actions, generation_config, batch_size: int) -> "SafetyCallRule":
+        """One rule per row: `safety_threshold` and `safety_actions` each one value for every row or a list with one
+        entry per row (each a form `for_call` accepts). Each row's rule is the one `for_call` gives it alone; a bad
+        entry raises naming its row."""
+        thresholds = _per_row("safety_threshold", safety_threshold, batch_size)
+        actions = _per_row("safety_actions", safety_actions, batch_size)
+        rules = [self._row_rule(row, thresholds[row], actions[row], generation_config) for row in range(batch_size)]
+        return SafetyCallRule(self, torch.stack([rule.thresholds for rule in rules]), [rule.actions for rule in rules])
+
+    def _row_rule(self, row: int, safety_threshold, safety_actions, generation_config) -> "SafetyCallRule":
+        try:
+            return self.for_call(safety_threshold, safety_actions, generation_config)
+        except ValueError as error:
+            raise ValueError(f"Row {row}'s safety rule cannot be applied: {error} Per row: {ROW_RULE_FORMS}.") from error
 
     def tokenize(self, processor_or_tokenizer) -> dict:
         """The hints, refusals and the hint's marker as token ids of `processor_or_tokenizer` (anything with a
@@ -250,8 +268,9 @@ class SafetyCallRule:
 
     Args:
         policy (`SafetyPolicy`): the model's policy (texts and their token ids).
-        thresholds (`torch.FloatTensor` of shape `(num_risky_types,)`): the call's threshold per risky type.
-        actions (`dict[str, list[str]]`): the call's action per risky type and level.
+        thresholds (`torch.FloatTensor` of shape `(num_risky_types,)`, or `(batch_size, num_risky_types)` for one rule
+            per row): the call's threshold per risky type.
+        actions (`dict[str, list[str]]`, or a list of them, one per row): the call's action per risky type and level.
 
     `safety_off` (`bool`) is set from `thresholds`: `risk <= 1` is never `> 1`, so with every threshold at 1 nothing
     can be flagged. `allows_everything` (`bool`): every action is `allow`, so a flag changes no answer.
@@ -265,13 +284,15 @@ class SafetyCallRule:
 
     def __post_init__(self):
         self.safety_off = bool((self.thresholds >= 1.0).all())
-        self.allows_everything = all(action == "allow" for levels in self.actions.values() for action in levels)
+        tables = self.actions if isinstance(self.actions, list) else [self.actions]
+        self.allows_everything = all(a == "allow" for table in tables for levels in table.values() for a in levels)
 
     @classmethod
-    def from_config(cls, config, safety_threshold=None, safety_actions=None, generation_config=None) -> "SafetyCallRule":
+    def from_config(cls, config, safety_threshold=None, safety_actions=None, generation_config=None, batch_size=None):
         """The rule of one `generate` / `assess_safety` call of a model with `config`: the policy saved in `config`,
         validated, then resolved with the call's arguments (`SafetyPolicy.for_call`)."""
-        return SafetyPolicy.from_config(config).for_call(safety_threshold, safety_actions, generation_config)
+        policy = SafetyPolicy.from_config(config)
+        return policy.for_call(safety_threshold, safety_actions, generation_config, batch_size)
 
     def assess(self, config, level_logits, type_logits, images_per_row) -> "SafeLlavaSafetyAssessment":
         """The verdict of the safety head's logits under this rule (see [`assess_logits`])."""
@@ -342,6 +363,14 @@ def _ids_after_common_prefix(full: list[int], head: list[int], where: str) -> li
 
 
 THRESHOLD_FORMS = "None, a number in [0, 1], or a dict {risky type name: number in [0, 1]}"
+ROW_RULE_FORMS = "safety_threshold and safety_actions each one value for every row, or a list with one entry per row"
+
+
+def _per_row(name: str, value, batch_size: int) -> list:
+    """`value` for each of `batch_size` rows: a list with one entry per row, or one value for every row."""
+    if isinstance(value, list) and len(value) != batch_size:
+        raise ValueError(f"{name} has {len(value)} entries for a batch of {batch_size} rows; accepted: {ROW_RULE_FORMS}")
+    return value if isinstance(value, list) else [value] * batch_size
 
 
 def check_probability(name: str, value, accepted: str = THRESHOLD_FORMS) -> float:
@@ -458,7 +487,8 @@ def decide_safety_actions(
     """
     The decision rule of `safety_threshold`, as a pure function of probabilities.
 
-    - `risk = 1 - P(level 0)`; a row's category is its most likely *risky* type, its threshold that type's.
+    - `risk = 1 - P(level 0)`; a row's category is its most likely *risky* type, its threshold that type's
+      (`thresholds` `(num_risky_types,)`, or `(batch_size, num_risky_types)` with `actions` a list: a rule per row).
     - Flagged iff `risk > threshold`: raising a threshold never adds a flag (the category does not depend on it).
     - A flagged row takes `actions[category][most likely risky level]`; an unflagged row is allowed.
     - Non-finite probabilities raise: `nan > threshold` is False, so they would silently allow the row.
@@ -472,13 +502,19 @@ def decide_safety_actions(
             )
     risk = 1.0 - level_probs[:, 0]
     risky_category = type_probs[:, :-1].argmax(dim=-1)
-    threshold = thresholds.to(risk.device, risk.dtype)[risky_category]
+    thresholds = thresholds.to(risk.device, risk.dtype)
+    tables = actions if isinstance(actions, list) else [actions] * len(risk)
+    if len(tables) != len(risk) or (thresholds.ndim == 2 and len(thresholds) != len(risk)):
+        rows = f"{len(thresholds)} rows of thresholds and {len(tables)} of actions"
+        raise ValueError(f"A rule per row needs {len(risk)} rows (one per row of probabilities), got {rows}.")
+    per_row = thresholds.ndim == 2
+    threshold = thresholds.gather(1, risky_category[:, None])[:, 0] if per_row else thresholds[risky_category]
     flagged = risk > threshold
     level = torch.where(flagged, level_probs[:, 1:].argmax(dim=-1) + 1, level_probs.argmax(dim=-1))
     category = torch.where(flagged, risky_category, type_probs.argmax(dim=-1))
     row_actions = [
-        actions[type_names[c]][lvl] if f else "allow"
-        for f, c, lvl in zip(flagged.tolist(), category.tolist(), level.tolist())
+        table[type_names[c]][lvl] if f else "allow"
+        for table, f, c, lvl in zip(tables, flagged.tolist(), category.tolist(), level.tolist())
     ]
     return SafeLlavaSafetyAssessment(
         level_probs=level_probs,

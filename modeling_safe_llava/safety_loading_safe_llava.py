@@ -4,23 +4,34 @@
 - [`SafetyPreTrainedMixin`] sits in front of the base's stock `PreTrainedModel` (`SafeLlavaPreTrainedModel`, ...): it
   reads weights from safetensors only, marks a model untrained when its checkpoint lacks a weight the verdict depends
   on, names the config field behind a safety shape mismatch, initialises the safety tokens, ships the pipeline with
-  `save_pretrained`, and keeps the policy beside the model (`safety_policy`, `tokenize_safety_texts`).
+  `save_pretrained`, and keeps the policy beside the model (`safety_policy`, `tokenize_safety_texts`). Its
+  `from_verdict_checkpoint` builds the *verdict model*: the model class with only the parts a verdict reads holding
+  weights (`verdict_parts`), the rest on `meta` (what a gate in front of an engine serving the language model needs).
 - [`safety_checkpoint_mapping`]: the checkpoint key renamings, which depend on the config (no rule for parameters the
   config does not create).
 
 Internal transformers APIs used here, each pinned by a canary test (`tests/test_transformers_canaries.py`):
 `PreTrainedModel._load_pretrained_model` (the one place that sees every weight file before it is opened) and the
-conversion-mapping registry (`register_checkpoint_conversion_mapping`, `WeightRenaming`).
+conversion-mapping registry (`register_checkpoint_conversion_mapping`, `WeightRenaming`). The verdict model renames
+checkpoint keys as `from_pretrained` does (`get_model_conversion_mapping`, `rename_source_key`) and flags the tensors
+it loaded `_is_hf_initialized` (as `from_pretrained` flags loaded tensors) before the model's own initialisation
+computes the non-persistent buffers; `tests/test_serve_gate*.py` compare every tensor it holds with the full model's.
 
 This file is remote code: it imports only torch, transformers and its sibling files.
 """
 
 import copy
 
+import torch
+from torch import nn
 from transformers import AutoConfig, GenerationConfig
 from transformers import initialization as init
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
-from transformers.core_model_loading import WeightRenaming
+from transformers.conversion_mapping import (
+    get_checkpoint_conversion_mapping,
+    get_model_conversion_mapping,
+    register_checkpoint_conversion_mapping,
+)
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.utils import logging
 
 from .policy_safe_llava import SafetyPolicy, generation_config_with_threshold
@@ -232,6 +243,58 @@ class SafetyPreTrainedMixin:
             )
         return super(SafetyPreTrainedMixin, model)._load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs)
 
+    # -- the verdict model ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_verdict_checkpoint(cls, checkpoint, config, device=None, dtype=None, embedding_rows=None):
+        """
+        The *verdict model* of a checkpoint: this class built on `meta`, then only the parts a verdict reads
+        (`verdict_parts`: vision tower, safety module, input embeddings) given the checkpoint's weights, renamed as
+        `from_pretrained` renames them. The language model's layers, its head and the multi-modal projector stay on
+        `meta`: they hold no memory, and calling them fails loudly. `assess_safety` works as on the full model.
+
+        Args:
+            checkpoint: the weights, read through two methods (this file is remote code and opens no file itself):
+                `keys()`, the checkpoint's tensor names as saved, and `read({key: rows or None})`, those tensors
+                (only `rows` of a tensor when given). `modeling_safe_llava.fileio.SafetensorsCheckpoint(path)` reads
+                a folder or Hub id.
+            config: this class's config (e.g. `cls.config_class.from_pretrained(path)`).
+            device: where the verdict's parts go (default CPU).
+            dtype: a torch dtype, one of `"float32"`, `"bfloat16"`, `"float16"`, or `"auto"`/None (the config's).
+            embedding_rows (`list[int]`, *optional*): token ids; of the input embedding table only these rows are read
+                and held (`keep_embedding_rows`), e.g. the tokens a chat template puts first in a prompt.
+
+        Raises `ValueError` naming the verdict's weights the checkpoint lacks.
+        """
+        device = torch.device(device or "cpu")
+        dtype = resolve_dtype(dtype, config)
+        with torch.device("meta"):
+            model = cls(config)
+        if model.base_model is model:
+            raise ValueError(
+                f"{cls.__name__} is a headless model; build the verdict model from its ForConditionalGeneration class "
+                "(the checkpoint's keys are that class's)."
+            )
+        rows = {}
+        if embedding_rows is not None:
+            keep_embedding_rows(model.get_input_embeddings(), embedding_rows)
+            rows = {VERDICT_EMBEDDING_KEY: list(embedding_rows)}
+        wanted = {name for name in model.state_dict() if name.startswith(verdict_path_prefixes(model))}
+        state = _read_verdict_state(checkpoint, model, wanted, rows)
+        missing = sorted(wanted - set(state))
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks weights the safety verdict depends on: {', '.join(missing[:5])}"
+                f"{' ...' if len(missing) > 5 else ''}. Use a SafeLlava folder written by save_pretrained or export."
+            )
+        model.load_state_dict(state, strict=False, assign=True)
+        _materialize_verdict_buffers(model, device)
+        for module in verdict_modules(model):
+            module.to(device=device, dtype=dtype)
+        # Placed by module, as a dispatched model is: `model.device` (its first parameter) may be one left on `meta`.
+        model.hf_device_map = {prefix.rstrip("."): str(device) for prefix in verdict_path_prefixes(model)}
+        return model.eval()
+
     # -- construction from a stock model -------------------------------------------------------------------------
 
     @classmethod
@@ -283,6 +346,99 @@ def _check_only_safety_weights_missing(missing, unexpected, stock_name: str):
         )
 
 
+# -- the verdict model's parts ------------------------------------------------------------------------------------
+
+VERDICT_EMBEDDING_KEY = "model.language_model.embed_tokens.weight"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype, config) -> torch.dtype:
+    """A torch dtype from `dtype`: a torch dtype, one of `_DTYPES`' names, or `"auto"`/None (the config's, else
+    float32)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        if isinstance(saved, torch.dtype):
+            return saved
+        return _DTYPES.get(str(saved).replace("torch.", ""), torch.float32)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be a torch dtype, one of {sorted(_DTYPES)}, or 'auto', got {dtype!r}.")
+    return _DTYPES[dtype]
+
+
+def verdict_modules(model) -> list:
+    """The modules a verdict reads (`verdict_path_prefixes`): vision tower, safety module, input embeddings."""
+    return [model.get_submodule(prefix.rstrip(".")) for prefix in verdict_path_prefixes(model)]
+
+
+def checkpoint_key_renamer(model):
+    """`checkpoint key -> model key` for `model`: the renamings `from_pretrained` applies to it (its base's registered
+    conversion mapping, with the stock base's legacy layouts, and its sub-models' scoped ones)."""
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    meta_state = model.state_dict()
+
+    def rename(key: str) -> str:
+        return rename_source_key(key, renamings, converters, model.base_model_prefix, meta_state)[0]
+
+    return rename
+
+
+def _read_verdict_state(checkpoint, model, wanted: set, rows: dict) -> dict:
+    """The tensors named `wanted` (keys of `model`) from `checkpoint`, read under their checkpoint names; of a tensor in
+    `rows` (`{model key: row indices}`), only those rows."""
+    rename = checkpoint_key_renamer(model)
+    to_read = {}
+    for checkpoint_key in checkpoint.keys():
+        model_key = rename(checkpoint_key)
+        if model_key in wanted:
+            to_read[checkpoint_key] = model_key
+    tensors = checkpoint.read({key: rows.get(model_key) for key, model_key in to_read.items()})
+    return {to_read[key]: tensor for key, tensor in tensors.items()}
+
+
+def keep_embedding_rows(embedding, token_ids: list[int]):
+    """Turns `embedding` (any `nn.Embedding` subclass, e.g. Gemma 3's scaled one, its forward kept) into one that
+    holds only the rows of `token_ids` (its weight becomes `(len(token_ids), hidden)` on `meta`, to be loaded): input
+    ids are mapped to those rows before its forward, and an id it does not hold raises `ValueError`."""
+    kept = torch.tensor(sorted(set(token_ids)), dtype=torch.long)
+    hidden = embedding.weight.shape[1]
+    embedding.weight = nn.Parameter(torch.empty(len(kept), hidden, device="meta"), requires_grad=False)
+    embedding.num_embeddings, embedding.padding_idx = len(kept), None
+    embedding.kept_token_ids = kept
+    embedding.register_forward_pre_hook(_to_kept_rows)
+
+
+def _to_kept_rows(embedding, args):
+    ids, kept = args[0], embedding.kept_token_ids.to(args[0].device)
+    local = torch.searchsorted(kept, ids).clamp(max=len(kept) - 1)
+    if not bool((kept[local] == ids).all()):
+        unknown = sorted(set(ids[kept[local] != ids].tolist()))[:5]
+        raise ValueError(
+            f"This verdict model holds the input embeddings of tokens {kept.tolist()} only (those its chat template "
+            f"puts first in a prompt), but the safety head's query reads token(s) {unknown}."
+        )
+    return (local, *args[1:])
+
+
+def _materialize_verdict_buffers(model, device):
+    """The verdict modules' non-persistent buffers (position ids, Gemma 3's embedding scale, ...), which no checkpoint
+    holds, computed as `from_pretrained` computes them: by the model's own weight initialisation, which skips the
+    loaded tensors (flagged initialised, as `from_pretrained` flags them) and is a no-op on `meta`."""
+    for module in verdict_modules(model):
+        for parameter in module.parameters():
+            parameter._is_hf_initialized = True
+        for name, buffer in module.named_buffers():
+            owner, _, leaf = name.rpartition(".")
+            if buffer.device.type == "meta":  # not in the checkpoint: non-persistent
+                module.get_submodule(owner).register_buffer(leaf, torch.empty_like(buffer, device=device), persistent=False)
+            else:
+                buffer._is_hf_initialized = True
+    model.initialize_weights()
+
+
 __all__ = [
     "SafetyPreTrainedMixin",
     "safety_checkpoint_mapping",
@@ -290,4 +446,6 @@ __all__ = [
     "VERDICT_PATH_PREFIXES",
     "verdict_parts",
     "verdict_path_prefixes",
+    "verdict_modules",
+    "keep_embedding_rows",
 ]

@@ -18,8 +18,8 @@ and, where its defaults do not fit: `images_per_row` (images in each row, from t
 cheapest encoding that carries what `safety_vision_states` reads) and `prompt_inputs` (model inputs that follow from
 the token ids, e.g. Gemma 3's `token_type_ids`, recomputed when the generation plan rebuilds prompts).
 
-Everything else is generic: the headless forward, `judge` (the one route from encoded images to the head), and the
-ForConditionalGeneration's `forward`, `generate`, `assess_safety`, `safety_forward` and `from_base`
+Everything else is generic: the headless forward, `safety_logits` (the one route from encoded images to the head), and
+the ForConditionalGeneration's `forward`, `generate`, `assess_safety`, `safety_forward` and `from_base`
 ([`SafetyForConditionalGenerationMixin`]).
 
 This file is remote code: it imports only torch, transformers and its sibling files.
@@ -146,7 +146,7 @@ class SafetyModelMixin:
         image_kwargs = {k: v for k, v in image_kwargs.items() if k in self.safety_image_kwargs and v is not None}
         return self.get_image_features(pixel_values, return_dict=True, **image_kwargs, **flags)
 
-    def judge(self, image_outputs, input_ids=None, inputs_embeds=None, attention_mask=None):
+    def safety_logits(self, image_outputs, input_ids=None, inputs_embeds=None, attention_mask=None):
         """
         The one route from encoded images to the safety head (forward, generate, assess_safety and training).
 
@@ -206,7 +206,7 @@ class SafetyModelMixin:
         image_outputs = (mm_encoder_outputs or {}).get("image")
         safety = {}
         if output_safety and image_outputs is not None:
-            level, kind, images_per_row = self.judge(image_outputs, input_ids, inputs_embeds, attention_mask)
+            level, kind, images_per_row = self.safety_logits(image_outputs, input_ids, inputs_embeds, attention_mask)
             safety = {"safety_level_logits": level, "safety_type_logits": kind, "images_per_row": images_per_row}
         return _with_safety_fields(outputs, self.safety_output_class, safety)
 
@@ -340,13 +340,13 @@ class SafetyForConditionalGenerationMixin:
         **image_kwargs,
     ):
         """
-        The verdict alone ([`SafeLlavaSafetyAssessment`]): vision tower, safety projector and safety head, never the
-        language model. Takes the processor's output (`**inputs`; fields the images do not need are ignored) and the
-        same `safety_threshold` / `safety_actions` as `generate`.
+        The verdict alone ([`SafeLlavaSafetyAssessment`]) of the processor's output (`**inputs`, other fields ignored)
+        by vision tower, safety projector and head; `generate`'s safety arguments, or lists of one per row (`for_rows`).
         """
         check_safety_ready(self.config, allow_untrained_safety)
-        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config)
-        level_logits, type_logits, images_per_row = self._judge_pixels(input_ids, pixel_values, attention_mask, image_kwargs)
+        rows = None if input_ids is None else len(input_ids)
+        rule = SafetyCallRule.from_config(self.config, safety_threshold, safety_actions, self.generation_config, rows)
+        level_logits, type_logits, images_per_row = self._pixel_safety_logits(input_ids, pixel_values, attention_mask, image_kwargs)
         return rule.assess(self.config, level_logits, type_logits, images_per_row)
 
     def safety_forward(self, input_ids, pixel_values, attention_mask=None, safety_labels=None, **batch_fields):
@@ -354,7 +354,7 @@ class SafetyForConditionalGenerationMixin:
         The safety branch alone (no language model), with gradients: `loss = safety_loss_weight * safety_loss` when
         `safety_labels` is given, and the safety logits. Stage 1 trains on it when the LLM safety tokens stay frozen.
         """
-        level_logits, type_logits, images_per_row = self._judge_pixels(input_ids, pixel_values, attention_mask, batch_fields)
+        level_logits, type_logits, images_per_row = self._pixel_safety_logits(input_ids, pixel_values, attention_mask, batch_fields)
         loss = safety = None
         if safety_labels is not None:
             safety = safety_loss(level_logits, type_logits, safety_labels, images_per_row)
@@ -363,11 +363,11 @@ class SafetyForConditionalGenerationMixin:
             loss=loss, safety_loss=safety, safety_level_logits=level_logits, safety_type_logits=type_logits
         )
 
-    def _judge_pixels(self, input_ids, pixel_values, attention_mask, image_kwargs):
-        """Inputs validated once, images encoded for the verdict alone, then `judge`."""
+    def _pixel_safety_logits(self, input_ids, pixel_values, attention_mask, image_kwargs):
+        """Inputs validated once, images encoded for the verdict alone, then `safety_logits`."""
         check_model_inputs(self, input_ids, pixel_values, attention_mask, image_kwargs)
         image_outputs = self.model.encode_images_for_safety(pixel_values, **image_kwargs)
-        return self.model.judge(image_outputs, input_ids, None, attention_mask)
+        return self.model.safety_logits(image_outputs, input_ids, None, attention_mask)
 
 
 class SafetyGenerationView:
@@ -393,7 +393,7 @@ class SafetyGenerationView:
         elif input_ids is not None:
             check_input_ids(self.config, input_ids)
 
-    def judge_for_generation(
+    def safety_logits_for_generation(
         self,
         input_ids,
         inputs_embeds,
@@ -403,14 +403,14 @@ class SafetyGenerationView:
         allow_untrained_safety: bool,
         **image_kwargs,
     ) -> tuple:
-        """`SafetyGenerationModel.judge_for_generation`: readiness and inputs checked once, `pixel_values` encoded once
-        for the language model and the head (`encode_images`), then `judge`; `(image_outputs, level_logits,
-        type_logits, images_per_row)`."""
+        """`SafetyGenerationModel.safety_logits_for_generation`: readiness and inputs checked once, `pixel_values`
+        encoded once for the language model and the head (`encode_images`), then `safety_logits`; `(image_outputs,
+        level_logits, type_logits, images_per_row)`."""
         self.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
         headless = self.model.model
         if pixel_values is not None:
             image_outputs = headless.encode_images(pixel_values, **image_kwargs)
-        return (image_outputs, *headless.judge(image_outputs, input_ids, inputs_embeds, attention_mask))
+        return (image_outputs, *headless.safety_logits(image_outputs, input_ids, inputs_embeds, attention_mask))
 
     def prompt_inputs(self, input_ids, attention_mask) -> dict:
         """The headless model's `prompt_inputs`: inputs that follow from a rebuilt prompt's token ids."""

@@ -67,13 +67,13 @@ def save_tiny_server_model(folder, seed: int = 0, **overrides) -> str:
     return str(folder)
 
 
-def assert_judge_holds_the_models_weights(judge_model, reference_state: dict):
-    """Every tensor a judge holds (not on `meta`) equals the full model's (renamed from the checkpoint as
+def assert_verdict_model_holds_the_models_weights(verdict_model, reference_state: dict):
+    """Every tensor a verdict model holds (not on `meta`) equals the full model's (renamed from the checkpoint as
     `from_pretrained` renames it); of the embedding table, the rows it keeps (`kept_token_ids`)."""
     import torch
 
-    kept = getattr(judge_model.get_input_embeddings(), "kept_token_ids", None)
-    for name, tensor in judge_model.state_dict().items():
+    kept = getattr(verdict_model.get_input_embeddings(), "kept_token_ids", None)
+    for name, tensor in verdict_model.state_dict().items():
         if tensor.device.type == "meta":
             continue
         expected = reference_state[name]

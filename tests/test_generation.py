@@ -26,9 +26,9 @@ def solid(colour):
 def force_verdicts(model):
     """Replaces the random head's logits by a verdict read from each image's colour, keeping the real vision pass:
     both encoders (`encode_images` for generate and forward, `encode_images_for_safety` for `assess_safety`) record
-    each image's colour, and the one route to the head, `judge`, reads it."""
+    each image's colour, and the one route to the head, `safety_logits`, reads it."""
     base = model.model
-    encode, encode_for_safety, judge = base.encode_images, base.encode_images_for_safety, base.judge
+    encode, encode_for_safety, safety_logits = base.encode_images, base.encode_images_for_safety, base.safety_logits
 
     def recording(encoder):
         def encode_and_record(pixel_values, *args, **kwargs):
@@ -38,12 +38,12 @@ def force_verdicts(model):
 
         return encode_and_record
 
-    def forced_judge(image_outputs, *args, **kwargs):
-        verdict = judge(image_outputs, *args, **kwargs)
+    def forced_safety_logits(image_outputs, *args, **kwargs):
+        verdict = safety_logits(image_outputs, *args, **kwargs)
         return verdict if image_outputs is None else _forced(*verdict, image_outputs.forced_colours)
 
     base.encode_images, base.encode_images_for_safety = recording(encode), recording(encode_for_safety)
-    base.judge = forced_judge
+    base.safety_logits = forced_safety_logits
     return model
 
 

@@ -14,8 +14,8 @@ from modeling_safe_llava.bases import remote_code_files
 PACKAGE_DIR = Path(modeling_safe_llava.__file__).parent
 REMOTE_CODE_PATHS = {str(PACKAGE_DIR / name) for name in remote_code_files()}
 # Before the plan had its own file and interface (39edd6c): 13 on the all-allow path, 14 hinted. Issue 25 aims at
-# 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, `judge` -> the base's
-# `safety_vision_states` and the safety module, the base's `forward` restatement -> the mixin's). Since every base
+# 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, `safety_logits` -> the
+# base's `safety_vision_states` and the safety module, the base's `forward` restatement -> the mixin's). Since every base
 # restates its headless `forward` too (docs/bases.md, "What a `forward` names"), the hinted path crosses that
 # restatement and back (+2); the all-allow path now judges nothing and stays at 10. Widening the seam for
 # Qwen2.5-VL (the base's own image-input check, `check_image_inputs`, and row selection) added hops to the judged

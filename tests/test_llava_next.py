@@ -64,8 +64,8 @@ def test_llm_safety_tokens_sit_in_front_of_each_images_packed_features(pair):
 
 
 def test_the_verdict_encodes_with_the_vision_tower_alone(pair):
-    """`assess_safety` (and the gate's judge, which holds no projector) encodes with the vision tower alone: the same
-    crops' hidden states, crop counts and placeholder counts as `get_image_features`, so the same safety logits, and
+    """`assess_safety` (and the gate's verdict model, which holds no projector) encodes with the vision tower alone: the
+    same crops' hidden states, crop counts and placeholder counts as `get_image_features`, so the same safety logits, and
     the projector never runs."""
     _, safe, processor = pair
     images = [NEXT.random_image(i) for i in range(3)]
@@ -81,7 +81,7 @@ def test_the_verdict_encodes_with_the_vision_tower_alone(pair):
         assert calls == []
         assert alone.tokens_per_image.tolist() == full.tokens_per_image.tolist() == [len(f) for f in full.pooler_output]
         assert alone.crops_per_image.tolist() == full.crops_per_image.tolist() == NEXT.judged_units(inputs)
-        verdicts = [safe.model.judge(o, inputs["input_ids"], None, inputs["attention_mask"]) for o in (alone, full)]
+        verdicts = [safe.model.safety_logits(o, inputs["input_ids"], None, inputs["attention_mask"]) for o in (alone, full)]
     for ours, theirs in zip(*verdicts):
         assert torch.equal(ours, theirs)
     assert verdicts[0][2].tolist() == [2, 1]

@@ -51,3 +51,65 @@ def test_one_probability_check_serves_generation_configs_and_sweeps(bad):
         generation_config_with_threshold(GenerationConfig(), bad)
     with pytest.raises(ValueError, match=r"cannot be applied; accepted: a list of numbers in \[0, 1\]"):
         check_thresholds([0.2, bad])
+
+
+# -- one rule per row (`assess_safety`; the gate passes each request's own) ----------------------------------------
+
+
+def _batch(processor, images):
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}],
+        add_generation_prompt=True,
+    )
+    processor.tokenizer.padding_side = "left"
+    return processor(images=images, text=[prompt] * len(images), padding=True, return_tensors="pt")
+
+
+def test_a_rule_per_row_gives_each_row_the_verdict_of_its_own_rule():
+    from conftest import random_image
+
+    model, processor = build_tiny_safe_llava()
+    inputs = _batch(processor, [random_image(i) for i in range(4)])
+    risky = model.safety_policy.risky_types
+    thresholds = [0.0, None, {name: 0.0 for name in risky[:3]}, 1.0]
+    actions = [{name: "refuse" for name in risky}, {"Privacy": "hint"}, None, {name: "hint" for name in risky}]
+    assess = lambda **rule: model.assess_safety(**inputs, **rule, allow_untrained_safety=True)  # noqa: E731
+    per_row = assess(safety_threshold=thresholds, safety_actions=actions)
+    for row, (threshold, action) in enumerate(zip(thresholds, actions)):
+        alone = assess(safety_threshold=threshold, safety_actions=action)
+        assert per_row.to_records()[row] == alone.to_records()[row]
+    assert per_row.actions[0] == "refuse" and per_row.actions[3] == "allow"  # the rules differ where it shows
+    one_list = assess(safety_threshold=0.0, safety_actions=[None] * 4)  # one list: the other argument for every row
+    assert one_list.to_records() == assess(safety_threshold=0.0).to_records()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"safety_threshold": [0.1, 0.2, 0.3]}, r"safety_threshold has 3 entries for a batch of 2 rows; accepted: .*one "
+         r"entry per row"),  # fmt: skip
+        ({"safety_actions": [None]}, r"safety_actions has 1 entries for a batch of 2 rows"),
+        ({"safety_threshold": [0.1, 1.5]}, r"Row 1's safety rule cannot be applied: safety_threshold 1.5 .*accepted: "
+         r"None, a number in \[0, 1\], or a dict .*Per row: .*list with one entry per row"),  # fmt: skip
+        ({"safety_actions": [{"Privacy": "shout"}, None]}, r"Row 0's safety rule .*Unknown safety action 'shout'.*"
+         r"accepted: allow, hint, refuse"),  # fmt: skip
+        ({"safety_threshold": [[0.1], 0.2]}, r"Row 0's safety rule .*safety_threshold \[0.1\] cannot be applied"),
+    ],
+)
+def test_a_bad_rule_per_row_names_its_row_and_the_accepted_forms(kwargs, message):
+    from conftest import random_image
+
+    model, processor = build_tiny_safe_llava()
+    inputs = _batch(processor, [random_image(0), random_image(1)])
+    with pytest.raises(ValueError, match=message):
+        model.assess_safety(**inputs, **kwargs, allow_untrained_safety=True)
+
+
+def test_generate_takes_one_rule_for_the_whole_call():
+    """Per-row rules are `assess_safety`'s: `generate` refuses a list as it always did, naming the accepted forms."""
+    from conftest import random_image
+
+    model, processor = build_tiny_safe_llava()
+    inputs = _batch(processor, [random_image(0), random_image(1)])
+    with pytest.raises(ValueError, match=r"safety_threshold \[0.0, 0.0\] cannot be applied; accepted: None"):
+        model.generate(**inputs, safety_threshold=[0.0, 0.0], max_new_tokens=1, allow_untrained_safety=True)

@@ -27,7 +27,7 @@ def inputs_with_images(processor):
 def counters(monkeypatch, trained_tiny_safe_llava):
     """Counts, per public call, input-id validations, placeholder counts, policies built and trips to the head."""
     model, _ = trained_tiny_safe_llava
-    counts = {"check_input_ids": 0, "images_per_row": 0, "policy": 0, "judge": 0}
+    counts = {"check_input_ids": 0, "images_per_row": 0, "policy": 0, "safety_logits": 0}
 
     def counting(name, function):
         def counted(*args, **kwargs):
@@ -41,7 +41,7 @@ def counters(monkeypatch, trained_tiny_safe_llava):
         monkeypatch.setattr(module, "check_input_ids", check)
     monkeypatch.setattr(SafetyPolicy, "__post_init__", counting("policy", SafetyPolicy.__post_init__))
     monkeypatch.setattr(model.model, "images_per_row", counting("images_per_row", model.model.images_per_row))
-    monkeypatch.setattr(model.model, "judge", counting("judge", model.model.judge))
+    monkeypatch.setattr(model.model, "safety_logits", counting("safety_logits", model.model.safety_logits))
     return counts
 
 
@@ -59,7 +59,7 @@ def test_each_public_call_validates_once_builds_the_policy_once_and_reaches_the_
         with torch.no_grad():
             model(**inputs)
     expected_policies = 0 if call == "forward" else 1  # forward applies no policy
-    assert counters == {"check_input_ids": 1, "images_per_row": 1, "policy": expected_policies, "judge": 1}
+    assert counters == {"check_input_ids": 1, "images_per_row": 1, "policy": expected_policies, "safety_logits": 1}
 
 
 def test_generate_assess_and_forward_give_the_same_verdict_through_the_one_route(trained_tiny_safe_llava):

@@ -1,7 +1,8 @@
 """Gate mode against a REAL `transformers serve` (started here, stopped by its pid) that serves the stock LLaVA saved
 from the same weights as the head-only SafeLlava: allowed, hinted and safety-off answers equal in-process greedy
 `generate`, refusals never reach the upstream, streams carry the verdict first, upstream failures are OpenAI errors,
-and the judge holds no language model. The last tests drive `safe-llava serve --upstream` with the `openai` client."""
+and the verdict model holds no language model (loaded from each base's model class). The last tests drive
+`safe-llava serve --upstream` with the `openai` client."""
 
 import asyncio
 import json
@@ -27,10 +28,12 @@ from modeling_safe_llava.serving.backend import (  # noqa: E402
     ServingError,
 )
 from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  # noqa: E402
-from modeling_safe_llava.serving.judge import SafetyJudge, judge_memory_bytes  # noqa: E402
+from modeling_safe_llava.fileio import SafetensorsCheckpoint  # noqa: E402
+from modeling_safe_llava.serving.verdict import SafetyVerdictModel, query_token_ids, verdict_memory_bytes  # noqa: E402
 
 from conftest import random_image  # noqa: E402
-from serving_live import assert_judge_holds_the_models_weights, data_url  # noqa: E402
+from bases import BASES  # noqa: E402
+from serving_live import assert_verdict_model_holds_the_models_weights, data_url  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -230,11 +233,11 @@ def test_concurrent_requests_share_one_verdict_call_and_keep_their_own(gate, ref
         assert result.safety["action"] == action and result.choices[0].text == expected
 
 
-def test_moderation_runs_the_judge_only(gate, reference):
+def test_moderation_runs_the_verdict_model_only(gate, reference):
     model, _ = reference
     image = random_image(7)
     verdicts = _run(gate, gate[0].moderate([ModerationInput("", [image], 0.0), ModerationInput("just text", [])]))
-    processor = gate[0].judge.processor
+    processor = gate[0].verdict_model.processor
     inputs = processor(images=image, text=processor.apply_chat_template(
         ModerationInput("", [image]).messages(), add_generation_prompt=True), return_tensors="pt")  # fmt: skip
     expected = model.assess_safety(**inputs, safety_threshold=0.0).to_records()[0]
@@ -395,27 +398,52 @@ def test_gate_mode_refuses_a_stock_checkpoint(folders):
         build_gate_backend(settings)
 
 
-# -- the judge -------------------------------------------------------------------------------------------------------
+# -- the verdict model -----------------------------------------------------------------------------------------------
 
 
-def test_judge_loads_no_language_model_and_judges_like_the_full_model(folders, reference):
+def test_verdict_model_loads_no_language_model_and_assesses_like_the_full_model(folders, reference):
     model, _ = reference
-    judge = SafetyJudge.from_pretrained(str(folders[1]))
-    inner = judge.model.model
+    verdict_model = SafetyVerdictModel.from_pretrained(str(folders[1]))
+    inner = verdict_model.model.model
     assert all(p.device.type == "meta" for p in inner.language_model.layers.parameters())
-    assert judge.model.lm_head.weight.device.type == "meta"
+    assert verdict_model.model.lm_head.weight.device.type == "meta"
     assert inner.multi_modal_projector.linear_1.weight.device.type == "meta"
-    assert_judge_holds_the_models_weights(judge.model, model.state_dict())
-    memory = judge_memory_bytes(judge.model)
+    assert_verdict_model_holds_the_models_weights(verdict_model.model, model.state_dict())
+    memory = verdict_memory_bytes(verdict_model.model)
     full = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     table = model.get_input_embeddings().weight
-    kept_rows = judge.model.get_input_embeddings().weight.shape[0]
+    kept_rows = verdict_model.model.get_input_embeddings().weight.shape[0]
     assert memory["embed_tokens"] == kept_rows * table.shape[1] * table.element_size() and kept_rows == 2
     assert memory["total"] + memory["not_loaded"] == full - (table.shape[0] - kept_rows) * table.shape[1] * table.element_size()
     assert memory["not_loaded"] > 0 and memory["vision_tower"] > 0
 
 
-def test_judge_at_the_7b_shape_holds_about_a_tenth_of_the_model():
+@pytest.mark.parametrize("base_name", sorted(BASES))
+def test_each_bases_model_class_loads_its_verdict_model(base_name, tmp_path):
+    """`from_verdict_checkpoint` on the model class of every base (tests/bases.py): the language model stays on meta,
+    every tensor held is the full model's, and `assess_safety` with one rule per row gives the full model's verdicts."""
+    base = BASES[base_name]
+    _, model, processor = base.build_pair()
+    model.save_pretrained(tmp_path)
+    config = base.safe_model_class.config_class.from_pretrained(tmp_path)
+    verdict_model = base.safe_model_class.from_verdict_checkpoint(
+        SafetensorsCheckpoint(str(tmp_path)), config, embedding_rows=query_token_ids(processor, config)
+    )
+    assert all(p.device.type == "meta" for p in verdict_model.model.language_model.layers.parameters())
+    assert verdict_model.lm_head.weight.device.type == "meta"
+    assert_verdict_model_holds_the_models_weights(verdict_model, model.state_dict())
+    processor.tokenizer.padding_side = "left"
+    prompt = processor.apply_chat_template(_messages(), add_generation_prompt=True)
+    images = [base.random_image(i) for i in range(2)]
+    inputs = processor(images=images, text=[prompt] * 2, padding=True, return_tensors="pt")
+    rules = dict(safety_threshold=[0.0, {"Privacy": 0.0}], safety_actions=[None, _every(model, "refuse")])
+    expected = model.assess_safety(**inputs, **rules, allow_untrained_safety=True).to_records()
+    assert verdict_model.assess_safety(**inputs, **rules, allow_untrained_safety=True).to_records() == expected
+    with pytest.raises(ValueError, match="headless model"):
+        type(model.model).from_verdict_checkpoint(SafetensorsCheckpoint(str(tmp_path)), config)
+
+
+def test_verdict_model_at_the_7b_shape_holds_about_a_tenth_of_the_model():
     """The README's number: at LLaVA-1.5-7B's shape (bf16), the gate's weights are the vision tower, the safety
     module and the embedding table, computed on the meta device."""
     from benchmarks.serve import gate_memory

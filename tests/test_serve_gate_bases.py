@@ -1,8 +1,8 @@
 """Gate mode for every base: LLaVA-NeXT and Gemma 3 head-only SafeLlavas gate a REAL `transformers serve` (started
 here, stopped by its pid) that serves the stock model saved from the same tiny weights (`tests/bases.py`). Allowed and
-hinted answers equal in-process greedy `generate`, refusals never reach the engine, the judge's verdict (LLaVA-NeXT:
-every anyres crop of images of different sizes in one batch) equals the full model's, moderation runs the judge, the
-errors name the base's stock model, and one gate's weights at each base's 7B-class preset are pinned.
+hinted answers equal in-process greedy `generate`, refusals never reach the engine, the verdict model's verdict
+(LLaVA-NeXT: every anyres crop of images of different sizes in one batch) equals the full model's, moderation runs the
+verdict model, the errors name the base's stock model, and one gate's weights at each base's 7B-class preset are pinned.
 LLaVA-1.5's gate is tested in `tests/test_serve_gate.py`."""
 
 import asyncio
@@ -22,8 +22,8 @@ from modeling_safe_llava.bases import load_safe_model  # noqa: E402
 from modeling_safe_llava.policy_safe_llava import rendered_hint  # noqa: E402
 from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest, ModerationInput  # noqa: E402
 from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  # noqa: E402
-from serving_live import assert_judge_holds_the_models_weights, data_url  # noqa: E402
-from modeling_safe_llava.serving.judge import JudgeRow  # noqa: E402
+from serving_live import assert_verdict_model_holds_the_models_weights, data_url  # noqa: E402
+from modeling_safe_llava.serving.verdict import VerdictRow  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -130,21 +130,22 @@ def test_refusal_is_answered_without_the_engine(setup):
     assert upstream.count_requests() == before
 
 
-def test_judge_batch_equals_the_full_model_and_holds_no_language_model(setup):
+def test_verdict_batch_equals_the_full_model_and_holds_no_language_model(setup):
     """Three images of different sizes judged in one call (LLaVA-NeXT: 2, 4 and 2 anyres crops besides the base
-    image) give each row the full model's `generate` verdict; the judge's language model and projector stay on meta."""
-    judge, model, base = setup["gate"].judge, setup["model"], setup["base"]
+    image) give each row the full model's `generate` verdict; the verdict model's language model and projector stay on
+    meta."""
+    verdict_model, model, base = setup["gate"].verdict_model, setup["model"], setup["base"]
     images = [base.random_image(i) for i in range(3)]
-    results = judge.judge([JudgeRow(_messages(), [image], 0.0, _every(model, "allow")) for image in images])
+    results = verdict_model.assess([VerdictRow(_messages(), [image], 0.0, _every(model, "allow")) for image in images])
     for image, result in zip(images, results):
         _, verdict = _generate(setup, image, _every(model, "allow"))
         assert result.error is None
         assert result.safety["risk"] == pytest.approx(verdict["risk"], abs=1e-6)
         assert result.safety["level_probs"] == pytest.approx(verdict["level_probs"], abs=1e-6)
-    inner = judge.model.model
+    inner = verdict_model.model.model
     assert all(p.device.type == "meta" for p in inner.language_model.layers.parameters())
     assert all(p.device.type == "meta" for p in inner.multi_modal_projector.parameters())
-    assert_judge_holds_the_models_weights(judge.model, model.state_dict())
+    assert_verdict_model_holds_the_models_weights(verdict_model.model, model.state_dict())
     lengths = [r.prompt_tokens for r in results]
     assert lengths == [_prompt_length(setup, image) for image in images]  # images expanded as the engine reads them
 
@@ -155,7 +156,7 @@ def _prompt_length(setup, image) -> int:
     return int(processor(images=[image], text=prompt, return_tensors="pt")["input_ids"].shape[1])
 
 
-def test_moderation_runs_the_judge(setup):
+def test_moderation_runs_the_verdict_model(setup):
     gate, model, processor = setup["gate"], setup["model"], setup["processor"]
     image = setup["base"].random_image(4)
     verdicts = _run(setup, gate.moderate([ModerationInput("", [image], 0.0), ModerationInput("just text", [])]))
@@ -182,13 +183,13 @@ def test_errors_name_the_bases_stock_model(setup, tmp_path):
     assert "\n" not in str(caught.value)
 
 
-def test_the_judge_keeps_only_the_embedding_rows_its_verdict_reads(setup):
-    """Of the embedding table, the judge holds the rows of BOS (the first real token of every prompt the chat template
-    builds: the head's query) and of the image placeholder; the verdicts above equal the full model's. A query on
+def test_the_verdict_model_keeps_only_the_embedding_rows_its_verdict_reads(setup):
+    """Of the embedding table, the verdict model holds the rows of BOS (the first real token of every prompt the chat
+    template builds: the head's query) and of the image placeholder; the verdicts above equal the full model's. A query on
     another token fails loudly, never with a wrong embedding."""
-    judge, processor = setup["gate"].judge, setup["processor"]
-    embedding = judge.model.get_input_embeddings()
-    kept = sorted({processor.tokenizer.bos_token_id, judge.config.image_token_id})
+    verdict_model, processor = setup["gate"].verdict_model, setup["processor"]
+    embedding = verdict_model.model.get_input_embeddings()
+    kept = sorted({processor.tokenizer.bos_token_id, verdict_model.config.image_token_id})
     assert embedding.kept_token_ids.tolist() == kept and embedding.weight.shape[0] == 2
     other = next(token for token in range(10) if token not in kept)
     with pytest.raises(ValueError, match="holds the input embeddings of tokens"):

@@ -3,9 +3,9 @@
 A head-only SafeLlava (`num_llm_safety_tokens=0`) of any base (LLaVA-1.5, LLaVA-NeXT, Gemma 3: `bases.BASES`) generates
 with its stock base's language model, unchanged. So generation can run on any OpenAI-compatible engine that serves the
 stock weights (vLLM, SGLang, `transformers serve`), with this process in front of it as a gate that loads only the
-verdict's parts (`serving/judge.py`). Nothing here depends on the base: the checkpoint's `model_type` picks its classes
-in the registry. For each request the
-gate judges the images (requests that arrive together share one vision-tower and safety-head call), then does what
+verdict's parts (the verdict model, `serving/verdict.py`). Nothing here depends on the base: the checkpoint's
+`model_type` picks its classes in the registry. For each request the gate assesses the images (requests that arrive
+together share one `assess_safety` call, each under its own rule), then does what
 `model.generate(..., safety_threshold=..., safety_actions=...)` would:
 
 - `refuse`: answers the configured refusal itself (`finish_reason: "content_filter"`); the upstream is never contacted;
@@ -25,7 +25,7 @@ forwarded as they came.
 
 Streams pass through chunk by chunk, after a first event that carries the verdict. A client that goes away closes the
 engine's request too (the engine sees the disconnect and aborts, as vLLM, SGLang and `transformers serve` do); a
-request waiting for its verdict leaves the judge's queue. Every response carries the
+request waiting for its verdict leaves the verdict model's queue. Every response carries the
 `safety` object. The gate holds no conversation state: run as many replicas as needed behind any load balancer.
 """
 
@@ -53,7 +53,7 @@ from .backend import (
     Verdict,
 )
 from .batching import MicroBatcher
-from .judge import JudgeRow, SafetyJudge
+from .verdict import SafetyVerdictModel, VerdictRow
 from .upstream import UpstreamClient
 
 
@@ -66,38 +66,38 @@ HINT_NEW_PART = "a new text part"
 
 class GateBackend(ServingBackend):
     """
-    A `ServingBackend` that judges in this process and generates on an upstream engine (see the module docstring).
+    A `ServingBackend` that assesses in this process and generates on an upstream engine (see the module docstring).
 
     Args:
-        judge (`SafetyJudge`): the verdict's parts of a head-only SafeLlava.
+        verdict_model (`SafetyVerdictModel`): the verdict's parts of a head-only SafeLlava.
         upstream (`UpstreamClient`): the engine serving the stock base's weights.
         settings (`BackendSettings`): batching flags and names.
     """
 
-    def __init__(self, judge: SafetyJudge, upstream: UpstreamClient, settings: BackendSettings):
-        config = judge.config
+    def __init__(self, verdict_model: SafetyVerdictModel, upstream: UpstreamClient, settings: BackendSettings):
+        config = verdict_model.config
         super().__init__(settings.served_model_name, config.safety_type_labels, config.safety_level_labels)
-        self.judge, self.upstream = judge, upstream
-        self.policy = judge.model.safety_policy
+        self.verdict_model, self.upstream = verdict_model, upstream
+        self.policy = verdict_model.model.safety_policy
         if not self.policy.text_token_ids:
-            self.policy.tokenize(judge.processor)
-        # The event loop's own copy: the judge's thread sets padding on its tokenizer while the loop tokenizes here.
-        self._processor = copy.deepcopy(judge.processor)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-judge")
+            self.policy.tokenize(verdict_model.processor)
+        # The event loop's own copy: the verdict thread sets padding on its tokenizer while the loop tokenizes here.
+        self._processor = copy.deepcopy(verdict_model.processor)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="safe-llava-verdict")
         batching = dict(
             max_batch_size=settings.max_batch_size, batch_wait_ms=settings.batch_wait_ms, max_queue=settings.max_queue,
             company=self.arrivals.count,
         )
-        self._chat_judge = MicroBatcher(
-            self.judge.judge,
+        self._chat_verdicts = MicroBatcher(
+            self.verdict_model.assess,
             self._executor,
             on_batch=lambda n: self.record_batch("chat", n),
             on_drop=lambda n: self.record_cancelled("chat", "queued", n),
             name="gate-chat",
             **batching,
         )
-        self._moderation_judge = MicroBatcher(
-            self.judge.judge,
+        self._moderation_verdicts = MicroBatcher(
+            self.verdict_model.assess,
             self._executor,
             on_batch=lambda n: self.record_batch("moderation", n),
             on_drop=lambda n: self.record_cancelled("moderation", "queued", n),
@@ -113,8 +113,8 @@ class GateBackend(ServingBackend):
 
     async def moderate(self, inputs: list[ModerationInput]) -> list[Verdict]:
         async with self._tracked():
-            rows = [JudgeRow(i.messages(), list(i.images), i.safety_threshold, i.safety_actions) for i in inputs]
-            results = await asyncio.gather(*(self._moderation_judge.submit(row) for row in rows))
+            rows = [VerdictRow(i.messages(), list(i.images), i.safety_threshold, i.safety_actions) for i in inputs]
+            results = await asyncio.gather(*(self._moderation_verdicts.submit(row) for row in rows))
             return [Verdict(_checked(result).safety) for result in results]
 
     async def complete(self, request: ChatRequest) -> ChatCompletionResult:
@@ -140,13 +140,13 @@ class GateBackend(ServingBackend):
     async def close(self) -> None:
         self._closing = True
         await self._idle.wait()
-        await self._chat_judge.close()
-        await self._moderation_judge.close()
+        await self._chat_verdicts.close()
+        await self._moderation_verdicts.close()
         await self.upstream.close()
         self._executor.shutdown(wait=True)
 
     def queue_depth(self) -> int:
-        return self._chat_judge.depth() + self._moderation_judge.depth()
+        return self._chat_verdicts.depth() + self._moderation_verdicts.depth()
 
     def describe(self) -> dict:
         return {"mode": "gate", "upstream_model": self.upstream.model}
@@ -154,15 +154,15 @@ class GateBackend(ServingBackend):
     # -- verdicts, refusals, hints ---------------------------------------------------------------------------------
 
     async def _verdict(self, request: ChatRequest) -> tuple[dict, int]:
-        row = JudgeRow(request.messages, list(request.images), request.safety_threshold, request.safety_actions)
-        result = _checked(await self._chat_judge.submit(row))
+        row = VerdictRow(request.messages, list(request.images), request.safety_threshold, request.safety_actions)
+        result = _checked(await self._chat_verdicts.submit(row))
         return result.safety, result.prompt_tokens
 
     def refusal_text(self, safety: dict, request: ChatRequest) -> tuple[str, int]:
         """`generate`'s refusal for the verdict's category: its text (cut before the first stop sequence) and its
         token count (the refusal, then EOS, within `max_new_tokens`)."""
         tokens = list(self.policy.text_token_ids["refusals"][safety["category_name"]])
-        eos = self.judge.model.generation_config.eos_token_id
+        eos = self.verdict_model.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
         tokens = (tokens + eos[:1])[: request.max_new_tokens]
         text = self._processor.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -396,7 +396,7 @@ def build_gate_backend(settings: BackendSettings) -> GateBackend:
     from transformers import PretrainedConfig
 
     from ..bases import BASES, base_for_model_type, base_for_stock_model_type
-    from .judge import load_safe_config
+    from .verdict import load_safe_config
 
     if not settings.upstream or not settings.upstream_model:
         raise ValueError("Gate mode needs both --upstream URL and --upstream-model NAME.")
@@ -424,8 +424,8 @@ def build_gate_backend(settings: BackendSettings) -> GateBackend:
     import torch
 
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    judge = SafetyJudge.from_pretrained(settings.model, device=device, dtype=settings.dtype)
+    verdict_model = SafetyVerdictModel.from_pretrained(settings.model, device=device, dtype=settings.dtype)
     upstream = UpstreamClient(
         settings.upstream, settings.upstream_model, settings.upstream_api_key, settings.upstream_timeout_s
     )
-    return GateBackend(judge, upstream, settings)
+    return GateBackend(verdict_model, upstream, settings)
