@@ -12,7 +12,8 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 from transformers import AutoProcessor
 from transformers.image_transforms import convert_to_rgb
 
-from .policy_safe_llava import SafetyPolicy, assistant_prefix_ids
+from .chat_template_safe_llava import assistant_prefix_ids
+from .policy_safe_llava import SafetyPolicy
 
 
 # Pillow modes with 16-bit samples: Pillow's convert("RGB") clips them at 255 instead of scaling (65535 / 257 = 255).

@@ -19,7 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 from bases import BASES  # noqa: E402
 from benchmarks.serve_processes import start_transformers_serve  # noqa: E402
 from modeling_safe_llava.bases import load_safe_model  # noqa: E402
-from modeling_safe_llava.policy_safe_llava import rendered_hint  # noqa: E402
+from modeling_safe_llava.chat_template_safe_llava import rendered_hint  # noqa: E402
 from modeling_safe_llava.serving.backend import BackendSettings, ChatRequest, ModerationInput  # noqa: E402
 from modeling_safe_llava.serving.gate import HINT_APPENDED, build_gate_backend  # noqa: E402
 from serving_live import assert_verdict_model_holds_the_models_weights, data_url  # noqa: E402

@@ -11,7 +11,7 @@ together share one `assess_safety` call, each under its own rule), then does wha
 - `refuse`: answers the configured refusal itself (`finish_reason: "content_filter"`); the upstream is never contacted;
 - `hint`: forwards the request with the policy's safe hint appended to the text of the last message, which puts it
   at the end of the user's turn, where `generate` inserts it (right before the tokens the chat template puts after
-  the user's text: `policy_safe_llava.hint_marker_ids`; LLaVA's ` ASSISTANT:`, Gemma 3's `<end_of_turn>` and model
+  the user's text: `chat_template_safe_llava.hint_marker_ids`; LLaVA's ` ASSISTANT:`, Gemma 3's `<end_of_turn>` and model
   turn). Before
   forwarding, the gate checks with the model's own chat template and tokenizer that the edited conversation gives
   exactly `generate`'s token sequence (prompt, hint ids, marker); `hint_placement` says how it was placed;
