@@ -15,6 +15,7 @@ import time
 import torch
 from transformers import GenerationMixin
 
+from modeling_safe_llava.checks_safe_llava import is_integer
 from modeling_safe_llava.tools.calibration import temperatures
 
 from .flops import count_flops
@@ -49,7 +50,7 @@ def repeats_for(config: dict, kind: str, batch_size: int) -> int:
         if str(batch_size) not in value:
             raise ValueError(f"repeats[{kind!r}] has no count for batch size {batch_size}: {value}.")
         value = value[str(batch_size)]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"repeats[{kind!r}] must be an integer >= 1 or a dict of them, got {value!r}.")
     return value
 

@@ -30,6 +30,8 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutputWithNoAttention
 
+from .checks_safe_llava import is_integer
+
 
 # Lite0's stages: (repeats, kernel size, stride, expansion ratio, input channels, output channels).
 EFFICIENTNET_LITE0_STAGES = (
@@ -114,7 +116,7 @@ def _check_stages(stages: list, stem_channels: int) -> None:
     """Each stage is 6 positive ints, stride 1 or 2, odd kernel, and its input width is the previous output width."""
     expected_in = stem_channels
     for index, stage in enumerate(stages):
-        valid = len(stage) == 6 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in stage)
+        valid = len(stage) == 6 and all(is_integer(v) and v > 0 for v in stage)
         if not valid or stage[2] not in (1, 2) or stage[1] % 2 == 0 or stage[4] != expected_in:
             raise ValueError(
                 f"EfficientNet-Lite stage {index} is {stage!r}; accepted: [repeats, kernel_size (odd), stride (1 or "

@@ -14,13 +14,13 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 """
 
 import copy
-import numbers
 from dataclasses import dataclass, field, replace
 
 import torch
 from transformers.modeling_outputs import ModelOutput
 
 from .chat_template_safe_llava import hint_marker_ids, rendered_hint
+from .checks_safe_llava import is_real
 
 
 SAFETY_LEVEL_LABELS = ["Safe to answer", "Answer carefully", "Answer or reject", "Reject"]
@@ -315,7 +315,7 @@ def _per_row(name: str, value, batch_size: int) -> list:
 def check_probability(name: str, value, accepted: str = THRESHOLD_FORMS) -> float:
     """`value` as a float in [0, 1]: Python and numpy numbers of every width; bools, NaN and the rest raise, naming
     `accepted` forms. The project's one [0, 1] check (thresholds, generation configs, evaluation sweeps)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+    if not is_real(value) or not 0.0 <= float(value) <= 1.0:
         raise ValueError(f"{name} {value!r} cannot be applied; accepted: {accepted}.")
     return float(value)
 

@@ -9,9 +9,9 @@ base's config.
 This file is remote code: it imports only torch, transformers and its sibling files.
 """
 
-import math
 from dataclasses import dataclass
 
+from .checks_safe_llava import check_bool, check_integer, check_number
 from .policy_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS, SafetyPolicy
 from .efficientnet_lite_safe_llava import SafeLlavaEfficientNetLiteConfig  # noqa: F401 (registers its model_type)
 
@@ -146,15 +146,15 @@ class SafetyConfigMixin:
         return self.safety_type_labels[-1]
 
     def _validate_safety_fields(self):
-        _check_int("num_safety_tokens", self.num_safety_tokens, 1, MAX_SAFETY_TOKENS)
-        _check_int("num_llm_safety_tokens", self.num_llm_safety_tokens, 0, MAX_SAFETY_TOKENS)
-        _check_int("safety_projector_depth", self.safety_projector_depth, 1, MAX_SAFETY_PROJECTOR_DEPTH)
+        check_integer("num_safety_tokens", self.num_safety_tokens, 1, MAX_SAFETY_TOKENS)
+        check_integer("num_llm_safety_tokens", self.num_llm_safety_tokens, 0, MAX_SAFETY_TOKENS)
+        check_integer("safety_projector_depth", self.safety_projector_depth, 1, MAX_SAFETY_PROJECTOR_DEPTH)
         text_hidden = self.get_text_config().hidden_size
-        _check_int("safety_head_num_heads", self.safety_head_num_heads, 1, text_hidden)
+        check_integer("safety_head_num_heads", self.safety_head_num_heads, 1, text_hidden)
         if self.safety_projector_hidden_size is not None:
-            _check_int("safety_projector_hidden_size", self.safety_projector_hidden_size, 1, MAX_SAFETY_PROJECTOR_HIDDEN_SIZE)
+            check_integer("safety_projector_hidden_size", self.safety_projector_hidden_size, 1, MAX_SAFETY_PROJECTOR_HIDDEN_SIZE)
         if self.safety_projector_grid_size is not None:
-            _check_int("safety_projector_grid_size", self.safety_projector_grid_size, 1, MAX_SAFETY_PROJECTOR_GRID_SIZE)
+            check_integer("safety_projector_grid_size", self.safety_projector_grid_size, 1, MAX_SAFETY_PROJECTOR_GRID_SIZE)
         if self.safety_projector_type not in SAFETY_PROJECTOR_TYPES:
             raise ValueError(
                 f"safety_projector_type={self.safety_projector_type!r} is not supported; "
@@ -166,24 +166,10 @@ class SafetyConfigMixin:
             )
         _check_labels("safety_level_labels", self.safety_level_labels, exact_length=4)
         _check_labels("safety_type_labels", self.safety_type_labels, exact_length=None)
-        if isinstance(self.safety_loss_weight, bool) or not isinstance(self.safety_loss_weight, (int, float)):
-            raise ValueError(f"safety_loss_weight must be a number >= 0, got {self.safety_loss_weight!r}.")
-        if not math.isfinite(self.safety_loss_weight) or self.safety_loss_weight < 0:
-            raise ValueError(f"safety_loss_weight must be a finite number >= 0, got {self.safety_loss_weight!r}.")
+        check_number("safety_loss_weight", self.safety_loss_weight)
         for name in ("safety_level_temperature", "safety_type_temperature"):
-            _check_positive_number(name, getattr(self, name))
-        if not isinstance(self.safety_modules_trained, bool):
-            raise ValueError(f"safety_modules_trained must be True or False, got {self.safety_modules_trained!r}.")
-
-
-def _check_int(name: str, value, minimum: int, maximum: int):
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}.")
-
-
-def _check_positive_number(name: str, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}.")
+            check_number(name, getattr(self, name), strict=True)
+        check_bool("safety_modules_trained", self.safety_modules_trained)
 
 
 def _check_labels(name: str, labels, exact_length: int | None):

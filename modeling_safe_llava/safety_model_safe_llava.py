@@ -28,6 +28,7 @@ This file is remote code: it imports only torch, transformers and its sibling fi
 import torch
 from transformers.utils.generic import can_return_tuple
 
+from .checks_safe_llava import check_bool
 from .generation_safe_llava import generate_with_safety
 from .policy_safe_llava import SafetyCallRule
 from .safety_module_safe_llava import check_image_grid, check_input_ids, check_model_inputs, safety_loss
@@ -424,8 +425,7 @@ class SafetyGenerationView:
 def check_safety_ready(config, allow_untrained_safety: bool = False):
     """Fails closed: a verdict from untrained safety modules raises unless explicitly allowed (only `True` counts: a
     string such as `"False"` is truthy and must not unlock anything)."""
-    if not isinstance(allow_untrained_safety, bool):
-        raise ValueError(f"allow_untrained_safety must be True or False, got {allow_untrained_safety!r}.")
+    check_bool("allow_untrained_safety", allow_untrained_safety)
     if config.safety_modules_trained is not True and not allow_untrained_safety:
         raise ValueError(
             "The safety modules of this model are untrained (config.safety_modules_trained is "

@@ -234,13 +234,26 @@ class SafeLlavaSafetyModule(nn.Module):
         """
         if isinstance(vision_states, torch.Tensor):
             return self.projector(vision_states.to(self.tokens.dtype)), None
-        features = [self.projector(grid.unsqueeze(0).to(self.tokens.dtype))[0] for grid in vision_states]
+        features = self.project_grids(vision_states)
         if not features:
             return self.tokens.new_zeros(0, 0, self.tokens.shape[-1]), self.tokens.new_zeros(0, 0, dtype=torch.bool)
         lengths = torch.tensor([len(tokens) for tokens in features], device=self.tokens.device)
         padded = nn.utils.rnn.pad_sequence(features, batch_first=True)
         mask = torch.arange(padded.shape[1], device=lengths.device)[None, :] < lengths[:, None]
         return padded, mask
+
+    def project_grids(self, grids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The projector on grids of different sizes, in their order: one call per size, its grids stacked (sizes are
+        shapes, known on the host: no device sync)."""
+        by_shape = {}
+        for index, grid in enumerate(grids):
+            by_shape.setdefault(tuple(grid.shape), []).append(index)
+        features = [None] * len(grids)
+        for indices in by_shape.values():
+            projected = self.projector(torch.stack([grids[index] for index in indices]).to(self.tokens.dtype))
+            for index, tokens in zip(indices, projected):
+                features[index] = tokens
+        return features
 
 
 def riskiest_image_per_row(level_logits, type_logits, image_rows, batch_size: int):

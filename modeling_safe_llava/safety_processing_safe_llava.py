@@ -13,6 +13,7 @@ from transformers import AutoProcessor
 from transformers.image_transforms import convert_to_rgb
 
 from .chat_template_safe_llava import assistant_prefix_ids
+from .checks_safe_llava import check_integer
 from .policy_safe_llava import SafetyPolicy
 
 
@@ -34,9 +35,7 @@ class SafetyProcessorMixin:
     stock_settings = ()
 
     def __init__(self, *args, num_llm_safety_tokens=0, **kwargs):
-        if isinstance(num_llm_safety_tokens, bool) or not isinstance(num_llm_safety_tokens, int) or num_llm_safety_tokens < 0:
-            raise ValueError(f"num_llm_safety_tokens must be an integer >= 0, got {num_llm_safety_tokens!r}.")
-        self.num_llm_safety_tokens = num_llm_safety_tokens
+        self.num_llm_safety_tokens = check_integer("num_llm_safety_tokens", num_llm_safety_tokens, minimum=0)
         super().__init__(*args, **kwargs)
 
     @classmethod

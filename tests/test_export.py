@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from modeling_safe_llava.bases import BASES
+from modeling_safe_llava.checks_safe_llava import is_number
 from modeling_safe_llava.tools import hub as hub_module
 from modeling_safe_llava import load_safety_policy
 from modeling_safe_llava.fileio import MARKER_FILE
@@ -64,7 +65,7 @@ def numeric_leaves(value):
         return [n for v in value.values() for n in numeric_leaves(v)]
     if isinstance(value, list):
         return [n for v in value for n in numeric_leaves(v)]
-    return [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else []
+    return [value] if is_number(value) else []
 
 
 def snapshot(folder):

@@ -216,3 +216,30 @@ def test_several_grids_per_image_are_judged_by_the_riskiest(trained_tiny_safe_ll
     assert torch.allclose(both.risk, torch.maximum(as_is.risk, blanked.risk), atol=1e-6)
     assert (blanked.risk > as_is.risk).any() and (as_is.risk > blanked.risk).any()  # each unit wins somewhere
     assert both.images_per_row.tolist() == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "projector_type, grid_size", [("cabstractor", None), ("cabstractor", 2), ("mlp", None)]
+)
+def test_grids_of_one_size_go_through_the_projector_together_with_the_same_tokens(projector_type, grid_size):
+    """Grids of different sizes (Qwen2.5-VL: each image its own grid) are projected once per size, stacked; each
+    grid's tokens equal those of projecting it alone, in the grids' order."""
+    model, _ = build_tiny_safe_llava()
+    config = model.config
+    config.safety_projector_type, config.safety_projector_grid_size = projector_type, grid_size
+    torch.manual_seed(0)
+    module = safety_module_safe_llava.SafeLlavaSafetyModule(config).eval()
+    for parameter in module.parameters():  # random, not the zero/one init, so that every grid's tokens differ
+        torch.nn.init.normal_(parameter, std=0.2)
+    shapes = [(3, 4), (2, 2), (3, 4), (5, 1), (2, 2), (3, 4)]
+    grids = [torch.randn(h, w, config.safety_vision_dim) for h, w in shapes]
+    calls = []
+    module.projector.register_forward_hook(lambda _, args, __: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        padded, mask = module.project(grids)
+        alone = [module.projector(grid.unsqueeze(0))[0] for grid in grids]
+    assert calls[:3] == [3, 2, 1]  # one call per size, in the order the sizes first appear
+    assert mask.sum(1).tolist() == [len(tokens) for tokens in alone]
+    for index, tokens in enumerate(alone):
+        torch.testing.assert_close(padded[index, : len(tokens)], tokens, rtol=0, atol=1e-6)
+    assert len({tuple(tokens[0].tolist()) for tokens in alone}) == len(grids)  # the comparison can tell grids apart

@@ -322,10 +322,28 @@ def test_health_answers_while_the_model_generates(server, client, reference):
     assert answered_during_generation and all(status == 200 and seconds < 1.0 for status, seconds in answered_during_generation)
 
 
-def test_metrics_count_requests_verdicts_and_latency(server):
+CHAT_METRICS = {
+    "requests": r'safe_llava_requests_total{endpoint="/v1/chat/completions",status="200"}',
+    "refusals": r'safe_llava_verdicts_total{action="refuse",category="[^"]+",endpoint="/v1/chat/completions"}',
+    "latencies": r'safe_llava_request_latency_seconds_count{endpoint="/v1/chat/completions"}',
+}
+
+
+def chat_metrics(server) -> dict:
+    """The `CHAT_METRICS` totals now (a sample absent yet counts 0)."""
     text = server.get("/metrics")[1]
-    assert re.search(r'safe_llava_requests_total{endpoint="/v1/chat/completions",status="200"} [1-9]', text)
-    assert re.search(r'safe_llava_verdicts_total{action="refuse",category="[^"]+",endpoint="/v1/chat/completions"} [1-9]', text)
+    return {name: sum(float(v) for v in re.findall(pattern + r" (\S+)", text)) for name, pattern in CHAT_METRICS.items()}
+
+
+def test_metrics_count_requests_verdicts_and_latency(server, client, reference):
+    before = chat_metrics(server)
+    chat(client, server, random_image(90, 32), max_tokens=64, safety_threshold=0.0, safety_actions=all_types(reference, "refuse"))
+    expected = {name: value + 1 for name, value in before.items()}
+    deadline = time.monotonic() + 10  # the request is counted just after its last byte is sent
+    while (after := chat_metrics(server)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after == expected
+    text = server.get("/metrics")[1]
     assert "safe_llava_request_latency_seconds_bucket" in text and "safe_llava_time_to_first_token_seconds_count" in text
     assert "safe_llava_queue_depth 0.0" in text
 

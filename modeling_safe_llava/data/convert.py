@@ -44,7 +44,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
-from ..checks import is_integer
+from ..checks_safe_llava import is_integer
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_json_preset
 from ..fileio import read_json_list

@@ -61,7 +61,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from ..checks import check_integer, is_integer
+from ..checks_safe_llava import check_integer, is_integer
 from ..configuration_safe_llava import SAFETY_LEVEL_LABELS, SAFETY_TYPE_LABELS
 from ..presets import load_safety_policy
 from ..fileio import check_replaceable, write_marker

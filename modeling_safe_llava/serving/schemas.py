@@ -12,6 +12,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from ..checks_safe_llava import is_integer, is_number
 from ..policy_safe_llava import check_action_list, check_probability
 from .backend import ChatRequest, ModerationInput, ServingError
 from .images import ImagePolicy, decode_image_url
@@ -104,7 +105,7 @@ def _number(body, name, default, low, high, low_open=False):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise wrong_type(name, "a number", value)
     if not (low < value if low_open else low <= value) or value > high:
         bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
@@ -116,7 +117,7 @@ def _integer(body, name, default, low, high):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_integer(value):
         raise wrong_type(name, "an integer", value)
     if not low <= value <= high:
         raise invalid(f"{name} must be an integer in [{low}, {high}], got {value}.", name)
@@ -154,7 +155,7 @@ def parse_safety_threshold(value, risky_types: list[str]):
     if value is None:
         return None
     accepted = f"a number in [0, 1], or an object {{risky type: number}} with types from {risky_types}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+    if not (is_number(value) or isinstance(value, dict)):
         raise wrong_type("safety_threshold", accepted, value)
     try:
         if isinstance(value, dict):
@@ -272,7 +273,7 @@ def parse_chat_request(body, model_id: str, risky_types: list[str], limits: Requ
     safety_threshold = parse_safety_threshold(body.get("safety_threshold"), risky_types)
     safety_actions = parse_safety_actions(body.get("safety_actions"), risky_types)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not is_integer(seed):
         raise wrong_type("seed", "an integer", seed)
     numbers = _chat_numbers(body, limits)
     messages, images = parse_messages(body.get("messages"), limits)

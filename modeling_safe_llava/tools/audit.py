@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..checks import check_integer
+from ..checks_safe_llava import check_integer
 from ..fileio import MARKER_FILE, has_marker, load_image, write_marker
 from ..safety_model_safe_llava import check_safety_ready
 from .audit_distributed import (

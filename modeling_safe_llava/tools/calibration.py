@@ -83,7 +83,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import check_integer, is_number
+from ..checks_safe_llava import check_bool, check_integer, is_number
 from ..fileio import load_image
 from ..policy_safe_llava import generation_config_with_threshold
 from ..safety_model_safe_llava import check_safety_ready
@@ -804,8 +804,7 @@ def calibrate(
     """
     check_rate_and_confidence(target_false_flag_rate, confidence)
     check_integer("batch_size", batch_size)
-    if not isinstance(per_category, bool):
-        raise ValueError(f"per_category must be True or False, got {per_category!r}.")
+    check_bool("per_category", per_category)
     check_safety_ready(model.config, allow_untrained_safety)
     config = model.config
     check_dataset(dataset, len(config.safety_level_labels), len(config.safety_type_labels))

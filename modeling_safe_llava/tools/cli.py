@@ -5,7 +5,7 @@ import importlib
 import logging
 import sys
 
-from ..checks import is_integer
+from ..checks_safe_llava import is_integer
 
 # subcommand -> (module, its options function, its run function, one-line help). Modules are imported lazily so
 # `--help` stays fast.

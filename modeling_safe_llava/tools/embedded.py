@@ -112,6 +112,16 @@ def smollm2_gguf_path() -> Path:
     return files[0]
 
 
+# The stock LLaVA fields a demo preset may set (the rest are SafeLlava's, `safety_fields`).
+_STOCK_LLAVA_FIELDS = ("vision_config", "vision_feature_layer", "vision_feature_select_strategy")
+
+
+def _preset_stock_fields(preset: str, leave_out: tuple[str, ...] = ()) -> dict:
+    """The stock LLaVA fields (`_STOCK_LLAVA_FIELDS`) that `preset` sets, less those named in `leave_out`."""
+    fields = load_model_preset(preset).items()
+    return {key: value for key, value in fields if key in _STOCK_LLAVA_FIELDS and key not in leave_out}
+
+
 def build_smollm2_llava(seed: int = 0, preset: str = "demo.json"):
     """A stock `LlavaForConditionalGeneration` around SmolLM2-135M (`<image>` added to its vocabulary) with the
     vision tower of `preset` (random weights), and its processor."""
@@ -122,7 +132,7 @@ def build_smollm2_llava(seed: int = 0, preset: str = "demo.json"):
     language_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     text_config = language_model.config.to_dict()
     text_config.pop("quantization_config", None)
-    stock_fields = {key: value for key, value in load_model_preset(preset).items() if key in _STOCK_LLAVA_FIELDS}
+    stock_fields = _preset_stock_fields(preset)
     config = LlavaConfig(text_config=text_config, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), **stock_fields)
     torch.manual_seed(seed)
     llava = LlavaForConditionalGeneration(config)
@@ -134,14 +144,10 @@ def build_smollm2_llava(seed: int = 0, preset: str = "demo.json"):
     return llava.eval(), tokenizer
 
 
-# The stock LLaVA fields a demo preset may set (the rest are SafeLlava's, `safety_fields`).
-_STOCK_LLAVA_FIELDS = ("vision_config", "vision_feature_layer", "vision_feature_select_strategy")
-
-
 def build_tiny_lm_llava(seed: int = 0, preset: str = "demo.json"):
     """A random stock LLaVA with the 2-layer test language model and the vision tower of `preset`, and its tokenizer."""
     tokenizer = build_tiny_tokenizer()
-    extra = {key: value for key, value in load_model_preset(preset).items() if key in _STOCK_LLAVA_FIELDS[1:]}
+    extra = _preset_stock_fields(preset, leave_out=("vision_config",))  # tiny_llava_config reads the preset's tower
     config = tiny_llava_config(tokenizer, preset, **extra)
     torch.manual_seed(seed)
     return LlavaForConditionalGeneration(config).eval(), tokenizer

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..checks import check_integer
+from ..checks_safe_llava import check_integer
 from ..fileio import load_image
 from ..policy_safe_llava import check_probability
 from ..safety_model_safe_llava import check_safety_ready

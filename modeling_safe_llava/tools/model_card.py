@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import jinja2
 from huggingface_hub import ModelCardData
 
-from ..checks import is_number
+from ..checks_safe_llava import is_number
 from ..bases import base_for_model_type
 from ..safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES
 from ..presets import preset_path

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..checks import is_integer
+from ..checks_safe_llava import is_integer
 from .data import load_image, to_chat_messages
 
 

@@ -33,7 +33,7 @@ import datasets
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..checks import is_integer
+from ..checks_safe_llava import is_integer
 from ..fileio import load_image, read_json_list
 
 

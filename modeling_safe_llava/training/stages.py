@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
+from ..checks_safe_llava import is_integer
 from ..modeling_safe_llava import SAFETY_PARAMETER_PREFIXES
 
 
@@ -34,7 +35,7 @@ _PEFT_PREFIX = "base_model.model."
 def check_stage(stage) -> int:
     """`1`, `2`, `"1"`, `"2"`, `"stage1"` or `"stage2"` -> 1 or 2; anything else raises."""
     aliases = {1: 1, 2: 2, "1": 1, "2": 2, "stage1": 1, "stage2": 2}
-    if isinstance(stage, bool) or stage not in aliases:
+    if not (is_integer(stage) or isinstance(stage, str)) or stage not in aliases:
         raise ValueError(f"Unknown training stage {stage!r}; accepted: 1, 2, 'stage1', 'stage2'.")
     return aliases[stage]
 
