@@ -31,7 +31,7 @@ from transformers.utils.generic import can_return_tuple
 from .checks_safe_llava import check_bool
 from .generation_safe_llava import generate_with_safety
 from .policy_safe_llava import SafetyCallRule
-from .safety_module_safe_llava import check_image_grid, check_input_ids, check_model_inputs, safety_loss
+from .safety_module_safe_llava import check_input_ids, check_model_inputs, safety_loss
 
 
 # Fields of the headless model's output that the causal-LM output does not carry.
@@ -104,7 +104,12 @@ class SafetyModelMixin:
         """Rejects images this base cannot read, naming the expected layout (`pixel_values` is already known to be a
         floating-point tensor on the model's device). Default: LLaVA's `(num_images, channels, height, width)`, with
         an optional crop dimension. `image_kwargs` are the call's other arguments (e.g. a base's image sizes)."""
-        check_image_grid(self.config, pixel_values)
+        num_channels = self.config.vision_config.num_channels
+        if pixel_values.ndim < 4 or pixel_values.shape[-3] != num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {num_channels}, height, width) (with crops: (num_images, "
+                f"num_crops, {num_channels}, height, width)), got {tuple(pixel_values.shape)}."
+            )
 
     def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
         """The call's per-image arguments (`kwargs`, the `generate` call's) for the images of `rows` alone, when the
@@ -218,7 +223,7 @@ def _with_safety_fields(outputs, output_class, safety: dict):
     None), with the `safety` fields set: the same object a fresh `output_class(**outputs, **safety)` would give, without
     copying stock's fields into a new output on every decoding step.
     """
-    if not issubclass(output_class, type(outputs)):
+    if torch.compiler.is_compiling() or not issubclass(output_class, type(outputs)):  # dynamo cannot re-class
         return output_class(**outputs, **safety)
     outputs.__class__ = output_class
     for name, value in safety.items():
@@ -366,7 +371,7 @@ class SafetyForConditionalGenerationMixin:
 
     def _pixel_safety_logits(self, input_ids, pixel_values, attention_mask, image_kwargs):
         """Inputs validated once, images encoded for the verdict alone, then `safety_logits`."""
-        check_model_inputs(self, input_ids, pixel_values, attention_mask, image_kwargs)
+        check_verdict_inputs(self, input_ids, pixel_values, attention_mask, image_kwargs)
         image_outputs = self.model.encode_images_for_safety(pixel_values, **image_kwargs)
         return self.model.safety_logits(image_outputs, input_ids, None, attention_mask)
 
@@ -390,7 +395,7 @@ class SafetyGenerationView:
         """`SafetyGenerationModel.check_for_generation`: the safety modules ready, the inputs valid."""
         check_safety_ready(self.config, allow_untrained_safety)
         if pixel_values is not None and input_ids is not None:
-            check_model_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
+            check_verdict_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
         elif input_ids is not None:
             check_input_ids(self.config, input_ids)
 
@@ -433,6 +438,13 @@ def check_safety_ready(config, allow_untrained_safety: bool = False):
             "trained checkpoint; pass allow_untrained_safety=True only for tests and debugging, or "
             "safety_threshold=1.0 to turn safety off."
         )
+
+
+def check_verdict_inputs(model, input_ids, pixel_values, attention_mask, image_kwargs: dict):
+    """The inputs of a verdict, checked once per call: the tensors (`check_model_inputs`), then the images' layout
+    by the base's own rule (`check_image_inputs`)."""
+    check_model_inputs(model, input_ids, pixel_values, attention_mask)
+    model.model.check_image_inputs(pixel_values, **image_kwargs)
 
 
 def check_images_match(images_per_row, num_images, config):

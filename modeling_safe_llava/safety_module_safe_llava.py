@@ -293,18 +293,17 @@ def _certain_clean(level_logits, type_logits, batch_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None, image_kwargs=None):
+def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=None):
     """
     Rejects, with a message naming the bad input, what would give a silently wrong verdict or crash deep inside torch.
+    The images' layout is the base's to check (its headless model's `check_image_inputs`).
 
     Args:
-        model: a SafeLlava ForConditionalGeneration; its headless model's `check_image_inputs` checks the images'
-            shape (each base owns its image layout).
+        model: a SafeLlava ForConditionalGeneration.
         input_ids: `(batch_size, sequence_length)` int64/int32 ids of this model's tokenizer.
         pixel_values: floating point, as the processor returns them (LLaVA: `(num_images, 3, 336, 336)`; bases with
             crops add a crop dimension; flat-patch bases give `(num_patches, patch_dim)`).
         attention_mask: `(batch_size, sequence_length)`, every row attending to at least one token.
-        image_kwargs: the call's other arguments, of which the base's check reads its image fields.
     """
     if input_ids is None or pixel_values is None:
         raise ValueError("A safety verdict needs input_ids and pixel_values (the processor's output).")
@@ -327,18 +326,6 @@ def check_model_inputs(model, input_ids=None, pixel_values=None, attention_mask=
         raise ValueError(
             f"pixel_values must be a floating-point tensor normalised by the processor, got {pixel_values.dtype}; "
             "raw integer pixels would give wrong safety verdicts."
-        )
-    model.model.check_image_inputs(pixel_values, **(image_kwargs or {}))
-
-
-def check_image_grid(config, pixel_values):
-    """The image layout of LLaVA-style bases: `(num_images, num_channels, height, width)`, or with crops
-    `(num_images, num_crops, num_channels, height, width)`."""
-    num_channels = config.vision_config.num_channels
-    if pixel_values.ndim < 4 or pixel_values.shape[-3] != num_channels:
-        raise ValueError(
-            f"pixel_values must have shape (num_images, {num_channels}, height, width) (with crops: (num_images, "
-            f"num_crops, {num_channels}, height, width)), got {tuple(pixel_values.shape)}."
         )
 
 

@@ -14,13 +14,13 @@ from modeling_safe_llava.bases import remote_code_files
 PACKAGE_DIR = Path(modeling_safe_llava.__file__).parent
 REMOTE_CODE_PATHS = {str(PACKAGE_DIR / name) for name in remote_code_files()}
 # Before the plan had its own file and interface (39edd6c): 13 on the all-allow path, 14 hinted. Issue 25 aims at
-# 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, `safety_logits` -> the
-# base's `safety_vision_states` and the safety module, the base's `forward` restatement -> the mixin's). Since every base
-# restates its headless `forward` too (docs/bases.md, "What a `forward` names"), the hinted path crosses that
-# restatement and back (+2); the all-allow path now judges nothing and stays at 10. Widening the seam for
-# Qwen2.5-VL (the base's own image-input check, `check_image_inputs`, and row selection) added hops to the judged
-# paths: 12 all-allow, 17 hinted (measured after both merges). Issue 25's 8 stays open.
-MAX_HOPS = {"allow": 12, "hint": 17}
+# 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, the base's `forward`
+# restatement -> the mixin's, headless and generation class alike). Widening the seam for Qwen2.5-VL added the
+# base's image-input check and row selection (12 all-allow, 17 hinted). The scalar checks then became one remote-code
+# module (`checks_safe_llava.py`: +4, its calls from the policy and the readiness check), and the verdict's input
+# check stopped calling back into the model from the safety module (-2): 14 all-allow, 19 hinted. Issue 25's 8
+# stays open.
+MAX_HOPS = {"allow": 14, "hint": 19}
 
 
 def file_hops(model, **generate_kwargs) -> list[tuple[str, str]]:
