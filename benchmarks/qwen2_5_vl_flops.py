@@ -41,7 +41,7 @@ def vision_tower_flops(vision_config, grid_thw: torch.Tensor) -> int:
     window_blocks = vision_config.depth - full_blocks
     collapsed = copy.deepcopy(vision_config)
     collapsed.depth, collapsed.fullatt_block_indexes = 2, [1]
-    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(collapsed, torch_dtype=torch.float32).eval()
+    tower = Qwen2_5_VisionTransformerPretrainedModel._from_config(collapsed, dtype=torch.float32).eval()
     channels = collapsed.in_channels * collapsed.temporal_patch_size * collapsed.patch_size**2
     pixels = torch.zeros(int(grid_thw.prod()), channels)
     counter = torch.utils.flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
