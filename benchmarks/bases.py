@@ -79,6 +79,15 @@ def _qwen2_5_vl_image_tokens(tokenizer) -> dict:
     }
 
 
+def _qwen2_5_vl_processor(tokenizer, stock_config):
+    """The tiny processor with stock Qwen2.5-VL's pixel limits counted in the config's merged patches (4 to 16,384
+    per image: 3,136 to 12,845,056 px at 14 px patches), so that a benchmark's image keeps its own size."""
+    vision = stock_config.vision_config
+    merged_patch = (vision.patch_size * vision.spatial_merge_size) ** 2
+    size = {"shortest_edge": 4 * merged_patch, "longest_edge": 16384 * merged_patch}
+    return build_tiny_qwen2_5_vl_processor(tokenizer, stock_config, size=size)
+
+
 def _gemma3_image_tokens(tokenizer) -> dict:
     return {
         "boi_token_index": tokenizer.convert_tokens_to_ids("<start_of_image>"),
@@ -99,7 +108,7 @@ BENCHMARK_BASES = (
     BenchmarkBase("llava-next", build_tiny_tokenizer, build_tiny_llava_next_processor, _image_token_id),
     BenchmarkBase("gemma3", build_tiny_gemma3_tokenizer, build_tiny_gemma3_processor, _gemma3_image_tokens),
     # Images of any size: a config gives `image_size` (Qwen2.5-VL's vision config has none).
-    BenchmarkBase("qwen2_5_vl", build_tiny_qwen2_5_vl_tokenizer, build_tiny_qwen2_5_vl_processor, _qwen2_5_vl_image_tokens),
+    BenchmarkBase("qwen2_5_vl", build_tiny_qwen2_5_vl_tokenizer, _qwen2_5_vl_processor, _qwen2_5_vl_image_tokens),
 )
 
 

@@ -65,28 +65,36 @@ def tiny_qwen2_5_vl_config(tokenizer, preset: str = "tiny-qwen2_5_vl.json", **ov
     )
 
 
-def build_tiny_qwen2_5_vl_image_processor(config: Qwen2_5_VLConfig, preset: str = "tiny-qwen2_5_vl.json"):
-    """Qwen's image processor without torchvision (the PIL backend), at the tiny patch size."""
+def build_tiny_qwen2_5_vl_image_processor(
+    config: Qwen2_5_VLConfig, preset: str = "tiny-qwen2_5_vl.json", size: dict | None = None
+):
+    """Qwen's image processor without torchvision (the PIL backend), at the config's patch size. `size`
+    (`{"shortest_edge": min_pixels, "longest_edge": max_pixels}`) overrides the preset's pixel limits."""
     from transformers import Qwen2VLImageProcessorPil
 
     vision = config.vision_config
-    pixels = load_model_preset(preset)["image_processor"]
+    if size is None:
+        pixels = load_model_preset(preset)["image_processor"]
+        size = {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}
     return Qwen2VLImageProcessorPil(
         patch_size=vision.patch_size,
         temporal_patch_size=vision.temporal_patch_size,
         merge_size=vision.spatial_merge_size,
-        size={"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]},
+        size=size,
     )
 
 
-def build_tiny_qwen2_5_vl_processor(tokenizer, config: Qwen2_5_VLConfig, preset: str = "tiny-qwen2_5_vl.json"):
+def build_tiny_qwen2_5_vl_processor(
+    tokenizer, config: Qwen2_5_VLConfig, preset: str = "tiny-qwen2_5_vl.json", size: dict | None = None
+):
     """The tiny model's processor as stock builds it, images only: stock `Qwen2_5_VLProcessor` cannot be built
     without torchvision (its video processor needs it), so this is `SafeQwen2_5_VLProcessor` with
-    `num_llm_safety_tokens=0`, which is stock's processor token for token, with no video processor."""
+    `num_llm_safety_tokens=0`, which is stock's processor token for token, with no video processor. `size`: as
+    `build_tiny_qwen2_5_vl_image_processor`."""
     from .qwen2_5_vl_safe_llava import SafeQwen2_5_VLProcessor
 
     return SafeQwen2_5_VLProcessor(
-        image_processor=build_tiny_qwen2_5_vl_image_processor(config, preset),
+        image_processor=build_tiny_qwen2_5_vl_image_processor(config, preset, size),
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=load_chat_template("chat_template_qwen2_5_vl.jinja"),

@@ -258,3 +258,25 @@ def test_tied_weights_stay_tied_when_the_models_share_stock_tensors():
     embeddings = bm.stock.model.language_model.embed_tokens.weight
     for model in (bm.safe, bm.head_only):
         assert model.lm_head.weight is model.model.language_model.embed_tokens.weight is embeddings
+
+
+def test_cpu_small_qwen2_5_vl_splits_its_flops_as_the_7b():
+    """`cpu-small-qwen2_5_vl` is sized so that one row's FLOPs split between vision tower, prefill and decode as at
+    Qwen2.5-VL-7B (same image and prompt), and the benchmark's processor keeps its 448 px image as it is (256 image
+    tokens, the prompt the split counts)."""
+    from benchmarks.bases import benchmark_base
+    from benchmarks.models import random_images, split_model_spec
+    from benchmarks.qwen2_5_vl_flops import config_splits
+
+    config, _ = benchmark_run.load_config("cpu-small-qwen2_5_vl")
+    splits = config_splits(config)
+    for part, share in splits["reference"]["shares"].items():
+        assert abs(splits["config"]["shares"][part] - share) < 0.01, part
+    assert splits["config"]["image_tokens"] == splits["reference"]["image_tokens"] == 256
+    base = benchmark_base(config["base"])
+    tokenizer = base.build_tokenizer()
+    processor = base.build_processor(tokenizer, base.stock_config(split_model_spec(config["model"], tokenizer, base)[0]))
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config["prompt"]}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[random_images(tuple(config["image_size"]), 1, 0)], return_tensors="pt")
+    assert inputs["input_ids"].shape[1] == splits["config"]["prompt_length"]
