@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from modeling_safe_llava.presets import load_json_preset, load_safety_policy
+from modeling_safe_llava.safety_loading_safe_llava import DTYPES
 from modeling_safe_llava.safety_module_safe_llava import SAFETY_PARAMETER_PREFIXES
 
 from .bases import BenchmarkBase, benchmark_base
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETY_FIELD_PREFIXES = ("num_", "safety_")
 NOTHING_FLAGGED = {"safety_threshold": 1.0}
 

@@ -349,11 +349,11 @@ def _check_only_safety_weights_missing(missing, unexpected, stock_name: str):
 # -- the verdict model's parts ------------------------------------------------------------------------------------
 
 VERDICT_EMBEDDING_KEY = "model.language_model.embed_tokens.weight"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(dtype, config) -> torch.dtype:
-    """A torch dtype from `dtype`: a torch dtype, one of `_DTYPES`' names, or `"auto"`/None (the config's, else
+    """A torch dtype from `dtype`: a torch dtype, one of `DTYPES`' names, or `"auto"`/None (the config's, else
     float32)."""
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -361,10 +361,10 @@ def resolve_dtype(dtype, config) -> torch.dtype:
         saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
         if isinstance(saved, torch.dtype):
             return saved
-        return _DTYPES.get(str(saved).replace("torch.", ""), torch.float32)
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be a torch dtype, one of {sorted(_DTYPES)}, or 'auto', got {dtype!r}.")
-    return _DTYPES[dtype]
+        return DTYPES.get(str(saved).replace("torch.", ""), torch.float32)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be a torch dtype, one of {sorted(DTYPES)}, or 'auto', got {dtype!r}.")
+    return DTYPES[dtype]
 
 
 def verdict_modules(model) -> list:
@@ -440,6 +440,7 @@ def _materialize_verdict_buffers(model, device):
 
 
 __all__ = [
+    "DTYPES",
     "SafetyPreTrainedMixin",
     "safety_checkpoint_mapping",
     "safetensors_only",

@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +81,23 @@ def assert_verdict_model_holds_the_models_weights(verdict_model, reference_state
         if name.endswith("embed_tokens.weight") and kept is not None:
             expected = expected[kept]
         assert torch.equal(tensor, expected), name
+
+
+def metric(server, name: str, **labels) -> float:
+    """One sample of `/metrics` (0 when absent)."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    pattern = rf"^{re.escape(name)}{re.escape('{' + wanted + '}') if labels else ''} ([0-9.e+]+)$"
+    found = re.search(pattern, server.get("/metrics")[1], flags=re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def wait_for(condition, what: str, limit_s: float = 60.0):
+    """Polls `condition()` until it holds (bounded by `limit_s`; a hang fails with `what`)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        time.sleep(0.01)
 
 
 class HalfSentRequest:
@@ -208,6 +226,6 @@ def _parse(raw: bytes, headers):
 
 
 __all__ = [
-    "LiveServer", "assert_judge_holds_the_models_weights", "data_url", "free_port", "image_message",
-    "save_tiny_server_model",
+    "HalfSentRequest", "LiveServer", "assert_verdict_model_holds_the_models_weights", "data_url", "free_port",
+    "image_message", "metric", "save_tiny_server_model", "wait_for",
 ]

@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from serving_live import REPO_ROOT, HalfSentRequest, LiveServer, data_url, image_message, save_tiny_server_model
+from serving_live import REPO_ROOT, HalfSentRequest, LiveServer, data_url, image_message, metric, save_tiny_server_model, wait_for
 
 from conftest import random_image
 from modeling_safe_llava.modeling_safe_llava import SafeLlavaForConditionalGeneration
@@ -236,10 +236,10 @@ def test_moderation_batches_concurrent_requests(server, client):
     before = batch_histogram(server, "moderation")
     parts = [[{"type": "image_url", "image_url": {"url": data_url(random_image(20 + i, 32))}}] for i in range(4)]
     arriving = HalfSentRequest(server.port, "/v1/moderations", {"model": server.model, "input": parts[0]}, {"Authorization": f"Bearer {API_KEY}"})
-    wait_until(lambda: gauge(server, "safe_llava_arriving_requests") == 1)  # the server reads the half-sent request
+    wait_for(lambda: metric(server, "safe_llava_arriving_requests") == 1, "the server reads the half-sent request")
     with ThreadPoolExecutor(3) as pool:
         results = pool.map(lambda p: client.moderations.create(model=server.model, input=p), parts[1:])
-        wait_until(lambda: gauge(server, "safe_llava_queue_depth") == 3)  # the three wait for the arriving one
+        wait_for(lambda: metric(server, "safe_llava_queue_depth") == 3, "the three wait for the arriving one")
         response = arriving.finish()
         assert response.status == 200 and len(list(results)) == 3
         arriving.close()
@@ -248,18 +248,6 @@ def test_moderation_batches_concurrent_requests(server, client):
 
 
 # -- concurrency ----------------------------------------------------------------------------------------------------
-
-
-def gauge(server, name: str) -> float:
-    return float(re.search(rf"^{name} ([0-9.e+]+)$", server.get("/metrics")[1], flags=re.M).group(1))
-
-
-def wait_until(condition, limit_s: float = 60.0):
-    """Polls `condition()` until it holds; a bound on waiting for a state, never an assertion on time."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, "the server never reached the state waited for"
-        time.sleep(0.01)
 
 
 def batch_histogram(server, kind: str) -> dict:

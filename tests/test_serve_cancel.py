@@ -6,13 +6,12 @@ far short of that, and the model thread must be free for the next request.
 
 import http.client
 import json
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from serving_live import HalfSentRequest, LiveServer, image_message, save_tiny_server_model
+from serving_live import HalfSentRequest, LiveServer, image_message, metric, save_tiny_server_model, wait_for
 
 from conftest import random_image
 
@@ -56,23 +55,6 @@ def chat(client, server, image, max_tokens, **fields):
     request = body(server, image, max_tokens, **fields)
     extra = {"safety_actions": request.pop("safety_actions")}
     return client.chat.completions.create(**request, extra_body=extra)
-
-
-def metric(server, name: str, **labels) -> float:
-    """One sample of `/metrics` (0 when absent)."""
-    wanted = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    pattern = rf"^{re.escape(name)}{re.escape('{' + wanted + '}') if labels else ''} ([0-9.e+]+)$"
-    found = re.search(pattern, server.get("/metrics")[1], flags=re.M)
-    return float(found.group(1)) if found else 0.0
-
-
-def wait_for(condition, what: str):
-    """Polls `condition()` until it holds (bounded by WAIT_S; a hang fails with `what`)."""
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.01)
 
 
 def send_without_reading(server, payload: dict) -> http.client.HTTPConnection:

@@ -32,6 +32,7 @@ from transformers.generation.stopping_criteria import StoppingCriteria, Stopping
 from transformers.generation.streamers import BaseStreamer
 
 from ..pipeline_safe_llava import NOT_JUDGED_NO_IMAGE, NOT_JUDGED_SAFETY_OFF, safety_entries
+from ..safety_loading_safe_llava import DTYPES
 from .backend import (
     BackendSettings,
     ChatCompletionResult,
@@ -50,7 +51,6 @@ from .detokenize import IncrementalDetokenizer
 
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_local_backend(settings: BackendSettings) -> LocalBackend:

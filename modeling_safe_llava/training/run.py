@@ -22,6 +22,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction
 
+from ..safety_loading_safe_llava import DTYPES
 from .arguments import DataArguments, LoraArguments, ModelArguments, load_recipe, resolve_stage_arguments
 from .augment import with_augmentation
 from .collator import IGNORE_INDEX, SafeLlavaTrainingCollator
@@ -258,7 +259,6 @@ def safety_accuracy(prediction: EvalPrediction) -> dict[str, float]:
 # Loading the starting model (scripts)
 # ----------------------------------------------------------------------------------------------------------------
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model_and_processor(model_args: ModelArguments, stage: int):
@@ -284,9 +284,9 @@ def load_model_and_processor(model_args: ModelArguments, stage: int):
             )
         logger.warning("No model_name_or_path: building a tiny random SafeLlava (a demo, not a real model).")
         return build_tiny_safe_llava(seed=model_args.seed_for_tiny_model)
-    if model_args.dtype not in _DTYPES:
-        raise ValueError(f"dtype={model_args.dtype!r} is not supported; accepted: {sorted(_DTYPES)}.")
-    dtype = _DTYPES[model_args.dtype]
+    if model_args.dtype not in DTYPES:
+        raise ValueError(f"dtype={model_args.dtype!r} is not supported; accepted: {sorted(DTYPES)}.")
+    dtype = DTYPES[model_args.dtype]
     model_type = AutoConfig.from_pretrained(path).model_type
     stock_base = base_for_stock_model_type(model_type)
     if stock_base is not None:
