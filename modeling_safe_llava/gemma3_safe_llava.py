@@ -279,6 +279,7 @@ class SafeGemma3ForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -299,18 +300,20 @@ class SafeGemma3ForConditionalGeneration(
     ) -> SafeGemma3CausalLMOutputWithPast:
         r"""
         Stock `Gemma3ForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
-        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`). `cache` is
+        safety logits and loss ([`SafetyForConditionalGenerationMixin.causal_lm_output`]). `cache` is
         transformers 5.24+'s name of `past_key_values`.
 
         token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             1 at image placeholders (the LLM safety tokens' included): bidirectional attention within each image.
         """
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
-            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
-            token_type_ids=token_type_ids, use_cache=use_cache, **({} if cache is None else {"cache": cache}), **kwargs,
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, token_type_ids=token_type_ids,
+            attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, use_cache=use_cache, labels=labels, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=True if safety_labels is not None else output_safety, return_dict=True,
+            **({} if cache is None else {"cache": cache}), **kwargs,
         )  # fmt: skip
+        return self.causal_lm_output(outputs, labels, safety_labels, logits_to_keep, **kwargs)
 
 
 __all__ = [

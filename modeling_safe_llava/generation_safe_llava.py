@@ -75,10 +75,6 @@ class SafetyGenerationModel(Protocol):
     config: PreTrainedConfig
     generation_config: GenerationConfig
 
-    def check_for_generation(self, input_ids, attention_mask, pixel_values, allow_untrained_safety, **kwargs) -> None:
-        """The checks `safety_logits_for_generation` makes before judging (safety modules ready, inputs valid), alone: for
-        a call with nothing to judge (every action `allow` and no verdict asked for). `kwargs` as there."""
-
     def safety_logits_for_generation(
         self, input_ids, inputs_embeds, attention_mask, pixel_values, image_outputs, allow_untrained_safety, **kwargs
     ) -> tuple:
@@ -93,12 +89,13 @@ class SafetyGenerationModel(Protocol):
             images_per_row (batch_size,))`.
         """
 
-    def prompt_inputs(self, input_ids, attention_mask) -> dict:
-        """Model inputs that follow from the token ids of a prompt the plan rebuilt (Gemma 3: `token_type_ids`)."""
-
-    def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
-        """The call's per-image arguments (`kwargs`) for the images of `rows` alone (Qwen2.5-VL: `image_grid_thw`);
-        `images_per_row` maps images to rows."""
+    def rows_inputs(self, kwargs, input_ids, attention_mask, images_per_row: list[int], rows: list[int]) -> dict:
+        """
+        The base's own model inputs for `rows` of the call regenerated with rebuilt prompts: the call's per-image
+        arguments (`kwargs`) for the images of `rows` alone (Qwen2.5-VL: `image_grid_thw`; `images_per_row` maps images
+        to rows), and the inputs that follow from the rebuilt prompts' token ids `input_ids` `(len(rows),
+        prompt_length)` (Gemma 3: `token_type_ids`).
+        """
 
 
 def generate_with_safety(
@@ -144,10 +141,9 @@ class SafetyGenerationPlan:
         if pixel_values is None and pre_encoded is None:
             return self._run_text_only(stock_generate, args, input_ids, inputs_embeds)
         if self.rule.allows_everything and not self._verdict_wanted():
-            # Nothing to judge: every row is stock's whatever the verdict, and nobody reads it. Stock `generate`
-            # encodes the images itself (`forward` names `mm_encoder_outputs`), and the safety head never runs.
-            image_kwargs = self._image_kwargs()
-            self.model.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
+            # Nothing to judge, as with safety off: every row is stock's whatever the verdict, and nobody reads it.
+            # Stock `generate` encodes the images itself (`forward` names `mm_encoder_outputs`), the safety head never
+            # runs, and untrained safety modules cannot change an answer, so nothing fails closed.
             return run_governed(stock_generate, *args, **self.kwargs)
         image_kwargs = self._image_kwargs()
         image_outputs, *logits = self.model.safety_logits_for_generation(
@@ -237,8 +233,7 @@ class SafetyGenerationPlan:
         images_per_row = assessment.images_per_row.tolist()
         images = select_images(image_outputs, images_per_row, rows)
         kwargs = {**self.kwargs, "input_ids": ids, "attention_mask": mask, "mm_encoder_outputs": {"image": images}}
-        kwargs.update(self.model.select_image_inputs(self.kwargs, images_per_row, rows))
-        kwargs.update(self.model.prompt_inputs(ids, mask))
+        kwargs.update(self.model.rows_inputs(self.kwargs, ids, mask, images_per_row, rows))
         if len(images.pooler_output) == 0:  # only text-only rows reach the language model
             kwargs.pop("mm_encoder_outputs")
         kwargs["return_dict_in_generate"] = True

@@ -406,6 +406,7 @@ class SafeLlavaNextForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,17 +428,18 @@ class SafeLlavaNextForConditionalGeneration(
     ) -> SafeLlavaNextCausalLMOutputWithPast:
         r"""
         Stock `LlavaNextForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
-        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`).
+        safety logits and loss ([`SafetyForConditionalGenerationMixin.causal_lm_output`]).
 
         image_sizes (`torch.LongTensor` of shape `(num_images, 2)`): each image's `(height, width)` before anyres.
         """
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
-            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
-            image_sizes=image_sizes, vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy, use_cache=use_cache, **kwargs,
+        outputs = self.model(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, attention_mask=attention_mask,
+            position_ids=position_ids, past_key_values=past_key_values, inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
+            use_cache=use_cache, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=True if safety_labels is not None else output_safety, return_dict=True, **kwargs,
         )  # fmt: skip
+        return self.causal_lm_output(outputs, labels, safety_labels, logits_to_keep, **kwargs)
 
 
 def _as_list(layers) -> list[int]:

@@ -206,6 +206,7 @@ class SafeLlavaForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -225,14 +226,15 @@ class SafeLlavaForConditionalGeneration(
         **kwargs: Unpack[TransformersKwargs],
     ) -> SafeLlavaCausalLMOutputWithPast:
         r"""Stock `LlavaForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
-        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`)."""
-        return super().forward(
+        safety logits and loss ([`SafetyForConditionalGenerationMixin.causal_lm_output`])."""
+        outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
-            logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs, output_safety=output_safety,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, mm_encoder_outputs=mm_encoder_outputs,
+            output_safety=True if safety_labels is not None else output_safety,
             vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
-            image_sizes=image_sizes, **kwargs,
+            image_sizes=image_sizes, return_dict=True, **kwargs,
         )  # fmt: skip
+        return self.causal_lm_output(outputs, labels, safety_labels, logits_to_keep, **kwargs)
 
 
 __all__ = [

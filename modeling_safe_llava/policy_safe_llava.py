@@ -169,16 +169,17 @@ class SafetyPolicy:
         Args:
             safety_threshold: `None` (the defaults), a number in [0, 1] (numpy numbers too), or a dict
                 `{risky type name: number}` whose missing types keep their default.
-            default: a default that overrides `self.threshold` (e.g. a generation config's `safety_threshold`).
+            default: a default that overrides `self.threshold` (e.g. a generation config's `safety_threshold`),
+                checked where it applies (a number for `safety_threshold` leaves no default to apply).
         """
+        if safety_threshold is not None and not isinstance(safety_threshold, dict):
+            value = check_probability("safety_threshold", safety_threshold)
+            return torch.full((len(self.risky_types),), value, dtype=torch.float32)
         base = self.threshold if default is None else check_probability("safety_threshold", default)
         values = {name: self.thresholds.get(name, base) for name in self.risky_types}
         if isinstance(safety_threshold, dict):
             overrides = _check_type_keys("safety_threshold", safety_threshold, self.risky_types)
             values.update({name: check_probability("safety_threshold", v) for name, v in overrides.items()})
-        elif safety_threshold is not None:
-            value = check_probability("safety_threshold", safety_threshold)
-            values = {name: value for name in self.risky_types}
         return torch.tensor([values[name] for name in self.risky_types], dtype=torch.float32)
 
     def resolve_actions(self, safety_actions=None) -> dict:

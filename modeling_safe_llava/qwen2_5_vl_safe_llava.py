@@ -397,6 +397,7 @@ class SafeQwen2_5_VLForConditionalGeneration(
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -421,21 +422,22 @@ class SafeQwen2_5_VLForConditionalGeneration(
     ) -> SafeQwen2_5_VLCausalLMOutputWithPast:
         r"""
         Stock `Qwen2_5_VLForConditionalGeneration.forward` restated (docs/bases.md, "What a `forward` names"), plus the
-        safety logits ([`SafetyForConditionalGenerationMixin.forward`]: `safety_labels`, `output_safety`). `cache` is
+        safety logits and loss ([`SafetyForConditionalGenerationMixin.causal_lm_output`]). `cache` is
         transformers 5.24+'s name of `past_key_values`.
 
         image_grid_thw (`torch.LongTensor` of shape `(num_images, 3)`): each image's patch grid.
         mm_token_type_ids (`torch.IntTensor` of shape `(batch_size, sequence_length)`): 0 text (the LLM safety
             tokens included), 1 image, 2 video; `get_rope_index` reads it.
         """
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, safety_labels=safety_labels,
-            use_cache=use_cache, logits_to_keep=logits_to_keep, mm_encoder_outputs=mm_encoder_outputs,
-            output_safety=output_safety, **_present(pixel_values_videos=pixel_values_videos,
-            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
-            second_per_grid_ts=second_per_grid_ts, cache=cache), **kwargs,
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+            mm_token_type_ids=mm_token_type_ids, second_per_grid_ts=second_per_grid_ts,
+            mm_encoder_outputs=mm_encoder_outputs, output_safety=True if safety_labels is not None else output_safety,
+            return_dict=True, **_present(cache=cache), **kwargs,
         )  # fmt: skip
+        return self.causal_lm_output(outputs, labels, safety_labels, logits_to_keep, **kwargs)
 
 
 def _stock_image_outputs(image_outputs: SafeQwen2_5_VLImageOutput) -> BaseModelOutputWithPooling:

@@ -24,7 +24,7 @@ import copy
 
 import torch
 from torch import nn
-from transformers import AutoConfig, GenerationConfig
+from transformers import AutoConfig, GenerationConfig, GenerationMixin
 from transformers import initialization as init
 from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
@@ -62,21 +62,41 @@ _LOAD_KWARGS = ("dtype", "device_map", "revision", "cache_dir", "local_files_onl
 _HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
 
 
-def safety_checkpoint_mapping(config, stock_model_type: str, stock_class_name: str | None = None) -> list:
+def safety_checkpoint_mapping(
+    config, stock_model_type: str, stock_class_name: str | None = None, headless: bool = False
+) -> list:
     """
     The checkpoint renamings of a SafeLlava class: the stock base's own (legacy llava-hf key names, ...; registered by
     stock class name, which transformers prefers, or by `model_type`), then the flat safety names. A rule exists only
     for parameters this config creates (no LLM safety tokens rule in head-only mode), so that every rule matches a
     key, both when loading and, reversed, when saving.
-    The rules name the generation class's keys (`model.safety_projector.*`); a headless class loads them too, as
-    transformers then strips the `model.` prefix.
+    The generation class's rules name its keys (`model.safety_projector.*`); a headless class's (`headless=True`) name
+    its own, without the prefix ([`headless_safety_renamings`]), so that it saves the flat names as stock's headless
+    classes save theirs. A headless class loading a generation checkpoint gets the generation class's rules as well
+    (`SafetyPreTrainedMixin.from_pretrained`).
     """
+    by_class = get_checkpoint_conversion_mapping(stock_class_name) if stock_class_name else None
+    stock = [_sparing_safety_keys(rule) for rule in by_class or get_checkpoint_conversion_mapping(stock_model_type) or []]
+    if headless:
+        return [*stock, *headless_safety_renamings(config)]
+    return [*stock, *(WeightRenaming(source_patterns=s, target_patterns=t) for s, t in _flat_names(config).items())]
+
+
+def headless_safety_renamings(config) -> list:
+    """The flat safety names as a headless class's keys: `safety_projector.*` <-> `safety_module.projector.*` (the
+    generation class's rules without the `model.` prefix)."""
+    return [
+        WeightRenaming(source_patterns=source.replace(r"^model\.", "^", 1), target_patterns=target.removeprefix("model."))
+        for source, target in _flat_names(config).items()
+    ]
+
+
+def _flat_names(config) -> dict:
+    """On-disk (flat) name pattern -> in-memory name of the safety parameters `config` creates."""
     renamings = dict(_FLAT_SAFETY_NAMES)
     if config.num_llm_safety_tokens > 0:
         renamings[_FLAT_LLM_TOKENS[0]] = _FLAT_LLM_TOKENS[1]
-    by_class = get_checkpoint_conversion_mapping(stock_class_name) if stock_class_name else None
-    stock = [_sparing_safety_keys(rule) for rule in by_class or get_checkpoint_conversion_mapping(stock_model_type) or []]
-    return [*stock, *(WeightRenaming(source_patterns=s, target_patterns=t) for s, t in renamings.items())]
+    return renamings
 
 
 def _sparing_safety_keys(rule):
@@ -137,7 +157,8 @@ class SafetyPreTrainedMixin:
         # looks it up by class name when loading, and when saving a model that was not loaded).
         if self.stock_class is not None:
             stock = self.stock_class
-            mapping = safety_checkpoint_mapping(self.config, stock.config_class.model_type, stock.__name__)
+            headless = _is_headless(type(self))
+            mapping = safety_checkpoint_mapping(self.config, stock.config_class.model_type, stock.__name__, headless)
             register_checkpoint_conversion_mapping(type(self).__name__, mapping, overwrite=True)
         super().post_init()
 
@@ -183,7 +204,21 @@ class SafetyPreTrainedMixin:
         from .pipeline_safe_llava import CUSTOM_PIPELINES
 
         self.config.custom_pipelines = copy.deepcopy(CUSTOM_PIPELINES)
+        self._keep_flat_names_when_saving()
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _keep_flat_names_when_saving(self):
+        """
+        transformers saves by reversing the renamings that loading used (`_weight_conversions`). A headless class that
+        loaded a generation checkpoint used the `model.`-prefixed rules, which no headless key matches once reversed:
+        its own rules are added, so that it saves the flat names whatever it loaded.
+        """
+        conversions = getattr(self, "_weight_conversions", None)
+        if self.stock_class is None or not _is_headless(type(self)) or not isinstance(conversions, list):
+            return
+        present = {tuple(rule.source_patterns) for rule in conversions if isinstance(rule, WeightRenaming)}
+        own = [rule for rule in headless_safety_renamings(self.config) if tuple(rule.source_patterns) not in present]
+        self._weight_conversions = [*conversions, *own]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -192,6 +227,8 @@ class SafetyPreTrainedMixin:
         tower, the query's token embeddings), so that a half-loaded model never passes for a trained one."""
         kwargs = safetensors_only(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
+        if _is_headless(cls):  # a generation checkpoint's flat names (`model.safety_tokens`) too
+            kwargs["key_mapping"] = {**(kwargs.get("key_mapping") or {}), **_FLAT_SAFETY_NAMES, **dict([_FLAT_LLM_TOKENS])}
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except RuntimeError as error:
@@ -337,6 +374,11 @@ class SafetyPreTrainedMixin:
         return model
 
 
+def _is_headless(model_class) -> bool:
+    """A headless class (`SafeLlavaModel`, ...): no language-modeling head, so no `generate`."""
+    return not issubclass(model_class, GenerationMixin)
+
+
 def _check_only_safety_weights_missing(missing, unexpected, stock_name: str):
     not_safety = sorted(k for k in missing if not k.startswith(SAFETY_PARAMETER_PREFIXES))
     if not_safety or unexpected:
@@ -443,6 +485,7 @@ __all__ = [
     "DTYPES",
     "SafetyPreTrainedMixin",
     "safety_checkpoint_mapping",
+    "headless_safety_renamings",
     "safetensors_only",
     "VERDICT_PATH_PREFIXES",
     "verdict_parts",

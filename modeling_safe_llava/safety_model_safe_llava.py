@@ -195,6 +195,8 @@ class SafetyModelMixin:
             Run the safety head. Defaults to `True` when this call encodes `pixel_values` itself and to `False` when
             images arrive pre-encoded in `mm_encoder_outputs` (inside `generate`, which judges them beforehand).
         """
+        if input_ids is not None and past_key_values is None and kwargs.get("cache") is None:
+            _check_direct_call(self.config, input_ids)
         if pixel_values is not None and mm_encoder_outputs is None:
             image_outputs = self.encode_images(pixel_values, **kwargs)
             mm_encoder_outputs, pixel_values = {"image": image_outputs}, None
@@ -233,10 +235,11 @@ def _with_safety_fields(outputs, output_class, safety: dict):
 
 class SafetyForConditionalGenerationMixin:
     """
-    Put in front of a base's stock ForConditionalGeneration class. `forward` is stock's plus the safety logits,
-    `generate` is stock's with the verdict in front (`generation_safe_llava.generate_with_safety`), `assess_safety` is
-    the verdict alone; each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock
-    class `from_base` converts) and `safety_output_class` (stock's causal-LM output plus the safety fields).
+    Put in front of a base's stock ForConditionalGeneration class. `forward` is stock's plus the safety logits: the
+    base restates stock's, calls its headless model as stock's does, then `causal_lm_output`. `generate` is stock's
+    with the verdict in front (`generation_safe_llava.generate_with_safety`), `assess_safety` is the verdict alone;
+    each validates its inputs once and builds the policy once. A base sets `stock_class` (the stock class `from_base`
+    converts) and `safety_output_class` (stock's causal-LM output plus the safety fields).
     """
 
     safety_output_class = None
@@ -256,47 +259,26 @@ class SafetyForConditionalGenerationMixin:
             model.tokenize_safety_texts(processor)
         return model
 
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.FloatTensor | None = None,
-        labels: torch.LongTensor | None = None,
-        safety_labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        mm_encoder_outputs: dict | None = None,
-        output_safety: bool | None = None,
-        **kwargs,
-    ):
+    def causal_lm_output(self, outputs, labels=None, safety_labels=None, logits_to_keep=0, **kwargs):
         r"""
-        The stock base's forward, plus the safety logits whenever this call encodes `pixel_values`.
+        The generation class's output from its headless model's: a base's `forward` restatement calls `self.model(...)`
+        as stock's does (with `output_safety=True` when `safety_labels` is given), then this.
 
-        safety_labels (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
-            `(level, type)` per row, -100 for none; adds `safety_loss_weight * safety_loss` to the loss.
-        output_safety (`bool`, *optional*):
-            Run the safety head (default: when `pixel_values` is given, or when `safety_labels` is given).
+        Args:
+            outputs: the headless model's output (`last_hidden_state` `(batch_size, sequence_length, hidden)`, the
+                safety logits when the call ran the head).
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*): next-token labels.
+            safety_labels (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+                `(level, type)` per row, -100 for none; adds `safety_loss_weight * safety_loss` to the loss.
+            logits_to_keep (`int` or `torch.Tensor`): stock's: the last positions (0: all) or the positions to score.
+            kwargs: the call's other arguments, for stock's loss function (e.g. `num_items_in_batch`).
+
+        Returns:
+            `safety_output_class`: stock's fields, `logits` `(batch_size, kept positions, vocab_size)`, the losses and
+            the safety logits.
         """
-        if safety_labels is not None:
-            output_safety = True
-            if pixel_values is None and mm_encoder_outputs is None:
-                raise ValueError("safety_labels were given without pixel_values: there is no image to classify.")
-        if input_ids is not None and past_key_values is None and kwargs.get("cache") is None:
-            _check_direct_call(self.config, input_ids)
-        outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            mm_encoder_outputs=mm_encoder_outputs,
-            output_safety=output_safety,
-            **_cache_argument(past_key_values),
-            **{**kwargs, "return_dict": True},
-        )
+        if safety_labels is not None and outputs.safety_level_logits is None:
+            raise ValueError("safety_labels were given without pixel_values: there is no image to classify.")
         logits = self.lm_head(_keep_logits(outputs.last_hidden_state, logits_to_keep))
         lm_loss, safety = _losses(self, logits, labels, outputs, safety_labels, kwargs)
         # Stock's own fields, whatever this transformers version names them (`past_key_values` or `cache`, ...).
@@ -389,16 +371,6 @@ class SafetyGenerationView:
         self.model = model
         self.config, self.generation_config = model.config, model.generation_config
 
-    def check_for_generation(
-        self, input_ids, attention_mask, pixel_values, allow_untrained_safety: bool, **image_kwargs
-    ) -> None:
-        """`SafetyGenerationModel.check_for_generation`: the safety modules ready, the inputs valid."""
-        check_safety_ready(self.config, allow_untrained_safety)
-        if pixel_values is not None and input_ids is not None:
-            check_verdict_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
-        elif input_ids is not None:
-            check_input_ids(self.config, input_ids)
-
     def safety_logits_for_generation(
         self,
         input_ids,
@@ -412,19 +384,23 @@ class SafetyGenerationView:
         """`SafetyGenerationModel.safety_logits_for_generation`: readiness and inputs checked once, `pixel_values`
         encoded once for the language model and the head (`encode_images`), then `safety_logits`; `(image_outputs,
         level_logits, type_logits, images_per_row)`."""
-        self.check_for_generation(input_ids, attention_mask, pixel_values, allow_untrained_safety, **image_kwargs)
+        check_safety_ready(self.config, allow_untrained_safety)
+        if pixel_values is not None and input_ids is not None:
+            check_verdict_inputs(self.model, input_ids, pixel_values, attention_mask, image_kwargs)
+        elif input_ids is not None:
+            check_input_ids(self.config, input_ids)
         headless = self.model.model
         if pixel_values is not None:
             image_outputs = headless.encode_images(pixel_values, **image_kwargs)
         return (image_outputs, *headless.safety_logits(image_outputs, input_ids, inputs_embeds, attention_mask))
 
-    def prompt_inputs(self, input_ids, attention_mask) -> dict:
-        """The headless model's `prompt_inputs`: inputs that follow from a rebuilt prompt's token ids."""
-        return self.model.model.prompt_inputs(input_ids, attention_mask)
-
-    def select_image_inputs(self, kwargs, images_per_row: list[int], rows: list[int]) -> dict:
-        """The headless model's `select_image_inputs`: the call's per-image arguments for the images of `rows`."""
-        return self.model.model.select_image_inputs(kwargs, images_per_row, rows)
+    def rows_inputs(self, kwargs, input_ids, attention_mask, images_per_row: list[int], rows: list[int]) -> dict:
+        """`SafetyGenerationModel.rows_inputs`: the headless model's `select_image_inputs` and `prompt_inputs`."""
+        headless = self.model.model
+        return {
+            **headless.select_image_inputs(kwargs, images_per_row, rows),
+            **headless.prompt_inputs(input_ids, attention_mask),
+        }
 
 
 def check_safety_ready(config, allow_untrained_safety: bool = False):

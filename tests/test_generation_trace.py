@@ -13,14 +13,15 @@ from modeling_safe_llava.bases import remote_code_files
 
 PACKAGE_DIR = Path(modeling_safe_llava.__file__).parent
 REMOTE_CODE_PATHS = {str(PACKAGE_DIR / name) for name in remote_code_files()}
-# Before the plan had its own file and interface (39edd6c): 13 on the all-allow path, 14 hinted. Issue 25 aims at
-# 8; the rest is the seam itself (the base's `get_image_features` <-> `add_llm_safety_tokens`, the base's `forward`
-# restatement -> the mixin's, headless and generation class alike). Widening the seam for Qwen2.5-VL added the
-# base's image-input check and row selection (12 all-allow, 17 hinted). The scalar checks then became one remote-code
-# module (`checks_safe_llava.py`: +4, its calls from the policy and the readiness check), and the verdict's input
-# check stopped calling back into the model from the safety module (-2): 14 all-allow, 19 hinted. Issue 25's 8
-# stays open.
-MAX_HOPS = {"allow": 14, "hint": 19}
+# Before the plan had its own file and interface (39edd6c): 13 on the all-allow path (the path issue 25 measured), 14
+# hinted. Later changes took the all-allow path to 14 and the hinted one to 19 (the base's image-input check and row
+# selection, the scalar checks in their own module). Then, for issue 25's 8: nothing to judge is treated as safety off
+# (no readiness or input checks where no verdict can change an answer: -3), a generation class's `forward` calls its
+# headless model as stock's does and then `causal_lm_output` (-2 on every path), a generation config's default threshold
+# is checked only where it applies (-1), and the plan reads a rebuilt row's inputs in one call (-1 hinted). What is left
+# on the all-allow path: the rule (1, +2 scalar checks), the plan (1), stock's image encoding through the seam (2) and
+# the forward (2); the hinted path adds the verdict itself (checks, encoder, head, rule) and the rebuilt rows.
+MAX_HOPS = {"allow": 8, "hint": 15}
 
 
 def file_hops(model, **generate_kwargs) -> list[tuple[str, str]]:

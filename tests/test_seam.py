@@ -78,10 +78,14 @@ def test_generate_assess_and_forward_give_the_same_verdict_through_the_one_route
 
 
 def safety_renamings(model) -> list:
+    """The model's own safety renamings: a sub-model's (the headless model's, scoped to its prefix) are checked on the
+    sub-model's class, as transformers' `test_reverse_loading_mapping` does."""
     return [
         rule
         for rule in get_model_conversion_mapping(model, add_legacy=False)
-        if isinstance(rule, WeightRenaming) and "safety" in "".join(rule.source_patterns)
+        if isinstance(rule, WeightRenaming)
+        and "safety" in "".join(rule.source_patterns)
+        and getattr(rule, "scope_prefix", None) is None
     ]
 
 
@@ -93,10 +97,13 @@ def test_every_safety_renaming_matches_a_saved_key_in_both_modes(num_llm_safety_
     rules = safety_renamings(model)
     has_llm_rule = any("llm_safety_tokens" in pattern for rule in rules for pattern in rule.source_patterns)
     assert has_llm_rule == (num_llm_safety_tokens > 0)
-    model.save_pretrained(tmp_path)
-    saved = set(load_file(tmp_path / "model.safetensors"))
-    for rule in rules:
-        assert any(re.search(pattern, key) for pattern in rule.source_patterns for key in saved), rule.source_patterns
+    for part in (model, type(model.model)(model.config)):  # the generation class, then the headless one
+        rules = safety_renamings(part)
+        assert rules, type(part).__name__
+        part.save_pretrained(tmp_path / type(part).__name__)
+        saved = set(load_file(tmp_path / type(part).__name__ / "model.safetensors"))
+        for rule in rules:
+            assert any(re.search(p, key) for p in rule.source_patterns for key in saved), rule.source_patterns
 
 
 @pytest.mark.parametrize("names", ["flat (as saved)", "in-memory"])

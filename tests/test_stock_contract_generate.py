@@ -194,3 +194,18 @@ def test_safety_off_runs_on_untrained_modules(base):
     inputs = image_inputs(processor, base=base)
     out = safe.generate(**inputs, safety_threshold=1.0, do_sample=False, return_dict_in_generate=True, **NEW)
     assert_same(stock.generate(**inputs, do_sample=False, **NEW), out.sequences, "safety-off sequences")
+
+
+def test_nothing_to_judge_runs_on_untrained_modules_and_a_verdict_asked_for_fails_closed(base):
+    """Every action `allow` and no verdict asked for: no verdict can change an answer, so untrained modules give stock's
+    tokens, as with safety off. Asking for the verdict (`return_dict_in_generate`) makes it matter: that raises."""
+    stock, safe, processor = build_pair("safety_off", base=base)
+    assert safe.config.safety_modules_trained is False
+    inputs = image_inputs(processor, base=base)
+    allow = {name: "allow" for name in safe.config.safety_type_labels[:-1]}
+    out = safe.generate(**inputs, safety_threshold=0.0, safety_actions=allow, do_sample=False, **NEW)
+    assert_same(stock.generate(**inputs, do_sample=False, **NEW), out, "all-allow sequences")
+    with pytest.raises(ValueError, match="untrained"):
+        safe.generate(
+            **inputs, safety_threshold=0.0, safety_actions=allow, do_sample=False, return_dict_in_generate=True, **NEW
+        )  # fmt: skip

@@ -91,6 +91,38 @@ def test_the_headless_class_loads_a_checkpoint_with_its_safety_weights(base, tmp
         assert torch.equal(value, expected[name]), name
 
 
+def test_the_headless_class_saves_the_flat_safety_names(base, tmp_path):
+    # The flat on-disk names (`safety_tokens`, `safety_head.q_proj`, ...), as the generation class saves them but
+    # without its `model.` prefix (as stock's headless classes save theirs): whether the headless model was built or
+    # loaded from a generation checkpoint. And the generation class loads what a headless class saved.
+    _, safe, _ = base.build_pair(num_llm_safety_tokens=2)
+    safe.config.safety_modules_trained = True
+    safe.save_pretrained(tmp_path / "generation")
+    flat = {key.removeprefix("model.") for key in saved_keys(tmp_path / "generation") if "safety" in key}
+    assert {"safety_tokens", "llm_safety_tokens", "safety_head.q_proj.weight"} <= flat
+    headless_class = safe_class(base, "headless")
+    built = headless_class(safe.config)
+    loaded = headless_class.from_pretrained(tmp_path / "generation")
+    for name, headless in {"built": built, "loaded": loaded}.items():
+        headless.save_pretrained(tmp_path / name)
+        assert {key for key in saved_keys(tmp_path / name) if "safety" in key} == flat, name
+    generation, info = type(safe).from_pretrained(tmp_path / "loaded", output_loading_info=True)
+    assert set(info["missing_keys"]) <= {"lm_head.weight"}  # a headless checkpoint has no language-modeling head
+    expected = safe.model.state_dict()
+    for name, value in generation.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def saved_keys(folder) -> set[str]:
+    from safetensors import safe_open
+
+    keys = set()
+    for path in folder.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as weights:
+            keys.update(weights.keys())
+    return keys
+
+
 def test_no_decoding_step_inspects_a_signature(base, monkeypatch):
     # transformers reads `inspect.signature(self.forward)` on every step of a remote-code model; the package computes
     # the signature of each SafeLlava `forward` once, so a longer generation inspects no more functions.
