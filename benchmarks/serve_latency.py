@@ -10,8 +10,8 @@ head-only SafeLlava wrapping the same weights. Three things answer, one request 
 - `safe`: `safe-llava serve` with the head-only SafeLlava, default flags, safety on (`safety_threshold: 0`, every
   action `allow`, so every request is judged and nothing changes the answer), or every action `refuse` for the refusal;
 - `safe-nowait`: the same with `--batch-wait-ms 0` (a lone request does not wait the default 5 ms for company);
-- `in-process`: the same folder loaded in a worker process of its own (processor, `generate`, decode), no HTTP, timed
-  there. Like the servers it starts with `OMP_NUM_THREADS=1`: `torch.set_num_threads(1)` in a process whose OpenMP
+- `in-process`: the same folder loaded in a worker process of its own (processor, `generate` with the verdict
+  returned, as every served answer carries it, decode), no HTTP, timed there. Like the servers it starts with `OMP_NUM_THREADS=1`: `torch.set_num_threads(1)` in a process whose OpenMP
   pool started with more threads measured 1.8x slower on this machine.
 
 Measured, p50 and p95 of `repeats` (interleaved between the servers): `GET /health`; chat with 1 and 32 new tokens; a
@@ -122,7 +122,8 @@ class Target:
 
 
 class InProcess:
-    """The same folder in this process: processor, `generate` (safety on, every action `allow`), decode."""
+    """The same folder in this process: processor, `generate` (safety on, every action `allow`, the verdict returned as
+    the server returns it), decode."""
 
     def __init__(self, folder: Path):
         from modeling_safe_llava.bases import load_safe_model, load_safe_processor
@@ -140,10 +141,16 @@ class InProcess:
         return timed(lambda: self.chat(image_url, new_tokens))
 
     def chat(self, image_url: str, new_tokens: int, streamer=None) -> int:
+        # The verdict asked for, as the server asks for it (every answer carries it): with every action `allow` and no
+        # verdict wanted, `generate` would judge nothing and skip the safety head the server runs.
         inputs = self.inputs(image_url)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self.allow, max_new_tokens=new_tokens, do_sample=False, streamer=streamer)
-        new = out[0, inputs["input_ids"].shape[1] :]
+            out = self.model.generate(
+                **inputs, **self.allow, max_new_tokens=new_tokens, do_sample=False, streamer=streamer,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+        assert out.safety_assessment is not None
+        new = out.sequences[0, inputs["input_ids"].shape[1] :]
         self.processor.decode(new, skip_special_tokens=True)
         return int(new.numel())
 
