@@ -132,7 +132,7 @@ def server_config(args, api_keys: list[str]):
     )
     return ServerConfig(
         api_keys=api_keys, limits=limits, max_body_bytes=int(args.max_request_mb * 1024 * 1024),
-        log_requests=args.log_requests,
+        log_requests=args.log_requests, freeze_gc=True,
     )
 
 
