@@ -808,3 +808,67 @@ def test_safe_llava_serve_freezes_the_collector_once_loaded():
 
     args = add_cli_arguments(argparse.ArgumentParser()).parse_args(["--model", "m"])
     assert server_config(args, []).freeze_gc
+
+
+def test_an_urgent_hand_over_goes_at_once_while_the_outbox_is_ticking_and_keeps_one_timer():
+    from modeling_safe_llava.serving.local import LoopOutbox
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), []
+        outbox = LoopOutbox(loop, interval_s=0.3)
+        deliver = lambda events: got.append((events, loop.time()))  # noqa: E731
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["verdict"])])
+        await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["step"])])
+        await asyncio.sleep(0.01)
+        assert [events for events, _ in got] == [["verdict"]]  # a plain step waits for the timer
+        sent = loop.time()
+        await loop.run_in_executor(None, lambda: outbox.send([(deliver, ["end"])], at_once=True))
+        await asyncio.sleep(0.01)
+        assert [events for events, _ in got] == [["verdict"], ["step", "end"]] and got[-1][1] - sent < 0.2
+        pending = [handle for handle in loop._scheduled if not handle.cancelled()]
+        assert len(pending) == 1  # the urgent hand-over replaced the timer, not added one
+
+    _run(main())
+
+
+def test_a_stream_hands_its_verdict_first_text_and_end_over_at_once_and_the_steps_between_on_the_timer():
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine, StreamJob
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def send(self, pairs, at_once=False):
+            self.calls.append((at_once, [event.kind for _, events in pairs for event in events]))
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine, outbox = LocalEngine(model, processor), Recording()
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    request = ChatRequest("m", [{"role": "user", "content": content}], [random_image(0, 32)], max_new_tokens=12,
+                          temperature=0.0, stream=True, include_usage=True, safety_threshold=1.0)  # fmt: skip
+    engine.stream_batch([StreamJob(request, lambda events: None, outbox)])
+    urgent = [kinds for at_once, kinds in outbox.calls if at_once]
+    first_text = next(index for index, (_, kinds) in enumerate(outbox.calls) if "delta" in kinds)
+    assert urgent[0] == ["verdict"] and outbox.calls[first_text][0] and urgent[-1][-2:] == ["finish", "usage"]
+    later = [at_once for at_once, kinds in outbox.calls[first_text + 1 :] if "finish" not in kinds]
+    assert later and not any(later)  # the steps between wait for the outbox's timer
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("12.5", True), ("-1", False), ("nan", False)])
+def test_the_stream_interval_flag_takes_milliseconds_from_zero_up(value, ok):
+    import argparse
+
+    from modeling_safe_llava.serving.server import add_cli_arguments, backend_settings, check_args
+
+    args = add_cli_arguments(argparse.ArgumentParser()).parse_args(["--model", "m", "--stream-interval-ms", value])
+    if ok:
+        check_args(args, [])
+        assert backend_settings(args).stream_interval_ms == float(value)
+    else:
+        with pytest.raises(ValueError, match="--stream-interval-ms must be at least 0"):
+            check_args(args, [])

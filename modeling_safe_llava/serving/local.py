@@ -253,7 +253,7 @@ class LocalEngine:
         self.on_cancelled("stream", len(gone.seen))
         if job.request.include_usage:
             job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
-            StreamJob.hand_over([job])
+            StreamJob.hand_over([job], at_once=True)
 
     # -- moderation -----------------------------------------------------------------------------------------
 
@@ -283,28 +283,31 @@ class LoopOutbox:
 
     The first pair after a quiet spell wakes the loop at once; the loop then looks again every `interval_s` (a timer
     of its own, no wake-up from the model thread) and hands over what came meanwhile, until an interval brings
-    nothing. A stream whose steps come slower than that (any large model) gets each step at once; a fast one (a tiny
-    model on a CPU, ~1 ms per step) gets a few steps per hand-over, each still its own chunk, so that the event loop's
-    work (wake-up, HTTP write) does not take the GIL from the decoding thread at every step."""
+    nothing. `send(pairs, at_once=True)` (a stream's first token, its end) wakes the loop at once in any case. A
+    stream whose steps come slower than the interval (any large model) gets each step at once; a fast one (a tiny
+    model on a CPU, ~1 ms per step) gets several steps per hand-over, each still its own chunk, so that the event
+    loop's work (wake-up, HTTP write) does not take the GIL from the decoding thread at every step."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.005):
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.02):
         self.loop, self.interval_s = loop, interval_s
         self._lock, self._pairs, self._ticking = threading.Lock(), [], False
+        self._timer: asyncio.TimerHandle | None = None
 
-    def send(self, pairs: list):
+    def send(self, pairs: list, at_once: bool = False):
         with self._lock:
             self._pairs.extend(pairs)
-            wake, self._ticking = not self._ticking, True
+            wake, self._ticking = at_once or not self._ticking, True
         if wake:
             self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self):
+        if self._timer is not None:
+            self._timer.cancel()
         with self._lock:
             pairs, self._pairs = self._pairs, []
             self._ticking = bool(pairs)  # a quiet interval stops the timer: the next pair wakes the loop
-        if pairs:
-            self.loop.call_later(self.interval_s, self._flush)
-            _deliver_all(pairs)
+        self._timer = self.loop.call_later(self.interval_s, self._flush) if pairs else None
+        _deliver_all(pairs)
 
 
 class StreamJob:
@@ -328,7 +331,8 @@ class StreamJob:
         self.kept.append(event)
 
     @staticmethod
-    def hand_over(jobs: list[StreamJob]):
+    def hand_over(jobs: list[StreamJob], at_once: bool = False):
+        """Gives the kept events away; `at_once`: without waiting for the outbox's next look (`LoopOutbox.send`)."""
         pairs = [(job.deliver, job.kept) for job in jobs if job.kept]
         for job in jobs:
             job.kept = []
@@ -338,7 +342,7 @@ class StreamJob:
         if outbox is None:
             _deliver_all(pairs)
         else:
-            outbox.send(pairs)
+            outbox.send(pairs, at_once=at_once)
 
 
 def _deliver_all(pairs: list):
@@ -409,7 +413,8 @@ class _RowStreamer(BaseStreamer):
     per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
     of a stop sequence), one finish per row, and usage per request (`usage=True`). Text is decoded incrementally
     (`IncrementalDetokenizer`: a short window per step), stop sequences are looked for in the new text only, and each
-    step's events of every row go to the event loop in one hand-over.
+    step's events of every row go to the event loop in one hand-over (the verdicts, the first text and the finish at
+    once, the steps between on the outbox's timer).
 
     With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
     With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
@@ -420,7 +425,7 @@ class _RowStreamer(BaseStreamer):
         self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
         self.rows = [_RowText(engine, jobs[owner].request.stop) for owner in owners]
         self.actions = ["allow"] * len(owners)
-        self.prompt_seen = False
+        self.prompt_seen, self.text_given = False, False
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -438,23 +443,24 @@ class _RowStreamer(BaseStreamer):
             if not safety.get("judged"):  # as precise as the non-streamed reason
                 safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
             job.emit(StreamEvent(kind="verdict", safety=safety))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=True)
 
     def put(self, value):
         if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
             self.prompt_seen = True
             self._give_verdicts([{"judged": False}] * len(self.owners))
             return
-        tokens = value.reshape(-1).tolist()
+        tokens, before = value.reshape(-1).tolist(), self.text_given
         for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
             if self.jobs[self.owners[row]].request.client_gone.is_set():
                 self.rows[row].done = True  # nobody reads it: no more text (the model stops the row at this step)
                 continue
             self._send(row, self.rows[row].add(new))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=self.text_given and not before)  # the first text: at once
 
     def _send(self, row: int, text: str):
         if text:
+            self.text_given = True
             self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=text))
 
     def end(self):
@@ -469,7 +475,7 @@ class _RowStreamer(BaseStreamer):
                 rows = [row for row, owner in enumerate(self.owners) if owner == index]
                 usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.rows[row].tokens) for row in rows))
                 job.emit(StreamEvent(kind="usage", usage=usage))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=True)
 
     def _reason(self, row: int) -> str:
         if self.actions[row] == "refuse":
@@ -595,6 +601,7 @@ class LocalBackend(ServingBackend):
             on_drop=lambda count: self.record_cancelled("moderation", "queued", count), **batching,
         )
         self._outbox: LoopOutbox | None = None
+        self._stream_interval_s = settings.stream_interval_ms / 1000.0
         self._closing = False
 
     def _run_chat(self, requests: list[ChatRequest]) -> list:
@@ -627,11 +634,11 @@ class LocalBackend(ServingBackend):
         self._check_open()
         loop, inbox = asyncio.get_running_loop(), StreamInbox()
         if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = LoopOutbox(loop)
+            self._outbox = LoopOutbox(loop, self._stream_interval_s)
         outbox = self._outbox
         job = asyncio.ensure_future(self.streams.submit(StreamJob(request, inbox.put, outbox)))
         # The end mark goes through the outbox too, behind the events still waiting there.
-        job.add_done_callback(lambda _: outbox.send([(inbox.put, [None])]))
+        job.add_done_callback(lambda _: outbox.send([(inbox.put, [None])], at_once=True))
         try:
             while True:
                 ready = await inbox.take()  # the steps the event loop fell behind on come together
