@@ -872,3 +872,18 @@ def test_the_stream_interval_flag_takes_milliseconds_from_zero_up(value, ok):
     else:
         with pytest.raises(ValueError, match="--stream-interval-ms must be at least 0"):
             check_args(args, [])
+
+
+@pytest.mark.parametrize("stops", [[], ["mat"], ["zzz"]])
+def test_a_streamed_rows_pieces_join_to_the_whole_decode_cut_at_a_stop(stops):
+    from types import SimpleNamespace
+
+    from modeling_safe_llava.serving.local import _RowText, cut_at_stop
+    from modeling_safe_llava.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.encode("A cat sits on a mat, naïve café 😀 and more.", add_special_tokens=False)
+    row = _RowText(SimpleNamespace(eos_ids=set(), tokenizer=tokenizer), stops)
+    pieces = [row.add([token]) for token in ids] + [row.finish()]
+    expected, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
+    assert "".join(pieces) == expected and row.stopped == stopped

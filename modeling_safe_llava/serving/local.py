@@ -516,6 +516,8 @@ class _RowText:
         return self._ready(self.detokenizer.flush(), final=True)
 
     def _ready(self, piece: str, final: bool) -> str:
+        if not self.stops:  # nothing to look for or hold back: the new text as it is
+            return piece
         if not self.stopped:
             searched_from = max(0, len(self.text) - self.overlap)
             self.text += piece
