@@ -408,24 +408,23 @@ def test_the_outbox_hands_fast_steps_over_together_and_a_slow_step_at_once():
     async def main():
         loop, got = asyncio.get_running_loop(), []
         outbox = LoopOutbox(loop, interval_s=0.2)
-        deliver = lambda event: got.append((event, loop.time()))  # noqa: E731
+        deliver = lambda events: got.append((events, loop.time()))  # noqa: E731
         started = loop.time()
-        await loop.run_in_executor(None, outbox.send, [(deliver, "a")])  # the first hand-over: at once
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["a"])])  # the first hand-over: at once
         await asyncio.sleep(0.01)
-        assert [event for event, _ in got] == ["a"] and got[0][1] - started < 0.2
+        assert [events for events, _ in got] == [["a"]] and got[0][1] - started < 0.2
         for event in "bcd":  # three steps inside the interval: one hand-over when it is due
-            await loop.run_in_executor(None, outbox.send, [(deliver, event)])
+            await loop.run_in_executor(None, outbox.send, [(deliver, [event])])
         await asyncio.sleep(0.01)
         assert len(got) == 1
         await asyncio.sleep(0.3)
-        whens = [when for _, when in got[1:]]
-        assert [event for event, _ in got] == list("abcd") and max(whens) - min(whens) < 0.01  # in one callback
-        assert min(whens) - got[0][1] >= 0.19  # when the interval since the first hand-over was up
+        assert [events for events, _ in got] == [["a"], ["b", "c", "d"]]  # in one call, in order
+        assert got[1][1] - got[0][1] >= 0.19  # when the interval since the first hand-over was up
         await asyncio.sleep(0.25)  # longer than the interval since the last one: the next step goes at once
         sent = loop.time()
-        await loop.run_in_executor(None, outbox.send, [(deliver, "e")])
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["e"])])
         await asyncio.sleep(0.01)
-        assert got[-1][0] == "e" and got[-1][1] - sent < 0.1
+        assert got[-1][0] == ["e"] and got[-1][1] - sent < 0.1
 
     _run(main())
 
@@ -480,7 +479,7 @@ def test_a_streamed_batch_with_hints_and_refusals_streams_each_request_as_alone(
         for i in range(4)
     ]  # fmt: skip
     events = [[] for _ in requests]
-    engine.stream_batch([StreamJob(request, events[i].append) for i, request in enumerate(requests)])  # no loop: at once
+    engine.stream_batch([StreamJob(request, events[i].extend) for i, request in enumerate(requests)])  # no loop: at once
     plain = engine.complete_batch(requests)
     assert {result.safety["action"] for result in plain} >= {"hint", "refuse"}
     for got, answer in zip(events, plain):
@@ -625,3 +624,266 @@ def test_accepted_connections_send_without_nagle_delay_and_the_openai_client_kee
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+# -- the stream path: hand-overs, SSE chunks, the response, the collector -------------------------------------------
+
+
+def test_the_outbox_stops_its_timer_after_a_quiet_interval_and_wakes_at_once_after():
+    from modeling_safe_llava.serving.local import LoopOutbox
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), []
+        outbox = LoopOutbox(loop, interval_s=0.05)
+        deliver = lambda events: got.append(events)  # noqa: E731
+        await loop.run_in_executor(None, outbox.send, [(deliver, [1]), (deliver, [2])])
+        await asyncio.sleep(0.01)
+        assert got == [[1, 2]] and outbox._ticking  # one call for the hand-over; the timer looks again later
+        await asyncio.sleep(0.15)  # an interval with nothing: the timer stops
+        assert not outbox._ticking
+        sent = loop.time()
+        await loop.run_in_executor(None, outbox.send, [(deliver, [3])])
+        await asyncio.sleep(0.01)
+        assert got == [[1, 2], [3]] and loop.time() - sent < 0.05
+
+    _run(main())
+
+
+def test_the_stream_inbox_gives_every_waiting_event_in_order_and_waits_for_more():
+    from modeling_safe_llava.serving.local import StreamInbox
+
+    async def main():
+        inbox = StreamInbox()
+        inbox.put([1, 2])
+        inbox.put([3])
+        assert await inbox.take() == [1, 2, 3]
+        waiting = asyncio.ensure_future(inbox.take())
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        inbox.put([4])
+        assert await asyncio.wait_for(waiting, 1) == [4]
+
+    _run(main())
+
+
+def test_a_hand_over_merges_each_jobs_events_into_one_call_in_order():
+    from modeling_safe_llava.serving.local import _deliver_all
+
+    first, second = [], []
+    _deliver_all([(first.append, [1]), (second.append, ["a"]), (first.append, [2, 3])])
+    assert first == [[1, 2, 3]] and second == [["a"]]
+
+
+def test_the_gone_rows_criterion_reuses_one_false_tensor_until_a_client_leaves():
+    import torch
+
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import _GoneRows
+
+    requests = [ChatRequest("m", [], [], max_new_tokens=4) for _ in range(2)]
+    gone = _GoneRows(requests, [0, 0, 1])
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    first, again = gone(ids, None), gone(ids, None)
+    assert first is again and first.tolist() == [False, False, False] and not gone.seen
+    requests[1].client_gone.set()
+    assert gone(ids, None).tolist() == [False, False, True] and gone.seen == {1}
+    assert gone(torch.zeros(2, 5, dtype=torch.long), None).tolist() == [False, False]  # other rows: all gone?
+
+
+@pytest.mark.parametrize("text", ["a", " café 😀 naïve", 'q"\\\n\t\r\u2028', "</script>", ""])
+def test_a_content_delta_chunk_is_what_json_dumps_of_the_whole_chunk_gives(text):
+    import json
+
+    from modeling_safe_llava.serving.app import ChunkFormatter, _chunk
+    from modeling_safe_llava.serving.backend import ChatRequest, StreamEvent
+
+    chat = ChatRequest("m", [], [], max_new_tokens=4, request_id="chatcmpl-1")
+    formatter = ChunkFormatter(chat, 'served "model"', 1700000000)
+    event = StreamEvent(kind="delta", index=2, text=text)
+    expected = {"index": 2, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+    assert formatter.event(event) == _chunk(chat, 'served "model"', 1700000000, [expected])
+    parsed = json.loads(formatter.event(event)[len("data: ") :])
+    assert parsed["choices"] == [expected] and parsed["object"] == "chat.completion.chunk"
+    assert parsed["id"] == "chatcmpl-1" and parsed["model"] == 'served "model"' and parsed["created"] == 1700000000
+
+
+class _Connection:
+    """A fake ASGI connection: records what is sent; `receive` answers `http.disconnect` once `leave` is set."""
+
+    def __init__(self):
+        self.sent, self.leave = [], asyncio.Event()
+
+    async def send(self, message):
+        self.sent.append(message)
+
+    async def receive(self):
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+
+def test_the_event_stream_sends_each_chunk_once_then_ends_and_marks_the_request_done():
+    from modeling_safe_llava.serving.app import _EventStream
+
+    async def chunks():
+        yield b"data: 1\n\n"
+        yield b"data: 2\n\ndata: 3\n\n"
+
+    async def main():
+        connection, gone = _Connection(), threading.Event()
+        response = _EventStream(chunks(), gone, headers={"Cache-Control": "no-cache"})
+        await response({"type": "http"}, connection.receive, connection.send)
+        return connection.sent, gone
+
+    sent, gone = _run(main())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    headers = dict(sent[0]["headers"])
+    assert headers[b"content-type"].startswith(b"text/event-stream") and headers[b"cache-control"] == b"no-cache"
+    assert [m["body"] for m in sent[1:]] == [b"data: 1\n\n", b"data: 2\n\ndata: 3\n\n", b""]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, False] and gone.is_set()
+
+
+def test_the_event_stream_stops_when_the_client_leaves_and_closes_its_chunks():
+    from modeling_safe_llava.serving.app import _EventStream
+
+    closed = []
+
+    async def chunks():
+        try:
+            yield b"data: 1\n\n"
+            await asyncio.Event().wait()  # a stream that would never end
+        finally:
+            closed.append(True)
+
+    async def main():
+        connection, gone = _Connection(), threading.Event()
+        response = asyncio.ensure_future(_EventStream(chunks(), gone)({"type": "http"}, connection.receive, connection.send))
+        await asyncio.sleep(0.05)
+        assert not response.done() and not gone.is_set()
+        connection.leave.set()
+        await asyncio.wait_for(response, 5)
+        return connection.sent, gone
+
+    sent, gone = _run(main())
+    assert [m.get("body") for m in sent[1:]] == [b"data: 1\n\n"] and gone.is_set() and closed == [True]
+
+
+def test_the_event_stream_raises_its_chunks_error_and_still_marks_the_request_done():
+    from modeling_safe_llava.serving.app import _EventStream
+
+    async def chunks():
+        yield b"data: 1\n\n"
+        raise RuntimeError("broken")
+
+    gone = threading.Event()
+
+    async def main():
+        connection = _Connection()
+        await _EventStream(chunks(), gone)({"type": "http"}, connection.receive, connection.send)
+
+    with pytest.raises(RuntimeError, match="broken"):
+        _run(main())
+    assert gone.is_set()
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_loaded_server_freezes_the_collector_only_when_told(freeze):
+    import gc
+
+    from modeling_safe_llava.serving.app import ServerConfig, _load, create_app
+    from modeling_safe_llava.serving.metrics import ServingMetrics
+
+    app = create_app(_FakeBackend, ServerConfig(freeze_gc=freeze))
+    gc.unfreeze()
+    try:
+        _run(_load(app, _FakeBackend, ServingMetrics(), None))
+        assert app.state.status == "ready" and (gc.get_freeze_count() > 0) == freeze
+    finally:
+        gc.unfreeze()
+
+
+def test_safe_llava_serve_freezes_the_collector_once_loaded():
+    import argparse
+
+    from modeling_safe_llava.serving.server import add_cli_arguments, server_config
+
+    args = add_cli_arguments(argparse.ArgumentParser()).parse_args(["--model", "m"])
+    assert server_config(args, []).freeze_gc
+
+
+def test_an_urgent_hand_over_goes_at_once_while_the_outbox_is_ticking_and_keeps_one_timer():
+    from modeling_safe_llava.serving.local import LoopOutbox
+
+    async def main():
+        loop, got = asyncio.get_running_loop(), []
+        outbox = LoopOutbox(loop, interval_s=0.3)
+        deliver = lambda events: got.append((events, loop.time()))  # noqa: E731
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["verdict"])])
+        await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, outbox.send, [(deliver, ["step"])])
+        await asyncio.sleep(0.01)
+        assert [events for events, _ in got] == [["verdict"]]  # a plain step waits for the timer
+        sent = loop.time()
+        await loop.run_in_executor(None, lambda: outbox.send([(deliver, ["end"])], at_once=True))
+        await asyncio.sleep(0.01)
+        assert [events for events, _ in got] == [["verdict"], ["step", "end"]] and got[-1][1] - sent < 0.2
+        pending = [handle for handle in loop._scheduled if not handle.cancelled()]
+        assert len(pending) == 1  # the urgent hand-over replaced the timer, not added one
+
+    _run(main())
+
+
+def test_a_stream_hands_its_verdict_first_text_and_end_over_at_once_and_the_steps_between_on_the_timer():
+    from conftest import random_image
+    from modeling_safe_llava.serving.backend import ChatRequest
+    from modeling_safe_llava.serving.local import LocalEngine, StreamJob
+    from modeling_safe_llava.tiny import build_tiny_safe_llava
+
+    class Recording:
+        def __init__(self):
+            self.calls = []
+
+        def send(self, pairs, at_once=False):
+            self.calls.append((at_once, [event.kind for _, events in pairs for event in events]))
+
+    model, processor = build_tiny_safe_llava(seed=0)
+    model.config.safety_modules_trained = True
+    engine, outbox = LocalEngine(model, processor), Recording()
+    content = [{"type": "image"}, {"type": "text", "text": "What?"}]
+    request = ChatRequest("m", [{"role": "user", "content": content}], [random_image(0, 32)], max_new_tokens=12,
+                          temperature=0.0, stream=True, include_usage=True, safety_threshold=1.0)  # fmt: skip
+    engine.stream_batch([StreamJob(request, lambda events: None, outbox)])
+    urgent = [kinds for at_once, kinds in outbox.calls if at_once]
+    first_text = next(index for index, (_, kinds) in enumerate(outbox.calls) if "delta" in kinds)
+    assert urgent[0] == ["verdict"] and outbox.calls[first_text][0] and urgent[-1][-2:] == ["finish", "usage"]
+    later = [at_once for at_once, kinds in outbox.calls[first_text + 1 :] if "finish" not in kinds]
+    assert later and not any(later)  # the steps between wait for the outbox's timer
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("12.5", True), ("-1", False), ("nan", False)])
+def test_the_stream_interval_flag_takes_milliseconds_from_zero_up(value, ok):
+    import argparse
+
+    from modeling_safe_llava.serving.server import add_cli_arguments, backend_settings, check_args
+
+    args = add_cli_arguments(argparse.ArgumentParser()).parse_args(["--model", "m", "--stream-interval-ms", value])
+    if ok:
+        check_args(args, [])
+        assert backend_settings(args).stream_interval_ms == float(value)
+    else:
+        with pytest.raises(ValueError, match="--stream-interval-ms must be at least 0"):
+            check_args(args, [])
+
+
+@pytest.mark.parametrize("stops", [[], ["mat"], ["zzz"]])
+def test_a_streamed_rows_pieces_join_to_the_whole_decode_cut_at_a_stop(stops):
+    from types import SimpleNamespace
+
+    from modeling_safe_llava.serving.local import _RowText, cut_at_stop
+    from modeling_safe_llava.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    ids = tokenizer.encode("A cat sits on a mat, naïve café 😀 and more.", add_special_tokens=False)
+    row = _RowText(SimpleNamespace(eos_ids=set(), tokenizer=tokenizer), stops)
+    pieces = [row.add([token]) for token in ids] + [row.finish()]
+    expected, stopped = cut_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
+    assert "".join(pieces) == expected and row.stopped == stopped

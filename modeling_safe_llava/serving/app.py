@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import threading
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .backend import ChatCompletionResult, ChatRequest, ServiceUnavailable, ServingBackend, ServingError, StreamEvent
@@ -50,12 +51,19 @@ class ServerConfig:
         limits (`RequestLimits`): what one request may ask for (tokens, images, n, image forms and caps).
         max_body_bytes (`int`): request body cap (413 past it).
         log_requests (`bool`): log prompt text (never image bytes); off by default.
+        freeze_gc (`bool`): once the backend is loaded, collect garbage and move every object left to the garbage
+            collector's permanent generation (`gc.freeze()`), which it never scans again. A loaded server holds
+            hundreds of thousands of objects (model, tokenizer, web framework); without this, a full collection
+            triggered by a stream's allocations stalls every stream for ~200 ms on a CPU. `safe-llava serve` sets
+            it; off by default (an app built inside another process, as in tests, leaves that process's collector
+            alone).
     """
 
     api_keys: list[str] = field(default_factory=list)
     limits: RequestLimits = field(default_factory=RequestLimits)
     max_body_bytes: int = 20 * 1024 * 1024
     log_requests: bool = False
+    freeze_gc: bool = False
 
 
 class BodyTooLarge(ServingError):
@@ -108,10 +116,19 @@ async def _load(app, load_backend, metrics, on_load_error):
     backend.metrics = metrics
     metrics.track_queue_depth(backend.queue_depth)
     metrics.track_arrivals(backend.arrivals.count)
+    if app.state.config.freeze_gc:
+        freeze_loaded_objects()
     app.state.backend = backend  # closed at shutdown, even when the shutdown began while it loaded
     if app.state.status == "loading":
         app.state.status = "ready"
     logger.info("ready: serving %s", backend.model_id)
+
+
+def freeze_loaded_objects():
+    """`gc.collect()`, then `gc.freeze()`: the objects of the loaded server leave the collector's generations for good
+    (see `ServerConfig.freeze_gc`)."""
+    gc.collect()
+    gc.freeze()
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -298,19 +315,46 @@ class ClientWatch:
         self._task.cancel()
 
 
-class _ChatStream(StreamingResponse):
-    """An SSE response that sets the request's `client_gone` when it ends, however it ends: Starlette cancels a
-    streaming response whose client disconnected, and the backend then stops the request's rows."""
+class _EventStream(Response):
+    """A lean SSE response: one ASGI `send` per item of `chunks` (an async iterator of bytes, each holding one or more
+    whole events), without Starlette's `StreamingResponse` layers. A task watches the connection meanwhile: when the
+    client disconnects, the sending stops (it is cancelled, as Starlette cancels a streaming response). However the
+    response ends, it sets `gone`, and the backend then stops the request's rows."""
 
-    def __init__(self, content, gone: threading.Event, **kwargs):
-        super().__init__(content, **kwargs)
-        self.gone = gone
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[bytes], gone: threading.Event, headers: dict | None = None):
+        self.chunks, self.gone = chunks, gone
+        self.status_code, self.background = 200, None
+        self.init_headers(headers)
 
     async def __call__(self, scope, receive, send):
+        sending = asyncio.ensure_future(self._send_all(send))
+        watching = asyncio.ensure_future(_until_disconnect(receive))
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({sending, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if not sending.done():  # the client left
+                sending.cancel()
+                await asyncio.wait({sending})
+            if not sending.cancelled():
+                sending.result()  # its error, if any
         finally:
+            sending.cancel()
+            watching.cancel()
             self.gone.set()
+        if self.background is not None:
+            await self.background()
+
+    async def _send_all(self, send):
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        async for chunk in self.chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _until_disconnect(receive):
+    while (await receive())["type"] != "http.disconnect":
+        continue
 
 
 def _add_routes(app: FastAPI):
@@ -354,7 +398,7 @@ def _add_routes(app: FastAPI):
         for verdict in verdicts:
             request.app.state.metrics.observe_verdict("/v1/moderations", verdict.safety)
         results = [moderation_result(verdict.safety, backend.risky_types, backend.type_names) for verdict in verdicts]
-        return {"id": f"modr-{uuid.uuid4().hex}", "model": backend.model_id, "results": results}
+        return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": backend.model_id, "results": results})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -373,7 +417,7 @@ def _add_routes(app: FastAPI):
             finally:
                 watch.stop()
         request.app.state.metrics.observe_verdict("/v1/chat/completions", result.safety)
-        return completion_json(chat, result, backend.model_id)
+        return JSONResponse(completion_json(chat, result, backend.model_id))  # plain JSON: no FastAPI encoding pass
 
 
 def _model_card(backend: ServingBackend) -> dict:
@@ -423,11 +467,42 @@ def _event_choices(event: StreamEvent) -> list:
     return [{"index": event.index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}]
 
 
-async def _stream_response(request: Request, backend: ServingBackend, chat: ChatRequest) -> StreamingResponse:
+class ChunkFormatter:
+    """The SSE events of one streamed answer (`data: {chat.completion.chunk}\\n\\n`). A content delta, one per
+    token or so, is filled into a template made once per stream: only its text is JSON-encoded, and the event is the
+    very string `json.dumps` of the whole chunk gives (`_chunk`). Other events (verdict, finish, usage) go through
+    `_chunk`."""
+
+    def __init__(self, chat: ChatRequest, model_id: str, created: int):
+        self.chat, self.model_id, self.created = chat, model_id, created
+        head = _chunk(chat, model_id, created, [])
+        self._head = head[: head.rindex("[]")] + "["  # 'data: {"id": ..., "choices": ['
+
+    def delta(self, index: int, text: str) -> str:
+        return (
+            f'{self._head}{{"index": {index}, "delta": {{"content": {json.dumps(text)}}}, "logprobs": null, '
+            '"finish_reason": null}]}\n\n'
+        )
+
+    def event(self, event: StreamEvent) -> str:
+        """The SSE event of a delta, finish or usage `StreamEvent`."""
+        if event.kind == "delta":
+            return self.delta(event.index, event.text)
+        if event.kind == "usage":
+            return _chunk(self.chat, self.model_id, self.created, [], usage=event.usage.to_dict())
+        return _chunk(self.chat, self.model_id, self.created, _event_choices(event))
+
+    def verdict(self, safety: dict) -> str:
+        """The first event: every choice's role delta, and the verdict as a top-level `safety`."""
+        roles = [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None} for i in range(self.chat.n)]
+        return _chunk(self.chat, self.model_id, self.created, roles, safety=safety)
+
+
+async def _stream_response(request: Request, backend: ServingBackend, chat: ChatRequest) -> _EventStream:
     """SSE: the verdict chunk (role delta, top-level `safety`), the content deltas, one finish per choice, the usage
     chunk when asked for, then `data: [DONE]`. An error before the verdict is an ordinary error response. Events the
     backend hands over together (a list) go out in one write."""
-    start, metrics, created = time.monotonic(), request.app.state.metrics, int(time.time())
+    start, metrics = time.monotonic(), request.app.state.metrics
     events = backend.stream(chat).__aiter__()
     watch = ClientWatch(request, chat.client_gone)
     try:
@@ -437,34 +512,32 @@ async def _stream_response(request: Request, backend: ServingBackend, chat: Chat
     if first.kind != "verdict":
         raise RuntimeError(f"{type(backend).__name__}.stream must yield the verdict first, got {first.kind!r}")
     metrics.observe_verdict("/v1/chat/completions", first.safety)
+    formatter = ChunkFormatter(chat, backend.model_id, int(time.time()))
     first_delta = []
 
-    def sse(event: StreamEvent) -> str:
-        if event.kind == "usage":
-            return _chunk(chat, backend.model_id, created, [], usage=event.usage.to_dict())
-        if event.kind == "delta" and not first_delta:
+    def sse(items: list[StreamEvent]) -> bytes:
+        if not first_delta and any(event.kind == "delta" for event in items):
             metrics.time_to_first_token.observe(time.monotonic() - start)
             first_delta.append(True)
-        return _chunk(chat, backend.model_id, created, _event_choices(event))
+        return "".join(map(formatter.event, items)).encode()
 
     async def body():
-        roles = [{"index": i, "delta": {"role": "assistant"}, "logprobs": None, "finish_reason": None} for i in range(chat.n)]
-        yield _chunk(chat, backend.model_id, created, roles, safety=first.safety) + "".join(map(sse, rest))
+        yield formatter.verdict(first.safety).encode() + sse(rest)
         try:
             async for item in events:
-                yield "".join(map(sse, _as_list(item)))
+                yield sse(_as_list(item))
         except ServingError as error:
-            yield f"data: {json.dumps(error.to_dict())}\n\n"
+            yield f"data: {json.dumps(error.to_dict())}\n\n".encode()
         except Exception:  # noqa: BLE001 - headers are sent: the error goes in the stream, the traceback to the log
             logger.exception("%s: stream failed", chat.request_id)
-            yield f"data: {json.dumps(ServingError('Internal server error.', status=500, type='server_error').to_dict())}\n\n"
+            yield f"data: {json.dumps(ServingError('Internal server error.', status=500, type='server_error').to_dict())}\n\n".encode()
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
                 await close()
-        yield "data: [DONE]\n\n"
+        yield b"data: [DONE]\n\n"
 
-    return _ChatStream(body(), chat.client_gone, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return _EventStream(body(), chat.client_gone, headers={"Cache-Control": "no-cache"})
 
 
 def _as_list(item) -> list[StreamEvent]:

@@ -90,6 +90,9 @@ class BackendSettings:
         batch_wait_ms (`float`): `--batch-wait-ms`, how long the first request of a batch waits for company while
             more requests are on their way (a lone request on an idle server never waits).
         max_queue (`int`): `--max-queue`, requests waiting at most; past it `Overloaded` (429).
+        stream_interval_ms (`float`): `--stream-interval-ms`, in-process streaming: how often the decoding steps
+            that come faster than this reach the event loop (each still its own chunk); a stream's verdict, first
+            text and end go at once, and steps slower than this (any large model) each at once. 0: every step at once.
         max_new_tokens_limit (`int`): the largest `max_tokens` a request may ask for.
         trust_remote_code (`bool`): load a Hub id's remote code (a local folder uses this package's classes).
         upstream (`str`, *optional*): `--upstream`, the OpenAI-compatible base URL (gate mode), e.g.
@@ -106,6 +109,7 @@ class BackendSettings:
     max_batch_size: int = 8
     batch_wait_ms: float = 5.0
     max_queue: int = 64
+    stream_interval_ms: float = 20.0
     max_new_tokens_limit: int = 2048
     trust_remote_code: bool = False
     upstream: str | None = None

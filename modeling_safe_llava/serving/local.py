@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -254,7 +253,7 @@ class LocalEngine:
         self.on_cancelled("stream", len(gone.seen))
         if job.request.include_usage:
             job.emit(StreamEvent(kind="usage", usage=Usage(prompt_tokens, completion_tokens)))
-            StreamJob.hand_over([job])
+            StreamJob.hand_over([job], at_once=True)
 
     # -- moderation -----------------------------------------------------------------------------------------
 
@@ -279,31 +278,35 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 
 class LoopOutbox:
-    """Events from the model thread to the event loop. `send(pairs)` adds `(deliver, event)` pairs; the loop takes
-    them in one callback at most every `interval_s`: at once when the last hand-over is older, else when it is due.
-    A stream whose steps come slower than that (any large model) gets each step at once; a fast one (a tiny model on a
-    CPU, ~1 ms per step) gets a few steps per wake-up, each still its own chunk, so that the event loop's work per
-    step (wake-up, queue, HTTP write) does not hold the GIL against the decoding thread on every step."""
+    """Events from the model thread to the event loop. `send(pairs)` adds `(deliver, events)` pairs; the loop calls
+    each `deliver` once per hand-over with all its events, in order.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.005):
+    The first pair after a quiet spell wakes the loop at once; the loop then looks again every `interval_s` (a timer
+    of its own, no wake-up from the model thread) and hands over what came meanwhile, until an interval brings
+    nothing. `send(pairs, at_once=True)` (a stream's first token, its end) wakes the loop at once in any case. A
+    stream whose steps come slower than the interval (any large model) gets each step at once; a fast one (a tiny
+    model on a CPU, ~1 ms per step) gets several steps per hand-over, each still its own chunk, so that the event
+    loop's work (wake-up, HTTP write) does not take the GIL from the decoding thread at every step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.02):
         self.loop, self.interval_s = loop, interval_s
-        self._lock, self._pairs, self._last = threading.Lock(), [], 0.0
+        self._lock, self._pairs, self._ticking = threading.Lock(), [], False
+        self._timer: asyncio.TimerHandle | None = None
 
-    def send(self, pairs: list):
+    def send(self, pairs: list, at_once: bool = False):
         with self._lock:
-            due = not self._pairs  # else a hand-over is already on its way and takes these too
             self._pairs.extend(pairs)
-        if due:
-            delay = self._last + self.interval_s - time.monotonic()
-            if delay > 0:
-                self.loop.call_soon_threadsafe(self.loop.call_later, delay, self._flush)
-            else:
-                self.loop.call_soon_threadsafe(self._flush)
+            wake, self._ticking = at_once or not self._ticking, True
+        if wake:
+            self.loop.call_soon_threadsafe(self._flush)
 
     def _flush(self):
+        if self._timer is not None:
+            self._timer.cancel()
         with self._lock:
             pairs, self._pairs = self._pairs, []
-            self._last = time.monotonic()
+            self._ticking = bool(pairs)  # a quiet interval stops the timer: the next pair wakes the loop
+        self._timer = self.loop.call_later(self.interval_s, self._flush) if pairs else None
         _deliver_all(pairs)
 
 
@@ -312,8 +315,8 @@ class StreamJob:
 
     `emit(event)` keeps an event for the next hand-over (a second verdict is dropped: a batch's verdict stands when the
     batch goes on request by request); `hand_over(jobs)` gives the kept events of every job to their `deliver`
-    callables: through the jobs' `LoopOutbox` when they have one (the event loop then pays one callback per hand-over
-    at most, not one per row and token), else at once.
+    callables, as one list per job (`deliver(events)`): through the jobs' `LoopOutbox` when they have one (the event
+    loop then pays one callback per hand-over at most, not one per row and token), else at once.
     """
 
     def __init__(self, request: ChatRequest, deliver, outbox: LoopOutbox | None = None):
@@ -328,8 +331,9 @@ class StreamJob:
         self.kept.append(event)
 
     @staticmethod
-    def hand_over(jobs: list[StreamJob]):
-        pairs = [(job.deliver, event) for job in jobs for event in job.kept]
+    def hand_over(jobs: list[StreamJob], at_once: bool = False):
+        """Gives the kept events away; `at_once`: without waiting for the outbox's next look (`LoopOutbox.send`)."""
+        pairs = [(job.deliver, job.kept) for job in jobs if job.kept]
         for job in jobs:
             job.kept = []
         if not pairs:
@@ -338,28 +342,63 @@ class StreamJob:
         if outbox is None:
             _deliver_all(pairs)
         else:
-            outbox.send(pairs)
+            outbox.send(pairs, at_once=at_once)
 
 
 def _deliver_all(pairs: list):
-    for deliver, event in pairs:
-        deliver(event)
+    """Calls each `deliver` of `(deliver, events)` pairs once, with its events in order."""
+    merged: dict = {}
+    for deliver, events in pairs:
+        merged.setdefault(deliver, []).extend(events)
+    for deliver, events in merged.items():
+        deliver(events)
+
+
+class StreamInbox:
+    """A stream's events on the event loop's side: `put(events)` (called on the loop) adds a list of events, `await
+    take()` gives every event there is, in order, waiting for some when there is none. Lighter than an
+    `asyncio.Queue` of single events: one wake-up of the reader per hand-over, whatever the number of events."""
+
+    def __init__(self):
+        self._events: list = []
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, events: list):
+        self._events.extend(events)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def take(self) -> list:
+        while not self._events:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        events, self._events = self._events, []
+        return events
 
 
 class _GoneRows(StoppingCriteria):
     """Stops the rows of requests whose client went away (`ChatRequest.client_gone`) at the next decoding step; the
     other rows go on, and `generate` ends once every row is done. `seen` holds the indexes of the requests it
     stopped. In a sub-batch of a mixed plan (hinted or refused rows generated apart), whose rows it cannot map, it
-    stops only when every request is gone."""
+    stops only when every request is gone. While every client is there (nearly every step), it answers one
+    all-False tensor made once (`StoppingCriteriaList` only reads it), not a new tensor per step."""
 
     def __init__(self, requests: list[ChatRequest], owners: list[int]):
         self.requests, self.owners = requests, owners
         self.seen: set[int] = set()
+        self._none_gone: torch.BoolTensor | None = None
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         gone = [self.requests[owner].client_gone.is_set() for owner in self.owners]
-        self.seen.update(owner for owner, left in zip(self.owners, gone) if left)
         rows = input_ids.shape[0]
+        if not any(gone):
+            if self._none_gone is None or self._none_gone.shape[0] != rows or self._none_gone.device != input_ids.device:
+                self._none_gone = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+            return self._none_gone
+        self.seen.update(owner for owner, left in zip(self.owners, gone) if left)
         flags = gone if rows == len(gone) else [all(gone)] * rows
         return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
@@ -374,7 +413,8 @@ class _RowStreamer(BaseStreamer):
     per-row text (until EOS or a stop sequence; held back while it ends in an incomplete character or may be the start
     of a stop sequence), one finish per row, and usage per request (`usage=True`). Text is decoded incrementally
     (`IncrementalDetokenizer`: a short window per step), stop sequences are looked for in the new text only, and each
-    step's events of every row go to the event loop in one hand-over.
+    step's events of every row go to the event loop in one hand-over (the verdicts, the first text and the finish at
+    once, the steps between on the outbox's timer).
 
     With several rows, a verdict that is not `allow` for every row raises `_RowByRow` before anything is generated.
     With one row, `generate` streams the hinted answer or the refusal (then as one tensor of tokens) itself.
@@ -385,7 +425,7 @@ class _RowStreamer(BaseStreamer):
         self.choices = choices or [owners[:row].count(owner) for row, owner in enumerate(owners)]
         self.rows = [_RowText(engine, jobs[owner].request.stop) for owner in owners]
         self.actions = ["allow"] * len(owners)
-        self.prompt_seen = False
+        self.prompt_seen, self.text_given = False, False
 
     @property
     def tokens(self) -> list[list[int]]:
@@ -403,23 +443,24 @@ class _RowStreamer(BaseStreamer):
             if not safety.get("judged"):  # as precise as the non-streamed reason
                 safety = {"judged": False, "reason": NOT_JUDGED_SAFETY_OFF if job.request.images else NOT_JUDGED_NO_IMAGE}
             job.emit(StreamEvent(kind="verdict", safety=safety))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=True)
 
     def put(self, value):
         if not self.prompt_seen:  # the prompt comes first; without a verdict by then, nothing was judged
             self.prompt_seen = True
             self._give_verdicts([{"judged": False}] * len(self.owners))
             return
-        tokens = value.reshape(-1).tolist()
+        tokens, before = value.reshape(-1).tolist(), self.text_given
         for row, new in enumerate([tokens] if len(self.owners) == 1 else [[t] for t in tokens]):
             if self.jobs[self.owners[row]].request.client_gone.is_set():
                 self.rows[row].done = True  # nobody reads it: no more text (the model stops the row at this step)
                 continue
             self._send(row, self.rows[row].add(new))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=self.text_given and not before)  # the first text: at once
 
     def _send(self, row: int, text: str):
         if text:
+            self.text_given = True
             self.jobs[self.owners[row]].emit(StreamEvent(kind="delta", index=self.choices[row], text=text))
 
     def end(self):
@@ -434,7 +475,7 @@ class _RowStreamer(BaseStreamer):
                 rows = [row for row, owner in enumerate(self.owners) if owner == index]
                 usage = Usage(int(self.prompt_lengths[rows[0]]), sum(len(self.rows[row].tokens) for row in rows))
                 job.emit(StreamEvent(kind="usage", usage=usage))
-        StreamJob.hand_over(self.jobs)
+        StreamJob.hand_over(self.jobs, at_once=True)
 
     def _reason(self, row: int) -> str:
         if self.actions[row] == "refuse":
@@ -475,6 +516,8 @@ class _RowText:
         return self._ready(self.detokenizer.flush(), final=True)
 
     def _ready(self, piece: str, final: bool) -> str:
+        if not self.stops:  # nothing to look for or hold back: the new text as it is
+            return piece
         if not self.stopped:
             searched_from = max(0, len(self.text) - self.overlap)
             self.text += piece
@@ -560,6 +603,7 @@ class LocalBackend(ServingBackend):
             on_drop=lambda count: self.record_cancelled("moderation", "queued", count), **batching,
         )
         self._outbox: LoopOutbox | None = None
+        self._stream_interval_s = settings.stream_interval_ms / 1000.0
         self._closing = False
 
     def _run_chat(self, requests: list[ChatRequest]) -> list:
@@ -590,22 +634,21 @@ class LocalBackend(ServingBackend):
     async def stream(self, request: ChatRequest) -> AsyncIterator[list[StreamEvent]]:
         """The request's events, in lists: all those that are ready when the event loop comes to them."""
         self._check_open()
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, inbox = asyncio.get_running_loop(), StreamInbox()
         if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = LoopOutbox(loop)
+            self._outbox = LoopOutbox(loop, self._stream_interval_s)
         outbox = self._outbox
-        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, queue.put_nowait, outbox)))
+        job = asyncio.ensure_future(self.streams.submit(StreamJob(request, inbox.put, outbox)))
         # The end mark goes through the outbox too, behind the events still waiting there.
-        job.add_done_callback(lambda _: outbox.send([(queue.put_nowait, None)]))
+        job.add_done_callback(lambda _: outbox.send([(inbox.put, [None])], at_once=True))
         try:
             while True:
-                ready = [await queue.get()]
-                while not queue.empty():  # the steps the event loop fell behind on go out together
-                    ready.append(queue.get_nowait())
-                events = [event for event in ready if event is not None]
+                ready = await inbox.take()  # the steps the event loop fell behind on come together
+                ended = ready[-1] is None
+                events = ready[:-1] if ended else ready
                 if events:
                     yield events
-                if len(events) < len(ready):
+                if ended:
                     break
             job.result()  # raises the generation's error, if any
         finally:

@@ -49,6 +49,7 @@ def add_cli_arguments(parser):
     gen.add_argument("--max-batch-size", type=int, default=8, help="rows per model call at most (default: 8).")
     gen.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for batch company while more requests are arriving (default: 5).")
     gen.add_argument("--max-queue", type=int, default=64, help="waiting requests at most; more get 429 (default: 64).")
+    gen.add_argument("--stream-interval-ms", type=float, default=20.0, help="streaming: decoding steps faster than this reach the HTTP layer together, each still its own chunk; 0: every step at once (default: 20).")
     gen.add_argument("--shutdown-timeout", type=float, default=120.0, help="seconds to finish in-flight requests on SIGTERM (default: 120).")
     gate = parser.add_argument_group("gate mode (a head-only SafeLlava in front of an OpenAI-compatible engine)")
     gate.add_argument("--upstream", default=None, help="base URL of the engine serving the stock LLaVA, e.g. http://127.0.0.1:8001/v1.")
@@ -97,6 +98,8 @@ def check_args(args, api_keys: list[str]):
     for name in ("max_batch_size", "max_queue", "max_tokens_limit", "default_max_tokens", "max_n", "max_images", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if not args.stream_interval_ms >= 0:
+        raise ValueError(f"--stream-interval-ms must be at least 0, got {args.stream_interval_ms}.")
     if (args.upstream is None) != (args.upstream_model is None):
         raise ValueError("gate mode needs both --upstream URL and --upstream-model NAME.")
     if args.upstream_api_key_env is not None and args.upstream is None:
@@ -111,7 +114,8 @@ def backend_settings(args) -> BackendSettings:
     return BackendSettings(
         model=args.model, served_model_name=args.served_model_name or default_served_name(args.model),
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-        max_queue=args.max_queue, max_new_tokens_limit=args.max_tokens_limit, upstream=args.upstream,
+        max_queue=args.max_queue, stream_interval_ms=args.stream_interval_ms, max_new_tokens_limit=args.max_tokens_limit,
+        upstream=args.upstream,
         upstream_model=args.upstream_model, upstream_timeout_s=args.upstream_timeout,
         upstream_api_key=os.environ.get(args.upstream_api_key_env) if args.upstream_api_key_env else None,
     )
@@ -132,7 +136,7 @@ def server_config(args, api_keys: list[str]):
     )
     return ServerConfig(
         api_keys=api_keys, limits=limits, max_body_bytes=int(args.max_request_mb * 1024 * 1024),
-        log_requests=args.log_requests,
+        log_requests=args.log_requests, freeze_gc=True,
     )
 
 
