@@ -10,6 +10,8 @@ head-only SafeLlava wrapping the same weights. Three things answer, one request 
 - `safe`: `safe-llava serve` with the head-only SafeLlava, default flags, safety on (`safety_threshold: 0`, every
   action `allow`, so every request is judged and nothing changes the answer), or every action `refuse` for the refusal;
 - `safe-nowait`: the same with `--batch-wait-ms 0` (a lone request does not wait the default 5 ms for company);
+- `safe-interval-50` (streams only): the same with `--stream-interval-ms 50` (a fast model's steps reach the HTTP layer
+  every 50 ms instead of the default 20, each still its own chunk);
 - `in-process`: the same folder loaded in a worker process of its own (processor, `generate` with the verdict
   returned, as every served answer carries it, decode), no HTTP, timed there. Like the servers it starts with `OMP_NUM_THREADS=1`: `torch.set_num_threads(1)` in a process whose OpenMP
   pool started with more threads measured 1.8x slower on this machine.
@@ -43,6 +45,10 @@ from .serve_processes import save_stock_and_head_only, start_safe_llava_serve, s
 NAME = "cpu-serve-latency"
 PROMPT = "What is shown in this image?"
 IMAGE_SIZE = 32  # the tiny preset's image size
+STREAM_RUNS = 5  # 512-token streams per path (each ratio moved by 5-10 % between runs of 3)
+# `--stream-interval-ms` of the `safe-interval-50` server, which goes through the stream measurement only: the flag a
+# deployer of a fast model can raise, against the default (20 ms).
+COARSE_INTERVAL_MS = 50
 CONTEXT = 1024  # the tiny preset's 512 positions, raised so that a 512-token answer fits
 TARGETS = {
     "health_p50_extra_ms_max": 2.0,
@@ -310,6 +316,9 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
         limit = f"--max-tokens-limit={CONTEXT // 2}"
         safe = start_safe_llava_serve(safe_folder, logs / "safe.log", limit, threads=1)
         nowait = start_safe_llava_serve(safe_folder, logs / "safe-nowait.log", limit, "--batch-wait-ms=0", threads=1)
+        coarse = start_safe_llava_serve(
+            safe_folder, logs / "safe-interval-50.log", limit, f"--stream-interval-ms={COARSE_INTERVAL_MS}", threads=1
+        )
         baseline = None
         if baseline_repo is not None:
             baseline = start_safe_llava_serve(safe_folder, logs / "baseline.log", limit, threads=1, repo=baseline_repo)
@@ -322,16 +331,16 @@ def run(repeats: int, baseline_repo: Path | None = None) -> dict:
                        "safe-nowait": Target(nowait, "safe", allow)}  # fmt: skip
             images = _images(IMAGE_SIZE, 8, 0)
             results = {"latency": measure(targets, local, images, repeats, refuse)}
-            streamed = {"safe": targets["safe"], "stock": targets["stock"]}
+            streamed = {"safe": targets["safe"], "safe-interval-50": Target(coarse, "safe", allow), "stock": targets["stock"]}
             results["cancellation"] = {"safe": measure_after_drop(targets["safe"], images, max(1, repeats // 2))}
             if baseline is not None:
                 streamed["baseline"] = Target(baseline, "safe", allow)
                 results["cancellation"]["baseline"] = measure_after_drop(streamed["baseline"], images, max(1, repeats // 4))
-            results["stream"] = measure_stream_rate(streamed, local, images, min(3, repeats))
+            results["stream"] = measure_stream_rate(streamed, local, images, min(STREAM_RUNS, repeats))
         finally:
             if local is not None:
                 local.close()
-            exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop()}
+            exit_codes = {"stock": stock.stop(), "safe": safe.stop(), "safe-nowait": nowait.stop(), "safe-interval-50": coarse.stop()}
             if baseline is not None:
                 exit_codes["baseline"] = baseline.stop()
     results["detokenize"] = detokenize_cost()
@@ -368,6 +377,7 @@ def evaluate(results: dict) -> list[dict]:
         ("refusal p50 / allowed 32-token p50 (safe-nowait)", p50("refusal/safe-nowait") / p50("chat_32/safe-nowait"), TARGETS["refusal_ratio_max"], False),
         ("1-token chat right after a dropped 400-token stream / idle, p50", drop["after_drop"]["p50_ms"] / drop["idle"]["p50_ms"], TARGETS["after_drop_ratio_max"], False),
         ("512-token stream tokens/s: safe / in-process streamer", stream["safe_tokens_per_s"] / stream["in_process_tokens_per_s"], TARGETS["stream_rate_ratio_min"], True),
+        (f"512-token stream tokens/s: safe --stream-interval-ms {COARSE_INTERVAL_MS} / in-process streamer", stream["safe-interval-50_tokens_per_s"] / stream["in_process_tokens_per_s"], TARGETS["stream_rate_ratio_min"], True),
     ]  # fmt: skip
     return [
         {"target": name, "measured": value, "wanted": f"{'>=' if at_least else '<='} {bound}",
