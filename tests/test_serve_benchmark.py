@@ -83,6 +83,7 @@ def test_serve_latency_benchmark_writes_every_measurement(tmp_path):
     results = json.loads((tmp_path / "cpu-serve-latency.json").read_text())
     assert {"health/stock", "chat_32/in-process", "refusal/safe", "moderation/safe-nowait"} <= set(results["latency"])
     codes = results["metadata"]["server_exit_codes"]
-    assert codes["safe"] == codes["safe-nowait"] == 0  # transformers serve dies of its SIGTERM (-15)
-    assert len(results["targets"]) == 11 and all(isinstance(row["pass"], bool) for row in results["targets"])
+    assert codes["safe"] == codes["safe-nowait"] == codes["safe-interval-50"] == 0  # transformers serve: SIGTERM (-15)
+    assert {"safe", "safe-interval-50", "stock", "in_process"} == set(results["stream"]["runs"])
+    assert len(results["targets"]) == 12 and all(isinstance(row["pass"], bool) for row in results["targets"])
     assert "## Targets (issue 24)" in (tmp_path / "cpu-serve-latency.md").read_text()
