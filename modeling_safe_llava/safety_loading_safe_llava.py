@@ -228,7 +228,8 @@ class SafetyPreTrainedMixin:
         kwargs = safetensors_only(kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         if _is_headless(cls):  # a generation checkpoint's flat names (`model.safety_tokens`) too
-            kwargs["key_mapping"] = {**(kwargs.get("key_mapping") or {}), **_FLAT_SAFETY_NAMES, **dict([_FLAT_LLM_TOKENS])}
+            generation_names = {**_FLAT_SAFETY_NAMES, _FLAT_LLM_TOKENS[0]: _FLAT_LLM_TOKENS[1]}
+            kwargs["key_mapping"] = {**(kwargs.get("key_mapping") or {}), **generation_names}
         try:
             model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         except RuntimeError as error:

@@ -33,7 +33,7 @@ from modeling_safe_llava.serving.verdict import SafetyVerdictModel, query_token_
 
 from conftest import random_image  # noqa: E402
 from bases import BASES  # noqa: E402
-from serving_live import assert_verdict_model_holds_the_models_weights, data_url  # noqa: E402
+from serving_live import assert_verdict_model_holds_the_models_weights, data_url, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.slow
 QUESTION = "What is shown in this image?"
@@ -579,25 +579,14 @@ def test_a_client_that_leaves_a_gate_stream_closes_the_engines_request(folders, 
         assert _upstream_connections(gate.process.pid, upstream.url) == 1
         stream.close()
         cancelled = 'safe_llava_cancelled_requests_total{kind="stream",stage="upstream"}'
-        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
-        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+        wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
         answer = client.chat.completions.create(
             model="safe", messages=messages, max_tokens=1, temperature=0, extra_body=allow
         )
         assert answer.choices[0].message.content is not None
     finally:
         assert gate.stop() == 0
-
-
-def _wait_for(condition, what: str, bound_s: float = 60.0):
-    """Polls `condition()` until it holds (bounded; a hang fails with `what`), never an assertion on time."""
-    import time
-
-    deadline = time.monotonic() + bound_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.01)
 
 
 def test_a_client_that_leaves_a_plain_gate_request_closes_the_engines_request(folders, upstream, tmp_path):
@@ -613,10 +602,10 @@ def test_a_client_that_leaves_a_plain_gate_request_closes_the_engines_request(fo
         port = int(gate.url.rsplit(":", 1)[1])
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
-        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 1, "the engine's request opens")
+        wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 1, "the engine's request opens")
         connection.close()
         cancelled = 'safe_llava_cancelled_requests_total{kind="chat",stage="upstream"}'
-        _wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
-        _wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
+        wait_for(lambda: _gate_metric(gate, cancelled) == 1, "the gate counts the cancellation")
+        wait_for(lambda: _upstream_connections(gate.process.pid, upstream.url) == 0, "the engine's request closes")
     finally:
         assert gate.stop() == 0

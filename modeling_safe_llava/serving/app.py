@@ -297,8 +297,7 @@ class ClientWatch:
         self._task = asyncio.ensure_future(self._watch(request.receive))
 
     async def _watch(self, receive):
-        while (await receive())["type"] != "http.disconnect":
-            continue
+        await _until_disconnect(receive)
         self.gone.set()
 
     async def run(self, awaitable):
@@ -353,6 +352,7 @@ class _EventStream(Response):
 
 
 async def _until_disconnect(receive):
+    """Returns once the connection's `receive` gives `http.disconnect` (anything else, e.g. body parts, is skipped)."""
     while (await receive())["type"] != "http.disconnect":
         continue
 
